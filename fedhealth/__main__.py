@@ -1,0 +1,5 @@
+"""``python -m fedhealth``."""
+
+from fedhealth.cli.main import app
+
+app()

@@ -1,0 +1,310 @@
+"""Schema of an experiment config (``experiments/*.toml``), owned by data scientists.
+
+It says what to learn (task and data schema), with which model, strategy and
+training settings, on which sites, and where to track it. The same file runs in
+simulation and on a real federation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from fedhealth.config.loader import load_model
+from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
+from fedhealth.errors import ConfigError
+
+MODEL_NAMES = ("logistic_regression", "mlp", "small_cnn", "densenet121", "resnet18")
+TABULAR_MODELS = ("logistic_regression", "mlp")
+BUILTIN_STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExperimentSection(_Strict):
+    """Identity and federation shape of the experiment."""
+
+    name: str = Field(description="Experiment name; also the MLflow experiment.")
+    description: str = ""
+    sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
+    rounds: int = Field(gt=0, le=10_000)
+    min_sites: int = Field(2, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    seed: int = 0
+    round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for site replies.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SITE_NAME.match(v):
+            raise ValueError("use lower-case letters, digits, '-' or '_' (max 63)")
+        return v
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
+        base = (info.context or {}).get("base_dir")
+        out = [(Path(base) / p).resolve() if base and not p.is_absolute() else p for p in v]
+        seen: set[Path] = set()
+        for p in out:
+            if p in seen:
+                raise ValueError(f"site profile {p} is listed twice; list each site once")
+            seen.add(p)
+        return out
+
+    @model_validator(mode="after")
+    def _min_sites(self) -> ExperimentSection:
+        if self.min_sites > len(self.sites):
+            raise ValueError(
+                f"min_sites is {self.min_sites} but only {len(self.sites)} sites are listed; "
+                "lower min_sites or add sites"
+            )
+        return self
+
+
+class TabularSchemaSection(_Strict):
+    """Consortium-wide table schema, so every site encodes features identically."""
+
+    numeric: list[str] = Field(default_factory=list)
+    categorical: dict[str, list[str]] = Field(
+        default_factory=dict, description="Column -> consortium-wide category list (one-hot)."
+    )
+    label: str
+    label_map: dict[str, int] | None = None
+    binarize_label_above: float | None = None
+    missing: Literal["drop", "error", "mean"] = "drop"
+    drop: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _features(self) -> TabularSchemaSection:
+        if not self.numeric and not self.categorical:
+            raise ValueError("declare at least one feature in `numeric` or `categorical`")
+        both = set(self.numeric) & set(self.categorical)
+        if both:
+            raise ValueError(f"columns {sorted(both)} are both numeric and categorical")
+        return self
+
+
+class TaskSection(_Strict):
+    """What to learn and from which of the sites' registered datasets."""
+
+    dataset: str = Field(description="Name of the dataset every site registers in its profile.")
+    kind: Literal["tabular", "image"]
+    num_classes: int = Field(2, ge=2)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    split_seed: int = 43
+    normalisation: Literal["site", "consortium", "none"] = "site"
+    image_size: int = Field(32, ge=8, le=512)
+    schema_: TabularSchemaSection | None = Field(None, alias="schema")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _schema(self) -> TaskSection:
+        if self.kind == "tabular" and self.schema_ is None:
+            raise ValueError("a tabular task needs a [task.schema] table")
+        if self.kind == "image" and self.schema_ is not None:
+            raise ValueError("[task.schema] applies to tabular tasks only")
+        return self
+
+
+class ModelSection(_Strict):
+    """Which network from the model zoo, and its options."""
+
+    name: Literal[MODEL_NAMES]  # type: ignore[valid-type]
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    groups: int = Field(8, ge=1, description="GroupNorm groups (DP-safe; no BatchNorm).")
+
+
+class TrainingSection(_Strict):
+    """Local training at each site, per round."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int | None = Field(None, ge=1, description="Cap on local steps per round.")
+
+
+class StrategySection(_Strict):
+    """Aggregation strategy: a built-in name, or ``path/to/file.py:ClassName``."""
+
+    name: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        if v.lower() in BUILTIN_STRATEGIES:
+            return v.lower()
+        if ":" not in v:
+            raise ValueError(
+                f"unknown strategy {v!r}; use one of {', '.join(BUILTIN_STRATEGIES)} "
+                "or a custom one as 'strategies/file.py:ClassName'"
+            )
+        file_part, _, cls_name = v.rpartition(":")
+        base = (info.context or {}).get("base_dir")
+        path = Path(file_part)
+        candidates = [path] if path.is_absolute() else []
+        if base and not path.is_absolute():
+            # An experiment names strategies from the project root or from its own folder.
+            candidates += [Path(base).parent / path, Path(base) / path]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            looked = ", ".join(str(c.resolve()) for c in candidates) or str(path)
+            raise ValueError(f"custom strategy file {file_part!r} not found (looked in {looked})")
+        if not cls_name.isidentifier():
+            raise ValueError(f"{cls_name!r} is not a class name")
+        return f"{found.resolve()}:{cls_name}"
+
+
+class TrackingSection(_Strict):
+    """Where runs and models are recorded."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: sqlite in ./workspace/mlflow."
+    )
+    registered_model: str | None = Field(None, description="Default: the experiment name.")
+    register_model: bool = Field(True, alias="register", description="Register the final model.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment config."""
+
+    experiment: ExperimentSection
+    task: TaskSection
+    model: ModelSection
+    training: TrainingSection = TrainingSection()
+    strategy: StrategySection = StrategySection()
+    tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> ExperimentConfig:
+        tabular = self.model.name in TABULAR_MODELS
+        if tabular != (self.task.kind == "tabular"):
+            raise ValueError(
+                f"model {self.model.name!r} does not fit a {self.task.kind} task; "
+                f"tabular models are {', '.join(TABULAR_MODELS)}"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The experiment's name."""
+        return self.experiment.name
+
+    @property
+    def registered_model(self) -> str:
+        """Name of the registered model that versions this experiment's global models."""
+        return self.tracking.registered_model or self.experiment.name
+
+    def config_hash(self) -> str:
+        """A stable hash of the validated config (provenance of every model version)."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """The config flattened to ``section.key -> str`` for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = str(value)[:500]
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return out
+
+    def task_spec(self) -> dict[str, Any]:
+        """What a site needs to know to train: task, model and training sections."""
+        return {
+            "experiment": self.experiment.name,
+            "task": self.task.model_dump(mode="json", by_alias=True),
+            "model": self.model.model_dump(mode="json"),
+            "training": self.training.model_dump(mode="json"),
+            "seed": self.experiment.seed,
+        }
+
+
+def load_experiment(path: Path) -> ExperimentConfig:
+    """Load and validate an experiment config (not its sites).
+
+    Parameters
+    ----------
+    path : Path
+        The experiment TOML.
+
+    Returns
+    -------
+    ExperimentConfig
+    """
+    return load_model(Path(path), ExperimentConfig)
+
+
+def load_experiment_with_sites(path: Path) -> tuple[ExperimentConfig, list[SiteProfile]]:
+    """Load an experiment and every site profile it lists, and check they fit together.
+
+    Raises
+    ------
+    ConfigError
+        If a profile is invalid, two profiles share a site name, or a site does
+        not register the experiment's dataset with a kind that fits the task.
+    """
+    exp = load_experiment(path)
+    sites = [load_site(p) for p in exp.experiment.sites]
+    names: dict[str, Path] = {}
+    for site_path, site in zip(exp.experiment.sites, sites, strict=True):
+        if site.name in names:
+            raise ConfigError(
+                f"{path}: key `experiment.sites`: site name {site.name!r} is used by both "
+                f"{names[site.name]} and {site_path}; give each hospital its own name"
+            )
+        names[site.name] = site_path
+        ds = site.datasets.get(exp.task.dataset)
+        if ds is None:
+            raise ConfigError(
+                f"{site_path}: site {site.name!r} has no dataset named {exp.task.dataset!r} "
+                f"(experiment {path} key `task.dataset`); it registers "
+                f"{', '.join(sorted(site.datasets))}. Add a [datasets.{exp.task.dataset}] table."
+            )
+        image_kinds = ("dicom", "images", "npz")
+        if (exp.task.kind == "tabular") != (ds.kind == "tabular") or (
+            exp.task.kind == "image" and ds.kind not in image_kinds
+        ):
+            raise ConfigError(
+                f"{site_path}: key `datasets.{exp.task.dataset}.kind`: {ds.kind!r} data cannot "
+                f"feed the experiment's {exp.task.kind!r} task"
+            )
+    return exp, sites

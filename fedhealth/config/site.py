@@ -1,0 +1,149 @@
+"""Schema of a site profile (``sites/*.toml``): one hospital's data, policy and keys.
+
+A real hospital keeps its own profile on its own machine; the profiles in
+``sites/`` are the reference consortia and the simulation's sites. Relative
+paths are resolved against the profile's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from fedhealth.config.loader import load_model
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    return (Path(base) / value).resolve() if base and not value.is_absolute() else value
+
+
+class TabularSource(_Strict):
+    """A table of EHR records (CSV or Parquet)."""
+
+    kind: Literal["tabular"]
+    path: Path
+    columns: list[str] | None = Field(
+        None, description="Header names for a header-less CSV (e.g. the UCI files)."
+    )
+    na_values: list[str] = Field(default_factory=lambda: ["?", ""])
+
+    _abs = field_validator("path")(_resolve)
+
+
+class DicomSource(_Strict):
+    """A folder of DICOM files with a labels CSV (``file,label``)."""
+
+    kind: Literal["dicom"]
+    path: Path
+    labels: Path = Path("labels.csv")
+    skip_bad_files: bool = Field(
+        False, description="Skip unreadable files (reported by name) instead of failing."
+    )
+
+    _abs = field_validator("path")(_resolve)
+
+
+class ImageFolderSource(_Strict):
+    """A folder of PNG/JPEG images with a labels CSV (``file,label``)."""
+
+    kind: Literal["images"]
+    path: Path
+    labels: Path = Path("labels.csv")
+    skip_bad_files: bool = False
+
+    _abs = field_validator("path")(_resolve)
+
+
+class NpzSource(_Strict):
+    """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels``)."""
+
+    kind: Literal["npz"]
+    path: Path
+    split: Literal["train", "val", "test", "all"] = "all"
+
+    _abs = field_validator("path")(_resolve)
+
+
+DataSource = Annotated[
+    TabularSource | DicomSource | ImageFolderSource | NpzSource, Field(discriminator="kind")
+]
+
+
+class PrivacyPolicySection(_Strict):
+    """The site's privacy policy: what it accepts and how much it may ever spend."""
+
+    require_dp: bool = False
+    require_he: bool = False
+    min_noise_multiplier: float = Field(0.0, ge=0)
+    max_epsilon_per_experiment: float | None = Field(None, gt=0)
+    lifetime_epsilon_budget: float | None = Field(None, gt=0)
+    max_delta: float | None = Field(None, gt=0, lt=1)
+    allowed_experiments: list[str] | None = None
+    allowed_models: list[str] | None = None
+
+
+class SiteSection(_Strict):
+    """Who the site is and where it keeps its state."""
+
+    name: str
+    display_name: str | None = None
+    workspace: Path = Field(
+        Path("../workspace/sites"),
+        description="Folder for the site's ledger, audit log and logs; the site name is appended.",
+    )
+
+    _abs = field_validator("workspace")(_resolve)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SITE_NAME.match(v):
+            raise ValueError(
+                f"site name {v!r} must be lower-case letters, digits, '-' or '_' (max 63)"
+            )
+        return v
+
+
+class SiteProfile(_Strict):
+    """A hospital's site profile."""
+
+    site: SiteSection
+    datasets: dict[str, DataSource] = Field(min_length=1)
+    privacy: PrivacyPolicySection = PrivacyPolicySection()
+
+    @property
+    def name(self) -> str:
+        """The site's name, unique in the consortium."""
+        return self.site.name
+
+    @property
+    def workspace(self) -> Path:
+        """The site's own state folder."""
+        return self.site.workspace / self.site.name
+
+
+def load_site(path: Path) -> SiteProfile:
+    """Load and validate a site profile.
+
+    Parameters
+    ----------
+    path : Path
+        The profile TOML.
+
+    Returns
+    -------
+    SiteProfile
+        The validated profile, with data paths made absolute.
+    """
+    return load_model(Path(path), SiteProfile)

@@ -1,0 +1,305 @@
+"""The coordinator's round loop, readable top to bottom.
+
+Each round: the strategy samples sites and configures training; sites reply
+with an update or a refusal; refusals are reported and the round goes on while
+``min_sites`` replies hold; the replies are *prepared* for aggregation (the
+plaintext path passes them through; encrypted aggregation replaces this step
+with a ciphertext sum and a quorum decryption that yields one aggregate reply);
+the strategy aggregates (FedAvg, FedAdam on the aggregate, ...); sites evaluate
+the new global model; the round is logged to MLflow. At the end the global
+model is registered as a new model version with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedhealth import __version__
+from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.progress import publish
+from fedhealth.coordinator.strategies import build_strategy
+from fedhealth.errors import FederationError
+from fedhealth.models import build_model
+from fedhealth.models.standardize import Standardize
+from fedhealth.registry.recorder import RunRecorder
+
+
+@dataclass
+class Refusal:
+    """A site's refusal (policy, data) or failure in one round."""
+
+    site: str
+    rule: str
+    message: str
+
+
+@dataclass
+class RunSummary:
+    """What a finished run produced, for the CLI's closing table."""
+
+    experiment: str
+    run_id: str | None
+    registered_model: str | None
+    version: str | None
+    tracking_uri: str
+    rounds: int
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def input_dim(cfg: ExperimentConfig) -> int:
+    """Model input width: encoded feature count (tabular) or image channels."""
+    if cfg.task.kind == "tabular":
+        s = cfg.task.schema_
+        return len(s.numeric) + sum(len(v) for v in s.categorical.values())
+    return 1
+
+
+def input_layout(cfg: ExperimentConfig) -> str:
+    """Documented input layout of the registered model (also in its model card)."""
+    if cfg.task.kind == "tabular":
+        s = cfg.task.schema_
+        names = list(s.numeric) + [f"{c}={v}" for c, vs in s.categorical.items() for v in vs]
+        norm = {
+            "consortium": "raw values: the model standardises them with consortium-wide "
+            "statistics built into its first layer",
+            "site": "each feature z-scored with the statistics of the site's own training split",
+            "none": "raw values",
+        }[cfg.task.normalisation]
+        return (
+            f"float32 tensor of shape (n, {len(names)}); columns in this order: "
+            f"{', '.join(names)}. Categorical columns are one-hot. Values: {norm}. "
+            f"Output: logits of shape (n, {cfg.task.num_classes}); argmax is the class."
+        )
+    return (
+        f"float32 tensor of shape (n, 1, {cfg.task.image_size}, {cfg.task.image_size}): grey-scale "
+        "images resized to that size, each scaled to [0, 1] as fedhealth's readers do "
+        f"(DICOM: modality LUT applied, MONOCHROME1 inverted). Normalisation: "
+        f"{cfg.task.normalisation}. Output: logits of shape (n, {cfg.task.num_classes})."
+    )
+
+
+def _refusal(msg: Message) -> Refusal:
+    reason = msg.error.reason or ""
+    try:
+        d = json.loads(reason)
+        return Refusal(d.get("site", "?"), d.get("rule", "?"), d.get("message", reason))
+    except (json.JSONDecodeError, AttributeError):
+        last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+        return Refusal(f"node {msg.metadata.src_node_id}", "error", last)
+
+
+def _site(msg: Message) -> str:
+    return str(msg.content["site"]["name"])
+
+
+class Federation:
+    """Runs one experiment on a Grid (simulation or a real SuperLink).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The validated experiment.
+    tracking_uri : str
+        The MLflow store to record to.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, tracking_uri: str) -> None:
+        self.cfg = cfg
+        self.tracking_uri = tracking_uri
+        self.strategy = build_strategy(cfg)
+        self.recorder = RunRecorder(cfg, tracking_uri)
+        self.refusals: list[Refusal] = []
+        self.norm_stats: dict[str, Any] | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _config(self, round_: int) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "spec": json.dumps(self.cfg.task_spec()),
+                "norm-stats": json.dumps(self.norm_stats) if self.norm_stats else "",
+                "server-round": round_,
+            }
+        )
+
+    def _split(self, round_: int, replies: Iterable[Message]) -> list[Message]:
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                ref = _refusal(msg)
+                self.refusals.append(ref)
+                publish("site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message)
+            else:
+                ok.append(msg)
+        # Sorting by site makes aggregation order, and so the float sums, reproducible.
+        return sorted(ok, key=_site)
+
+    def _require(self, round_: int, ok: list[Message], what: str) -> None:
+        need = self.cfg.experiment.min_sites
+        if len(ok) < need:
+            why = "; ".join(f"{r.site}: {r.message}" for r in self.refusals[-5:]) or "no reply"
+            raise FederationError(
+                f"round {round_} ({what}): only {len(ok)} site(s) answered but min_sites is "
+                f"{need}. {why}"
+            )
+
+    def prepare_for_aggregation(self, round_: int, replies: list[Message]) -> list[Message]:
+        """Hook between receiving replies and the strategy's aggregation.
+
+        The plaintext path returns the replies unchanged. Encrypted aggregation
+        overrides it to return one reply carrying the decrypted aggregate.
+        """
+        return replies
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def consortium_statistics(self, grid: Grid) -> None:
+        """Federated mean/std: sites send per-feature sums and counts, never values."""
+        node_ids = list(grid.get_node_ids())
+        msgs = [
+            Message(RecordDict({"config": self._config(0)}), dst_node_id=n,
+                    message_type=MessageType.QUERY)
+            for n in node_ids
+        ]
+        ok = self._split(0, grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout))
+        self._require(0, ok, "consortium statistics")
+        count, s, ss = 0, None, None
+        for msg in ok:
+            m = json.loads(str(msg.content["stats"]["moments"]))
+            count += m["count"]
+            s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
+            ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
+        mean = s / count
+        std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
+        self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
+        publish("statistics", 0, sites=[_site(m) for m in ok], count=count)
+
+    def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
+        """One round of training and aggregation; returns the new global arrays."""
+        msgs = self.strategy.configure_train(round_, arrays, self._config(round_), grid)
+        replies = grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout)
+        ok = self._split(round_, replies)
+        self._require(round_, ok, "training")
+        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        new_arrays, _ = self.strategy.aggregate_train(
+            round_, self.prepare_for_aggregation(round_, ok)
+        )
+        if new_arrays is None:
+            raise FederationError(f"round {round_}: the strategy produced no aggregate")
+        self.recorder.log_round(round_, {}, {s: _prefix(m, "train-") for s, m in per_site.items()})
+        publish("train-done", round_, sites=per_site)
+        return new_arrays
+
+    def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> tuple[dict, dict]:
+        """Sites evaluate the global model on their test splits."""
+        msgs = self.strategy.configure_evaluate(round_, arrays, self._config(round_), grid)
+        ok = self._split(
+            round_, grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout)
+        )
+        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        glob = aggregate_site_metrics(per_site)
+        self.recorder.log_round(round_, glob, per_site)
+        publish("evaluate-done", round_, sites=per_site, global_metrics=glob)
+        return glob, per_site
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def initial_model(self) -> torch.nn.Module:
+        """The seeded initial global model."""
+        spec = self.cfg.task_spec()
+        return build_model(spec["model"], input_dim(self.cfg), self.cfg.task.num_classes,
+                           self.cfg.experiment.seed)
+
+    def run(self, grid: Grid) -> RunSummary:
+        """Run every round, then register the global model. Returns the summary."""
+        t0 = time.time()
+        cfg = self.cfg
+        random.seed(cfg.experiment.seed)  # Flower samples sites with `random`
+        model = self.initial_model()
+        arrays = ArrayRecord(model.state_dict())
+        run_id = self.recorder.start()
+        publish("run-started", 0, experiment=cfg.name, rounds=cfg.experiment.rounds,
+                run_id=run_id, tracking_uri=self.tracking_uri)
+        status = "FAILED"
+        glob: dict = {}
+        per_site: dict = {}
+        try:
+            if cfg.task.normalisation == "consortium":
+                self.consortium_statistics(grid)
+            for r in range(1, cfg.experiment.rounds + 1):
+                publish("round-started", r)
+                arrays = self.train_round(grid, r, arrays)
+                if cfg.experiment.fraction_evaluate > 0:
+                    glob, per_site = self.evaluate_round(grid, r, arrays)
+            version = self.register(arrays, glob, per_site)
+            status = "FINISHED"
+        finally:
+            self.recorder.finish(status)
+        summary = RunSummary(
+            experiment=cfg.name, run_id=run_id,
+            registered_model=cfg.registered_model if version else None, version=version,
+            tracking_uri=self.tracking_uri, rounds=cfg.experiment.rounds,
+            global_metrics=glob, site_metrics=per_site, refusals=self.refusals,
+            seconds=time.time() - t0,
+        )
+        publish("run-finished", cfg.experiment.rounds, summary=summary)
+        return summary
+
+    def register(self, arrays: ArrayRecord, glob: dict, per_site: dict) -> str | None:
+        """Register the final global model with its provenance."""
+        cfg = self.cfg
+        model = self.initial_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        if self.norm_stats is not None:
+            model = torch.nn.Sequential(Standardize(self.norm_stats), model)
+        dim = input_dim(cfg)
+        shape = (2, dim) if cfg.task.kind == "tabular" else (2, 1, cfg.task.image_size,
+                                                               cfg.task.image_size)
+        # A synthetic example: the registry must never hold a site's real record.
+        example = np.zeros(shape, dtype=np.float32)
+        provenance = {
+            "experiment": cfg.name,
+            "task": cfg.task.model_dump(mode="json", by_alias=True),
+            "model": cfg.model.name,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "input_layout": input_layout(cfg),
+            "sites": sorted(per_site) or ["?"],
+            "rounds": cfg.experiment.rounds,
+            "strategy": cfg.strategy.name.rsplit("/", 1)[-1],
+            "seed": cfg.experiment.seed,
+            "config_hash": cfg.config_hash(),
+            "fedhealth_version": __version__,
+            "global_metrics": glob,
+            "site_metrics": per_site,
+        }
+        return self.recorder.register(model, example, provenance)
+
+
+def _prefix(m: dict, prefix: str) -> dict:
+    return {(k if k.startswith(prefix) else f"{prefix}{k}"): v for k, v in m.items()}
+
+
+def aggregate_site_metrics(per_site: dict[str, dict]) -> dict[str, float]:
+    """Global metrics: weighted by test examples, plus the plain mean over sites."""
+    if not per_site:
+        return {}
+    n = np.array([m["num-examples"] for m in per_site.values()], dtype=float)
+    out: dict[str, float] = {"num-examples": float(n.sum())}
+    for key in ("loss", "accuracy"):
+        vals = np.array([m[key] for m in per_site.values()], dtype=float)
+        out[key] = float((vals * n).sum() / max(n.sum(), 1))
+        out[f"{key}_site_mean"] = float(vals.mean())
+    return out

@@ -1,0 +1,98 @@
+"""Build the experiment's aggregation strategy: a Flower built-in or a custom class.
+
+Custom strategies live in ``strategies/`` (or anywhere) and are named in the
+experiment as ``path/to/file.py:ClassName``; they subclass Flower's
+``flwr.serverapp.strategy.Strategy`` (usually ``FedAvg``), like the built-ins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
+
+from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.errors import ConfigError
+
+BUILTINS: dict[str, type[Strategy]] = {
+    "fedavg": flwr_strategies.FedAvg,
+    "fedprox": flwr_strategies.FedProx,
+    "fedadam": flwr_strategies.FedAdam,
+    "fedyogi": flwr_strategies.FedYogi,
+    "fedadagrad": flwr_strategies.FedAdagrad,
+    "fedavgm": flwr_strategies.FedAvgM,
+    "fedmedian": flwr_strategies.FedMedian,
+    "fedtrimmedavg": flwr_strategies.FedTrimmedAvg,
+    "krum": flwr_strategies.Krum,
+}
+
+# Strategies whose aggregate is a (weighted) mean of the replies: they also work
+# when the coordinator only ever sees an encrypted sum.
+WEIGHTED_MEAN = {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"}
+
+
+def load_custom(ref: str) -> type[Strategy]:
+    """Import ``/abs/path/file.py:ClassName`` and check it is a Flower strategy."""
+    file_part, _, cls_name = ref.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise ConfigError(f"custom strategy file {path} not found (key `strategy.name`)")
+    mod_name = f"fedhealth_custom_strategy_{path.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as exc:
+        raise ConfigError(f"{path}: the custom strategy failed to import: {exc!r}") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        found = [n for n, o in vars(module).items() if inspect.isclass(o)]
+        raise ConfigError(f"{path}: no class {cls_name!r} (classes defined: {', '.join(found)})")
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise ConfigError(f"{path}: {cls_name} is not a subclass of flwr Strategy")
+    return cls
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class an experiment's ``strategy.name`` refers to."""
+    return BUILTINS[name] if name in BUILTINS else load_custom(name)
+
+
+def build_strategy(cfg: ExperimentConfig) -> Strategy:
+    """Instantiate the experiment's strategy with its options and sampling settings.
+
+    Raises
+    ------
+    ConfigError
+        If an option is not a parameter of the strategy (the message lists the
+        accepted ones).
+    """
+    cls = strategy_class(cfg.strategy.name)
+    params = inspect.signature(cls.__init__).parameters
+    exp = cfg.experiment
+    kwargs: dict[str, Any] = {
+        "fraction_train": exp.fraction_train,
+        "fraction_evaluate": exp.fraction_evaluate,
+        "min_train_nodes": exp.min_sites,
+        "min_evaluate_nodes": exp.min_sites if exp.fraction_evaluate > 0 else 0,
+        "min_available_nodes": exp.min_sites,
+    }
+    kwargs = {k: v for k, v in kwargs.items() if k in params}
+    for key, value in cfg.strategy.options.items():
+        if key not in params or key == "self":
+            accepted = sorted(p for p in params if p not in ("self", "args", "kwargs"))
+            raise ConfigError(
+                f"key `strategy.options.{key}`: {cls.__name__} has no option {key!r}; "
+                f"accepted: {', '.join(accepted)}"
+            )
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"key `strategy.options`: {cls.__name__} rejected them: {exc}") from None

@@ -1,0 +1,1 @@
+"""Engines that run a federation: Flower simulation (embedded) and deployment."""

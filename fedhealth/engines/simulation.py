@@ -1,0 +1,108 @@
+"""The embedded engine: every site of a consortium on one machine, on Flower's simulation.
+
+The ServerApp and ClientApp are loaded by ``module:attribute`` strings exactly as
+``flwr run`` loads them. Flower's and Ray's log noise is kept out of the way
+unless ``verbose``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedhealth.config.experiment import ExperimentConfig
+
+SERVER_APP = "fedhealth.coordinator.server_app:app"
+CLIENT_APP = "fedhealth.site.client_app:app"
+
+
+def _quiet(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR
+    logging.getLogger("flwr").setLevel(level)
+    for name in ("mlflow", "alembic", "ray", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def run_simulation(
+    experiment_path: Path,
+    cfg: ExperimentConfig,
+    tracking_uri: str,
+    verbose: bool = False,
+    cpus_per_site: float = 1.0,
+) -> None:
+    """Run ``cfg`` with one simulated SuperNode per site.
+
+    Parameters
+    ----------
+    experiment_path : Path
+        The experiment file (passed to the ServerApp in its run config).
+    cfg : ExperimentConfig
+        The validated experiment.
+    tracking_uri : str
+        MLflow store for the run.
+    verbose : bool
+        Show Flower's and Ray's own logs.
+    cpus_per_site : float
+        CPU share of each simulated site; with 2 cores, two sites train at once.
+    """
+    _quiet(verbose)
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.object_ref import load_app
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    server_app = load_app(SERVER_APP, AttributeError)
+    client_app = load_app(CLIENT_APP, AttributeError)
+    run_config = {
+        "experiment": str(Path(experiment_path).resolve()),
+        "tracking-uri": tracking_uri,
+        "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
+    }
+    # Flower's public run_simulation() has no run config; build the Run it would build,
+    # with ours, so that every simulated site reads it from its Context like `flwr run`.
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    backend = {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+        "init_args": {
+            "logging_level": "info" if verbose else "error",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+            "configure_logging": True,
+        },
+    }
+    _run_simulation(
+        num_supernodes=len(cfg.experiment.sites),
+        exit_event=_exit_event(),
+        client_app=client_app,
+        server_app=server_app,
+        backend_config=backend,
+        server_app_context=server_context,
+        run=run,
+        verbose_logging=verbose,
+    )
+
+
+def _exit_event():  # noqa: ANN202 - Flower's telemetry enum
+    from flwr.common.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE

@@ -1,0 +1,108 @@
+"""The site runtime as a Flower ClientApp: ``fedhealth.site.client_app:app``.
+
+A site learns who it is from its node config (``profile = "path/to/site.toml"``,
+as a SuperNode is started in a real deployment) or, in simulation, from the
+run config's list of site profiles indexed by the node's partition id.
+
+A refusal or a data problem is answered with an error reply whose reason is a
+JSON object ``{"site", "rule", "message"}``: the coordinator reports it and
+carries on with the other sites; the site process never crashes on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedhealth.config.site import SiteProfile, load_site
+from fedhealth.errors import FedHealthError, PolicyError
+from fedhealth.site.runtime import RoundRequest, SiteRuntime
+
+app = ClientApp()
+
+REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
+
+
+@lru_cache(maxsize=64)
+def _profile(path: str) -> SiteProfile:
+    return load_site(Path(path))
+
+
+def site_profile(context: Context) -> tuple[SiteProfile, int]:
+    """The profile of the site this ClientApp runs for, and its index in the consortium."""
+    path = context.node_config.get("profile")
+    if path:
+        return _profile(str(path)), int(context.node_config.get("site-index", 0))
+    profiles = json.loads(str(context.run_config["site-profiles"]))
+    idx = int(context.node_config["partition-id"])
+    return _profile(profiles[idx]), idx
+
+
+def _refuse(msg: Message, site: str, exc: Exception) -> Message:
+    rule = getattr(exc, "rule", type(exc).__name__)
+    reason = json.dumps({"site": site, "rule": rule, "message": str(exc)})
+    return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
+
+
+def _site_record(profile: SiteProfile) -> ConfigRecord:
+    return ConfigRecord({"name": profile.name})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on local data from the global model; reply with the update and counts."""
+    profile, idx = site_profile(context)
+    try:
+        request = RoundRequest.from_config(dict(msg.content["config"]))
+        runtime = SiteRuntime(profile, request)
+        arrays, metrics = runtime.train(msg.content["arrays"].to_numpy_ndarrays(), idx)
+    except (FedHealthError, PolicyError) as exc:
+        return _refuse(msg, profile.name, exc)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord(metrics),
+            "site": _site_record(profile),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the site's test split; reply with metrics only."""
+    profile, _ = site_profile(context)
+    try:
+        request = RoundRequest.from_config(dict(msg.content["config"]))
+        metrics = SiteRuntime(profile, request).evaluate(
+            msg.content["arrays"].to_numpy_ndarrays()
+        )
+    except FedHealthError as exc:
+        return _refuse(msg, profile.name, exc)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer a statistics query: sizes and per-feature sums, never rows."""
+    profile, _ = site_profile(context)
+    try:
+        request = RoundRequest.from_config(dict(msg.content["config"]))
+        runtime = SiteRuntime(profile, request)
+        stats = runtime.moments()
+        counts = runtime.data.counts()
+    except FedHealthError as exc:
+        return _refuse(msg, profile.name, exc)
+    content = RecordDict(
+        {
+            "stats": ConfigRecord({"moments": json.dumps(stats)}),
+            "metrics": MetricRecord(counts),
+            "site": _site_record(profile),
+        }
+    )
+    return Message(content, reply_to=msg)

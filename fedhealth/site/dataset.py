@@ -1,0 +1,166 @@
+"""Turn a site's registered dataset and an experiment's task into train/test tensors.
+
+Everything here runs at the site: raw rows and pixels stay in this process.
+What leaves is built elsewhere (model updates, counts, metrics, and — for
+consortium normalisation — per-feature sums and counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhealth.config.site import (
+    DicomSource,
+    ImageFolderSource,
+    NpzSource,
+    SiteProfile,
+    TabularSource,
+)
+from fedhealth.data.imaging import read_dicom_folder, read_image_folder, read_npz
+from fedhealth.data.normalisation import Moments, Standardizer, local_moments
+from fedhealth.data.splits import train_test_split_indices
+from fedhealth.data.tabular import TabularSchema, read_table
+from fedhealth.errors import DataError
+
+
+@dataclass
+class SiteData:
+    """A site's data for one task, split and encoded (not yet normalised)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_dim: int
+    feature_names: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_train(self) -> int:
+        """Number of training records."""
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        """Number of test records."""
+        return len(self.y_test)
+
+    def train_moments(self, numeric_mask: np.ndarray | None = None) -> Moments:
+        """Per-feature (or per-channel) sums and counts of the training split."""
+        return local_moments(self.x_train)
+
+    def counts(self) -> dict[str, int]:
+        """Aggregate counts a site may report: sizes and label counts, never rows."""
+        out = {"n-train": self.n_train, "n-test": self.n_test}
+        for label, n in zip(*np.unique(self.y_train, return_counts=True), strict=True):
+            out[f"n-train-label-{int(label)}"] = int(n)
+        return out
+
+
+def tabular_schema(task: dict[str, Any], source: TabularSource) -> TabularSchema:
+    """Merge the experiment's consortium-wide schema with the site's file layout."""
+    s = task["schema"]
+    return TabularSchema(
+        numeric=list(s["numeric"]),
+        categorical={k: list(v) for k, v in s["categorical"].items()},
+        label=s["label"],
+        label_map=s.get("label_map"),
+        binarize_label_above=s.get("binarize_label_above"),
+        missing=s.get("missing", "drop"),
+        na_values=list(source.na_values),
+        columns=list(source.columns) if source.columns else None,
+        drop=list(s.get("drop", [])),
+    )
+
+
+def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list, list]:
+    name = task["dataset"]
+    source = profile.datasets.get(name)
+    if source is None:
+        raise DataError(
+            f"site {profile.name!r} has no dataset named {name!r}; it registers "
+            f"{', '.join(sorted(profile.datasets))}"
+        )
+    size = int(task.get("image_size", 32))
+    if isinstance(source, TabularSource):
+        data = read_table(source.path, tabular_schema(task, source))
+        return data.X, data.y, list(data.feature_names), []
+    if isinstance(source, DicomSource):
+        img = read_dicom_folder(
+            source.path, _labels(source), size, skip_bad_files=source.skip_bad_files
+        )
+    elif isinstance(source, ImageFolderSource):
+        img = read_image_folder(
+            source.path, _labels(source), size, skip_bad_files=source.skip_bad_files
+        )
+    elif isinstance(source, NpzSource):
+        img = read_npz(source.path, source.split, size)
+    else:  # pragma: no cover - the schema admits no other kind
+        raise DataError(f"unsupported data source {source!r}")
+    return img.X, img.y, [], list(img.skipped)
+
+
+def _labels(source: DicomSource | ImageFolderSource) -> Path:
+    return source.labels if source.labels.is_absolute() else source.path / source.labels
+
+
+_CACHE: dict[str, SiteData] = {}
+
+
+def load_site_data(profile: SiteProfile, task: dict[str, Any]) -> SiteData:
+    """Read, encode and split the site's dataset for ``task`` (cached per process).
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        The site's profile (where its data is).
+    task : dict
+        The experiment's ``[task]`` section as sent by the coordinator.
+
+    Returns
+    -------
+    SiteData
+        Stratified train/test split (``task.test_fraction``, ``task.split_seed``).
+    """
+    key = hashlib.sha256(
+        json.dumps([profile.model_dump(mode="json"), task], sort_keys=True).encode()
+    ).hexdigest()
+    if key in _CACHE:
+        return _CACHE[key]
+    x, y, names, skipped = _read(profile, task)
+    n_classes = int(task.get("num_classes", 2))
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise DataError(
+            f"site {profile.name!r}, dataset {task['dataset']!r}: labels range "
+            f"{int(y.min())}..{int(y.max())} but the task declares num_classes={n_classes}"
+        )
+    if len(y) < 4:
+        raise DataError(
+            f"site {profile.name!r}, dataset {task['dataset']!r}: only {len(y)} usable records"
+        )
+    tr, te = train_test_split_indices(
+        y, test_fraction=float(task["test_fraction"]), seed=int(task["split_seed"])
+    )
+    input_dim = x.shape[1]
+    data = SiteData(x[tr], y[tr], x[te], y[te], input_dim, names, skipped)
+    _CACHE[key] = data
+    return data
+
+
+def standardizer_for(
+    data: SiteData, mode: str, consortium: dict[str, Any] | None
+) -> Standardizer | None:
+    """The normaliser a site applies: its own statistics, the consortium's, or none."""
+    if mode == "none":
+        return None
+    if mode == "consortium":
+        if consortium is None:
+            raise DataError("consortium normalisation requested but no statistics were sent")
+        return Standardizer.from_dict(consortium)
+    return Standardizer.from_moments(data.train_moments())

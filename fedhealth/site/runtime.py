@@ -1,0 +1,122 @@
+"""One site's side of a round: check the request, train, package the update.
+
+The steps are separate methods so that the privacy layers slot in where the
+design says (docs/architecture.md): the policy and ledger check before
+training, DP-SGD around the optimiser, site-level noise and encryption when
+the update is packaged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhealth.config.site import SiteProfile
+from fedhealth.errors import FedHealthError
+from fedhealth.models import build_model
+from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
+from fedhealth.site.trainer import evaluate, train_local
+
+
+@dataclass
+class RoundRequest:
+    """What the coordinator asks of a site in one round."""
+
+    experiment: str
+    round: int
+    spec: dict[str, Any]
+    proximal_mu: float = 0.0
+    norm_stats: dict[str, Any] | None = None
+    weight_exponent: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RoundRequest:
+        """Parse the ConfigRecord a strategy sent."""
+        spec = json.loads(str(config["spec"]))
+        stats = config.get("norm-stats")
+        return cls(
+            experiment=spec["experiment"],
+            round=int(config.get("server-round", 0)),
+            spec=spec,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            norm_stats=json.loads(str(stats)) if stats else None,
+            weight_exponent=float(config.get("weight-exponent", 1.0)),
+        )
+
+
+class SiteRuntime:
+    """A site's data, model and training for one experiment.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        The site's profile.
+    request : RoundRequest
+        The round's request.
+    """
+
+    def __init__(self, profile: SiteProfile, request: RoundRequest) -> None:
+        self.profile = profile
+        self.request = request
+        self.task = request.spec["task"]
+        self.data: SiteData = load_site_data(profile, self.task)
+        self.norm = standardizer_for(self.data, self.task["normalisation"], request.norm_stats)
+        torch.set_num_threads(1)  # sites share cores in simulation; avoid oversubscription
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _x(self, x: np.ndarray) -> np.ndarray:
+        return self.norm.transform(x).astype(np.float32) if self.norm else x
+
+    def build_model(self, arrays: list[np.ndarray]) -> torch.nn.Module:
+        """The experiment's model, loaded with the global weights ``arrays``."""
+        spec = self.request.spec
+        model = build_model(
+            spec["model"], self.data.input_dim, int(self.task["num_classes"]), spec["seed"]
+        )
+        keys = list(model.state_dict().keys())
+        if len(keys) != len(arrays):
+            raise FedHealthError(
+                f"site {self.profile.name!r}, round {self.request.round}: the global model has "
+                f"{len(arrays)} tensors but model {spec['model']['name']!r} expects {len(keys)}"
+            )
+        model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, arrays, strict=True)})
+        return model
+
+    # -- the round ----------------------------------------------------------------------------
+
+    def train(self, arrays: list[np.ndarray], site_index: int) -> tuple[list[np.ndarray], dict]:
+        """Train locally from the global weights; return new weights and metrics."""
+        model = self.build_model(arrays)
+        seed = int(self.request.spec["seed"]) * 100_003 + self.request.round * 1_009 + site_index
+        result = train_local(
+            model,
+            self._x(self.data.x_train),
+            self.data.y_train,
+            self.request.spec["training"],
+            seed=seed,
+            proximal_mu=self.request.proximal_mu,
+        )
+        new = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+        metrics = {
+            "num-examples": self.data.n_train,
+            # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg.
+            "site-weight": float(self.data.n_train) ** self.request.weight_exponent,
+            "train-loss": result.loss,
+            "local-steps": result.steps,
+        }
+        return new, metrics
+
+    def evaluate(self, arrays: list[np.ndarray]) -> dict:
+        """Evaluate the global weights on the site's test split."""
+        model = self.build_model(arrays)
+        return evaluate(model, self._x(self.data.x_test), self.data.y_test)
+
+    def moments(self) -> dict[str, Any]:
+        """Per-feature sums and counts of the training split (consortium normalisation)."""
+        m = self.data.train_moments()
+        return {"count": int(m.count), "sum": m.sum.tolist(), "sumsq": m.sumsq.tolist()}

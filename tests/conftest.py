@@ -1,0 +1,30 @@
+"""Shared fixtures: paths of the project, the shared data sets, and small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    """``../shared/data`` beside the project (or ``$FEDHEALTH_SHARED_DATA``)."""
+    return Path(os.environ.get("FEDHEALTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def root() -> Path:
+    """The project root."""
+    return ROOT
+
+
+@pytest.fixture
+def heart_dir() -> Path:
+    """The UCI Heart-Disease folder, or skip saying where it was looked for."""
+    d = shared_data() / "uci-heart-disease"
+    if not d.is_dir():
+        pytest.skip(f"shared data not found at {d} (set FEDHEALTH_SHARED_DATA)")
+    return d
