@@ -39,9 +39,16 @@ class BalancedFedAvg(FedAvg):
         Any parameter of ``flwr.serverapp.strategy.FedAvg`` (sampling, minimum sites).
     """
 
-    def __init__(self, *, alpha: float = 0.5, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
-                 min_evaluate_nodes: int = 2, min_available_nodes: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.5,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+    ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         super().__init__(

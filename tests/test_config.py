@@ -41,15 +41,23 @@ name = "logistic_regression"
 """
 
 
-def write(tmp: Path, rounds=2, fraction=1.0, sites=("h1", "h2"), listed=None, min_sites=2,
-          extra="") -> Path:
+def write(
+    tmp: Path, rounds=2, fraction=1.0, sites=("h1", "h2"), listed=None, min_sites=2, extra=""
+) -> Path:
     for s in set(sites):
         (tmp / f"{s}.toml").write_text(SITE.format(name=s))
         (tmp / f"{s}.csv").write_text("a,b,y\n1,2,0\n3,4,1\n")
     listed = listed or [f'"{s}.toml"' for s in sites]
     path = tmp / "exp.toml"
-    path.write_text(EXPERIMENT.format(sites=", ".join(listed), rounds=rounds, fraction=fraction,
-                                      min_sites=min_sites, extra=extra))
+    path.write_text(
+        EXPERIMENT.format(
+            sites=", ".join(listed),
+            rounds=rounds,
+            fraction=fraction,
+            min_sites=min_sites,
+            extra=extra,
+        )
+    )
     return path
 
 
@@ -90,7 +98,7 @@ def test_missing_experiment_file_says_where_it_looked(tmp_path):
 def test_site_without_the_dataset_is_named(tmp_path):
     path = write(tmp_path)
     (tmp_path / "h2.toml").write_text(SITE.format(name="h2").replace("table", "other"))
-    with pytest.raises(ConfigError, match="site 'h2' has no dataset named 'table'"):
+    with pytest.raises(ConfigError, match=r"site 'h2' has no dataset named 'table'"):
         load_experiment_with_sites(path)
 
 
@@ -104,7 +112,7 @@ def test_two_profiles_with_one_site_name_are_refused(tmp_path):
 def test_site_profile_rejects_bad_policy_values(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text(SITE.format(name="h1") + "\n[privacy]\nmax_delta = 2\n")
-    with pytest.raises(ConfigError, match="privacy.max_delta"):
+    with pytest.raises(ConfigError, match=r"privacy\.max_delta"):
         load_site(p)
 
 
@@ -128,3 +136,13 @@ def test_cli_validate_ok(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(write(tmp_path))])
     assert result.exit_code == 0, result.output
     assert "experiment 'exp': 2 sites" in result.output
+
+
+def test_config_reference_doc_is_current(root):
+    from fedhealth.config.reference import render_reference
+
+    doc = (root / "docs" / "config-reference.md").read_text()
+    assert doc == render_reference(), (
+        "docs/config-reference.md is stale: run "
+        "`python -m fedhealth.config.reference > docs/config-reference.md`"
+    )

@@ -19,7 +19,7 @@ def guarded(fn: F) -> F:
     """Decorator for CLI commands: a FedHealthError prints ``error: ...`` and exits."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except FedHealthError as exc:

@@ -67,8 +67,9 @@ class LiveRun:
             self.progress.update(self.task, advance=1, description=f"accuracy {acc:.4f}")
         elif event.kind == "site-refused":
             d = event.data
-            self.notes.append(f"round {event.round}: site {d['site']} refused ({d['rule']}): "
-                              f"{d['message']}")
+            self.notes.append(
+                f"round {event.round}: site {d['site']} refused ({d['rule']}): {d['message']}"
+            )
         elif event.kind == "statistics":
             self.progress.update(self.task, description="consortium statistics done")
         self.live.update(self._render())

@@ -34,8 +34,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """fedhealth: train models across hospitals; raw data never leaves a site."""
 
@@ -44,8 +45,9 @@ def _main(
 @guarded
 def run(
     experiments: list[Path] = typer.Argument(..., help="Experiment config(s) to run, in order."),
-    tracking_uri: str = typer.Option(None, "--tracking-uri",
-                                     help="MLflow tracking URI (default: ./workspace/mlflow)."),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: ./workspace/mlflow)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run experiment(s) on a simulated consortium: every site on this machine."""
@@ -56,7 +58,9 @@ def run(
 
 @app.command()
 @guarded
-def validate(files: list[Path] = typer.Argument(..., help="Experiment configs or site profiles.")) -> None:
+def validate(
+    files: list[Path] = typer.Argument(..., help="Experiment configs or site profiles."),
+) -> None:
     """Check configs and site profiles without training anything."""
     from fedhealth.cli.validate_cmd import validate_files
 

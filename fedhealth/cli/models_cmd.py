@@ -11,8 +11,9 @@ from rich.table import Table
 
 from fedhealth.cli.errors import guarded
 
-app = typer.Typer(help="Browse registered global models and their provenance.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Browse registered global models and their provenance.", no_args_is_help=True
+)
 console = Console()
 URI_HELP = "MLflow tracking URI (default: ./workspace/mlflow)."
 

@@ -49,13 +49,14 @@ def run_experiments(
     return summaries
 
 
-def _simulate(console: Console, path: Path, cfg: ExperimentConfig, uri: str,
-              verbose: bool) -> RunSummary:
+def _simulate(
+    console: Console, path: Path, cfg: ExperimentConfig, uri: str, verbose: bool
+) -> RunSummary:
     from fedhealth.engines.simulation import run_simulation
 
     result: dict[str, RunSummary] = {}
 
-    def grab(event) -> None:  # noqa: ANN001
+    def grab(event) -> None:
         if event.kind == "run-finished":
             result["summary"] = event.data["summary"]
 
@@ -85,14 +86,21 @@ def print_summary(console: Console, s: RunSummary) -> None:
     for col in ("site", "test examples", "accuracy", "loss"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site, m in sorted(s.site_metrics.items()):
-        table.add_row(site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}",
-                      f"{m['loss']:.4f}")
+        table.add_row(site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}")
     g = s.global_metrics
     if g:
-        table.add_row("[bold]all (weighted)", str(int(g["num-examples"])),
-                      f"[bold]{g['accuracy']:.4f}", f"{g['loss']:.4f}")
-        table.add_row("[bold]mean over sites", "", f"{g['accuracy_site_mean']:.4f}",
-                      f"{g['loss_site_mean']:.4f}")
+        table.add_row(
+            "[bold]all (weighted)",
+            str(int(g["num-examples"])),
+            f"[bold]{g['accuracy']:.4f}",
+            f"{g['loss']:.4f}",
+        )
+        table.add_row(
+            "[bold]mean over sites",
+            "",
+            f"{g['accuracy_site_mean']:.4f}",
+            f"{g['loss_site_mean']:.4f}",
+        )
     console.print(table)
     for r in s.refusals:
         console.print(f"[yellow]site {r.site} refused ({r.rule}):[/] {r.message}")

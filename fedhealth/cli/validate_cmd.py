@@ -26,8 +26,10 @@ def validate_file(path: Path) -> str:
         from fedhealth.coordinator.strategies import build_strategy
 
         build_strategy(cfg)
-        return (f"experiment {cfg.name!r}: {len(sites)} sites, {cfg.experiment.rounds} rounds, "
-                f"model {cfg.model.name}, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}")
+        return (
+            f"experiment {cfg.name!r}: {len(sites)} sites, {cfg.experiment.rounds} rounds, "
+            f"model {cfg.model.name}, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}"
+        )
     if "site" in doc:
         site = load_site(path)
         return f"site {site.name!r}: datasets {', '.join(sorted(site.datasets))}"

@@ -48,13 +48,21 @@ class ExperimentSection(_Strict):
     """Identity and federation shape of the experiment."""
 
     name: str = Field(description="Experiment name; also the MLflow experiment.")
-    description: str = ""
+    description: str = Field("", description="Free text shown in MLflow.")
     sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
-    rounds: int = Field(gt=0, le=10_000)
-    min_sites: int = Field(2, ge=1)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    seed: int = 0
+    rounds: int = Field(gt=0, le=10_000, description="Number of federated rounds.")
+    min_sites: int = Field(
+        2,
+        ge=1,
+        description="Fewest sites whose replies a round needs; below it the run stops cleanly.",
+    )
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="Fraction of connected sites sampled for training each round."
+    )
+    fraction_evaluate: float = Field(
+        1.0, ge=0, le=1, description="Fraction of sites that evaluate each round (0 disables)."
+    )
+    seed: int = Field(0, description="Seed of initial weights, batch order and sampling.")
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for site replies.")
 
     @field_validator("name")
@@ -89,15 +97,24 @@ class ExperimentSection(_Strict):
 class TabularSchemaSection(_Strict):
     """Consortium-wide table schema, so every site encodes features identically."""
 
-    numeric: list[str] = Field(default_factory=list)
+    numeric: list[str] = Field(
+        default_factory=list, description="Numeric feature columns, in feature order."
+    )
     categorical: dict[str, list[str]] = Field(
         default_factory=dict, description="Column -> consortium-wide category list (one-hot)."
     )
-    label: str
-    label_map: dict[str, int] | None = None
-    binarize_label_above: float | None = None
-    missing: Literal["drop", "error", "mean"] = "drop"
-    drop: list[str] = Field(default_factory=list)
+    label: str = Field(description="Label column.")
+    label_map: dict[str, int] | None = Field(
+        None, description="Raw label -> class index; without it labels must be integers."
+    )
+    binarize_label_above: float | None = Field(
+        None, description="If set, class = label > this value (e.g. 0 for heart disease)."
+    )
+    missing: Literal["drop", "error", "mean"] = Field(
+        "drop",
+        description="Rows with missing values: drop them, fail, or impute the site's column mean.",
+    )
+    drop: list[str] = Field(default_factory=list, description="Columns to ignore.")
 
     @model_validator(mode="after")
     def _features(self) -> TabularSchemaSection:
@@ -113,12 +130,23 @@ class TaskSection(_Strict):
     """What to learn and from which of the sites' registered datasets."""
 
     dataset: str = Field(description="Name of the dataset every site registers in its profile.")
-    kind: Literal["tabular", "image"]
-    num_classes: int = Field(2, ge=2)
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    split_seed: int = 43
-    normalisation: Literal["site", "consortium", "none"] = "site"
-    image_size: int = Field(32, ge=8, le=512)
+    kind: Literal["tabular", "image"] = Field(description="Tabular (EHR) or image task.")
+    num_classes: int = Field(2, ge=2, description="Number of classes.")
+    test_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Share of each site's records held out for evaluation (stratified).",
+    )
+    split_seed: int = Field(43, description="Seed of the train/test split.")
+    normalisation: Literal["site", "consortium", "none"] = Field(
+        "site",
+        description="z-score with each site's own statistics, with consortium statistics "
+        "from federated sums and counts, or not at all.",
+    )
+    image_size: int = Field(
+        32, ge=8, le=512, description="Images are resized to image_size x image_size."
+    )
     schema_: TabularSchemaSection | None = Field(None, alias="schema")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -135,30 +163,43 @@ class TaskSection(_Strict):
 class ModelSection(_Strict):
     """Which network from the model zoo, and its options."""
 
-    name: Literal[MODEL_NAMES]  # type: ignore[valid-type]
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])
-    dropout: float = Field(0.0, ge=0, lt=1)
-    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    name: Literal[MODEL_NAMES] = Field(description="Network from the model zoo.")  # type: ignore[valid-type]
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 32], description="MLP hidden layer widths."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="MLP dropout.")
+    channels: list[int] = Field(
+        default_factory=lambda: [16, 32], description="small_cnn channels per stage."
+    )
     groups: int = Field(8, ge=1, description="GroupNorm groups (DP-safe; no BatchNorm).")
 
 
 class TrainingSection(_Strict):
     """Local training at each site, per round."""
 
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    learning_rate: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    local_epochs: int = Field(
+        1, ge=1, description="Passes over the site's training split per round."
+    )
+    batch_size: int = Field(32, ge=1, description="Local batch size.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimiser.")
+    learning_rate: float = Field(0.05, gt=0, description="Local learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
     max_steps: int | None = Field(None, ge=1, description="Cap on local steps per round.")
 
 
 class StrategySection(_Strict):
     """Aggregation strategy: a built-in name, or ``path/to/file.py:ClassName``."""
 
-    name: str = "fedavg"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        "fedavg",
+        description="Built-in strategy or a custom class as 'strategies/file.py:ClassName'.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the strategy "
+        "(e.g. eta for fedadam, proximal_mu for fedprox).",
+    )
 
     @field_validator("name")
     @classmethod

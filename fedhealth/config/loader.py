@@ -60,7 +60,7 @@ def validation_message(path: Path, exc: ValidationError) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        elif "input" in err and err["type"].endswith("_type") or err["type"].endswith("_parsing"):
+        elif ("input" in err and err["type"].endswith("_type")) or err["type"].endswith("_parsing"):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{path}: key `{key}`: {msg}" + (f" -> {hint}" if hint else ""))
     return "\n".join(lines)

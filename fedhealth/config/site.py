@@ -31,12 +31,14 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 class TabularSource(_Strict):
     """A table of EHR records (CSV or Parquet)."""
 
-    kind: Literal["tabular"]
-    path: Path
+    kind: Literal["tabular"] = Field(description="A CSV or Parquet table.")
+    path: Path = Field(description="The table file (.csv, .data, .txt or .parquet).")
     columns: list[str] | None = Field(
         None, description="Header names for a header-less CSV (e.g. the UCI files)."
     )
-    na_values: list[str] = Field(default_factory=lambda: ["?", ""])
+    na_values: list[str] = Field(
+        default_factory=lambda: ["?", ""], description="Tokens that mean a missing value."
+    )
 
     _abs = field_validator("path")(_resolve)
 
@@ -44,9 +46,11 @@ class TabularSource(_Strict):
 class DicomSource(_Strict):
     """A folder of DICOM files with a labels CSV (``file,label``)."""
 
-    kind: Literal["dicom"]
-    path: Path
-    labels: Path = Path("labels.csv")
+    kind: Literal["dicom"] = Field(description="A folder of DICOM files.")
+    path: Path = Field(description="The folder.")
+    labels: Path = Field(
+        Path("labels.csv"), description="Labels CSV (file,label), relative to the folder."
+    )
     skip_bad_files: bool = Field(
         False, description="Skip unreadable files (reported by name) instead of failing."
     )
@@ -57,10 +61,14 @@ class DicomSource(_Strict):
 class ImageFolderSource(_Strict):
     """A folder of PNG/JPEG images with a labels CSV (``file,label``)."""
 
-    kind: Literal["images"]
-    path: Path
-    labels: Path = Path("labels.csv")
-    skip_bad_files: bool = False
+    kind: Literal["images"] = Field(description="A folder of PNG/JPEG images.")
+    path: Path = Field(description="The folder.")
+    labels: Path = Field(
+        Path("labels.csv"), description="Labels CSV (file,label), relative to the folder."
+    )
+    skip_bad_files: bool = Field(
+        False, description="Skip unreadable files (reported by name) instead of failing."
+    )
 
     _abs = field_validator("path")(_resolve)
 
@@ -68,9 +76,11 @@ class ImageFolderSource(_Strict):
 class NpzSource(_Strict):
     """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels``)."""
 
-    kind: Literal["npz"]
-    path: Path
-    split: Literal["train", "val", "test", "all"] = "all"
+    kind: Literal["npz"] = Field(description="A MedMNIST-style .npz archive.")
+    path: Path = Field(description="The .npz file.")
+    split: Literal["train", "val", "test", "all"] = Field(
+        "all", description="Which split's arrays to read; 'all' concatenates them."
+    )
 
     _abs = field_validator("path")(_resolve)
 
@@ -83,21 +93,31 @@ DataSource = Annotated[
 class PrivacyPolicySection(_Strict):
     """The site's privacy policy: what it accepts and how much it may ever spend."""
 
-    require_dp: bool = False
-    require_he: bool = False
-    min_noise_multiplier: float = Field(0.0, ge=0)
-    max_epsilon_per_experiment: float | None = Field(None, gt=0)
-    lifetime_epsilon_budget: float | None = Field(None, gt=0)
-    max_delta: float | None = Field(None, gt=0, lt=1)
-    allowed_experiments: list[str] | None = None
-    allowed_models: list[str] | None = None
+    require_dp: bool = Field(False, description="Refuse rounds without differential privacy.")
+    require_he: bool = Field(False, description="Refuse rounds without encrypted aggregation.")
+    min_noise_multiplier: float = Field(
+        0.0, ge=0, description="Refuse DP-SGD with less noise than this."
+    )
+    max_epsilon_per_experiment: float | None = Field(
+        None, gt=0, description="Cap on epsilon one experiment may spend on a dataset."
+    )
+    lifetime_epsilon_budget: float | None = Field(
+        None, gt=0, description="Cap on epsilon spent on a dataset across all experiments, ever."
+    )
+    max_delta: float | None = Field(None, gt=0, lt=1, description="Largest delta the site accepts.")
+    allowed_experiments: list[str] | None = Field(
+        None, description="Experiment names (or globs) the site takes part in; none = any."
+    )
+    allowed_models: list[str] | None = Field(
+        None, description="Model names the site trains; none = any."
+    )
 
 
 class SiteSection(_Strict):
     """Who the site is and where it keeps its state."""
 
-    name: str
-    display_name: str | None = None
+    name: str = Field(description="The site's name, unique in the consortium.")
+    display_name: str | None = Field(None, description="Human-readable name.")
     workspace: Path = Field(
         Path("../workspace/sites"),
         description="Folder for the site's ledger, audit log and logs; the site name is appended.",

@@ -170,8 +170,11 @@ class Federation:
         """Federated mean/std: sites send per-feature sums and counts, never values."""
         node_ids = list(grid.get_node_ids())
         msgs = [
-            Message(RecordDict({"config": self._config(0)}), dst_node_id=n,
-                    message_type=MessageType.QUERY)
+            Message(
+                RecordDict({"config": self._config(0)}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
             for n in node_ids
         ]
         ok = self._split(0, grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout))
@@ -220,8 +223,9 @@ class Federation:
     def initial_model(self) -> torch.nn.Module:
         """The seeded initial global model."""
         spec = self.cfg.task_spec()
-        return build_model(spec["model"], input_dim(self.cfg), self.cfg.task.num_classes,
-                           self.cfg.experiment.seed)
+        return build_model(
+            spec["model"], input_dim(self.cfg), self.cfg.task.num_classes, self.cfg.experiment.seed
+        )
 
     def run(self, grid: Grid) -> RunSummary:
         """Run every round, then register the global model. Returns the summary."""
@@ -231,8 +235,14 @@ class Federation:
         model = self.initial_model()
         arrays = ArrayRecord(model.state_dict())
         run_id = self.recorder.start()
-        publish("run-started", 0, experiment=cfg.name, rounds=cfg.experiment.rounds,
-                run_id=run_id, tracking_uri=self.tracking_uri)
+        publish(
+            "run-started",
+            0,
+            experiment=cfg.name,
+            rounds=cfg.experiment.rounds,
+            run_id=run_id,
+            tracking_uri=self.tracking_uri,
+        )
         status = "FAILED"
         glob: dict = {}
         per_site: dict = {}
@@ -249,10 +259,15 @@ class Federation:
         finally:
             self.recorder.finish(status)
         summary = RunSummary(
-            experiment=cfg.name, run_id=run_id,
-            registered_model=cfg.registered_model if version else None, version=version,
-            tracking_uri=self.tracking_uri, rounds=cfg.experiment.rounds,
-            global_metrics=glob, site_metrics=per_site, refusals=self.refusals,
+            experiment=cfg.name,
+            run_id=run_id,
+            registered_model=cfg.registered_model if version else None,
+            version=version,
+            tracking_uri=self.tracking_uri,
+            rounds=cfg.experiment.rounds,
+            global_metrics=glob,
+            site_metrics=per_site,
+            refusals=self.refusals,
             seconds=time.time() - t0,
         )
         publish("run-finished", cfg.experiment.rounds, summary=summary)
@@ -266,8 +281,11 @@ class Federation:
         if self.norm_stats is not None:
             model = torch.nn.Sequential(Standardize(self.norm_stats), model)
         dim = input_dim(cfg)
-        shape = (2, dim) if cfg.task.kind == "tabular" else (2, 1, cfg.task.image_size,
-                                                               cfg.task.image_size)
+        shape = (
+            (2, dim)
+            if cfg.task.kind == "tabular"
+            else (2, 1, cfg.task.image_size, cfg.task.image_size)
+        )
         # A synthetic example: the registry must never hold a site's real record.
         example = np.zeros(shape, dtype=np.float32)
         provenance = {

@@ -38,7 +38,7 @@ def publish(kind: str, round: int = 0, **data: Any) -> None:
     """Send an event to every subscriber (and to the log at debug level)."""
     event = Event(kind, round, data)
     log.debug("%s round=%s %s", kind, round, data)
-    for fn in list(_subscribers):
+    for fn in _subscribers:
         try:
             fn(event)
         except Exception:  # a broken display must never break a run

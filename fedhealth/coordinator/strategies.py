@@ -48,7 +48,7 @@ def load_custom(ref: str) -> type[Strategy]:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any import failure is a config problem
         raise ConfigError(f"{path}: the custom strategy failed to import: {exc!r}") from None
     cls = getattr(module, cls_name, None)
     if cls is None:

@@ -102,7 +102,7 @@ def run_simulation(
     )
 
 
-def _exit_event():  # noqa: ANN202 - Flower's telemetry enum
+def _exit_event():
     from flwr.common.telemetry import EventType
 
     return EventType.PYTHON_API_RUN_SIMULATION_LEAVE

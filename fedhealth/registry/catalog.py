@@ -44,7 +44,8 @@ def show_version(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
         known = [m.name for m in client.search_registered_models()]
         if name not in known:
             raise FedHealthError(
-                f"no registered model {name!r} in {tracking_uri}; known: {', '.join(known) or 'none'}"
+                f"no registered model {name!r} in {tracking_uri}; "
+                f"known: {', '.join(known) or 'none'}"
             ) from None
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise FedHealthError(

@@ -66,7 +66,9 @@ class RunRecorder:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics for ``step`` (the round)."""
         ms = [
-            mlflow.entities.Metric(_clean(k), float(v), int(mlflow.utils.time.get_current_time_millis()), step)
+            mlflow.entities.Metric(
+                _clean(k), float(v), int(mlflow.utils.time.get_current_time_millis()), step
+            )
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and np.isfinite(v)
         ]

@@ -78,9 +78,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     profile, _ = site_profile(context)
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
-        metrics = SiteRuntime(profile, request).evaluate(
-            msg.content["arrays"].to_numpy_ndarrays()
-        )
+        metrics = SiteRuntime(profile, request).evaluate(msg.content["arrays"].to_numpy_ndarrays())
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})

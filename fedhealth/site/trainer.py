@@ -90,7 +90,8 @@ def train_local(
             optimizer.zero_grad()
             loss = loss_fn(net(xb), yb)
             if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                pairs = zip(model.parameters(), anchor, strict=True)
+                prox = sum(((p - a) ** 2).sum() for p, a in pairs)
                 loss = loss + proximal_mu / 2 * prox
             loss.backward()
             optimizer.step()

@@ -273,8 +273,8 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             raise refuse(
                 "lifetime_epsilon_budget",
                 f"lifetime ε budget (`privacy.lifetime_epsilon_budget`) for dataset "
-                f"{req.dataset!r} is {_num(budget)}, already spent {_num(other)}, this round "
-                f"would bring it to {_num(total)}" + ("" if req.dp_enabled else " (no DP)"),
+                f"{req.dataset!r} is {_num(budget)}, already spent {_num(other)} in other experiments, "
+                f"this round would bring it to {_num(total)}" + ("" if req.dp_enabled else " (no DP)"),
                 "Ask the site operator to raise `privacy.lifetime_epsilon_budget` or plan fewer "
                 "rounds / more noise.",
                 budget,

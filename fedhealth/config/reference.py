@@ -1,0 +1,121 @@
+"""Render the config reference (docs/config-reference.md) from the schemas themselves.
+
+The docs cannot drift from the code: a test regenerates this text and compares.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.config.site import SiteProfile
+
+
+def _type(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " \\| ".join(f'`"{a}"`' for a in typing.get_args(ann))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if args and all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+            return "table (one of: " + ", ".join(a.__name__ for a in args) + ")"
+        return " or ".join(_type(a) for a in args) + (
+            " (optional)" if type(None) in typing.get_args(ann) else ""
+        )
+    if origin is typing.Annotated:
+        return _type(typing.get_args(ann)[0])
+    if origin in (list, dict):
+        return str(ann).replace("typing.", "").replace("pathlib.", "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    d = field.default
+    if d is PydanticUndefined and field.default_factory is not None:
+        d = field.default_factory()
+    if isinstance(d, BaseModel):
+        return "(table)"
+    return f"`{d!r}`".replace("PosixPath", "Path")
+
+
+def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
+    doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+    out += [
+        f"### `[{prefix}]`",
+        "",
+        doc,
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    nested = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        ann = field.annotation
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type)] + [ann]
+        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            nested.append((sub, f"{prefix}.{key}"))
+            out.append(f"| `{key}` | table | | see `[{prefix}.{key}]` |")
+            continue
+        desc = (field.description or "").replace("|", "\\|")
+        out.append(f"| `{key}` | {_type(ann)} | {_default(field)} | {desc} |")
+    out.append("")
+    for sub, p in nested:
+        _section(sub, p, out)
+
+
+def render_reference() -> str:
+    """The Markdown config reference for experiments and site profiles."""
+    out = [
+        "# Config reference",
+        "",
+        "Generated from the schemas (`python -m fedhealth.config.reference > "
+        "docs/config-reference.md`). Unknown keys are errors. Relative paths are relative "
+        "to the file that contains them.",
+        "",
+        "## Experiment config (`experiments/*.toml`)",
+        "",
+    ]
+    for name, field in ExperimentConfig.model_fields.items():
+        _section(_unwrap(field.annotation), name, out)
+    out += ["## Site profile (`sites/*.toml`)", ""]
+    for name, field in SiteProfile.model_fields.items():
+        if name == "datasets":
+            out += [
+                "### `[datasets.<name>]`",
+                "",
+                "Each registered dataset is a table keyed by the name experiments use "
+                "(`task.dataset`); `kind` selects one of the layouts below.",
+                "",
+            ]
+            from fedhealth.config.site import (
+                DicomSource,
+                ImageFolderSource,
+                NpzSource,
+                TabularSource,
+            )
+
+            for src in (TabularSource, DicomSource, ImageFolderSource, NpzSource):
+                kind = typing.get_args(src.model_fields["kind"].annotation)[0]
+                _section(src, f'datasets.<name>] kind = "{kind}" [', out)
+            continue
+        _section(_unwrap(field.annotation), name, out)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _unwrap(ann: Any) -> type[BaseModel]:
+    for a in (ann, *typing.get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    raise TypeError(ann)
+
+
+if __name__ == "__main__":
+    print(render_reference(), end="")

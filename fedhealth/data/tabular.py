@@ -1,0 +1,477 @@
+"""Read a site's tabular data (CSV or Parquet) into a numeric feature matrix.
+
+Every site of a consortium reads its table with the *same* :class:`TabularSchema`,
+so the features come out in the same order and categorical columns are one-hot
+encoded against the same consortium-wide category list, whatever subset of
+categories a site happens to hold.
+
+Rows in error messages are 1-based data rows: row 1 is the first row after the
+header (for a header-less file, the first line). For CSV files the file line is
+given as well.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedhealth.errors import ConfigError, DataError
+
+CSV_SUFFIXES = {".csv", ".data", ".txt"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+MISSING_POLICIES = ("drop", "error", "mean")
+
+# Only plain decimal numbers are normalised as numbers, so that category names
+# such as "nan", "inf" or "1_000" (which float() would accept) stay strings.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class TabularSchema:
+    """How to turn one table into features and labels, identical at every site.
+
+    Parameters
+    ----------
+    numeric : list of str
+        Numeric feature columns, in feature order.
+    categorical : dict of str to list of str
+        Column -> consortium-wide category list. Each column is one-hot encoded
+        in this order (after the numeric features, in dict order), so every site
+        encodes identically. Values are compared as strings after stripping;
+        numbers are normalised, so ``"1"``, ``"1.0"`` and ``1`` all match ``"1"``.
+    label : str
+        Label column.
+    label_map : dict of str to int, optional
+        Raw label -> class. Without it, labels must be integers (or numbers, when
+        ``binarize_label_above`` is set).
+    binarize_label_above : float, optional
+        If set, ``y = label > binarize_label_above`` (e.g. 0 for heart disease).
+    missing : {"drop", "error", "mean"}
+        What to do with missing values in a used column: drop the row, raise a
+        :class:`DataError`, or impute the column mean of this site (for a
+        categorical column, the site's category frequencies; rows with a missing
+        label are always dropped under ``"mean"``).
+    na_values : list of str
+        Tokens (after stripping) that mean missing.
+    columns : list of str, optional
+        Column names for a header-less CSV (e.g. the UCI files). The file must
+        have exactly this many fields per row.
+    drop : list of str
+        Columns to ignore. Columns the schema does not use are ignored anyway;
+        listing them here documents that and guards against using them by mistake.
+    drop_first : bool
+        Leave out the first category of every categorical column (reference
+        coding, like ``pandas.get_dummies(drop_first=True)``), as FLamby does.
+    """
+
+    numeric: list[str]
+    categorical: dict[str, list[str]]
+    label: str
+    label_map: dict[str, int] | None = None
+    binarize_label_above: float | None = None
+    missing: str = "drop"
+    na_values: list[str] = ("?", "")
+    columns: list[str] | None = None
+    drop: list[str] = ()
+    drop_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.missing not in MISSING_POLICIES:
+            raise ConfigError(
+                f"tabular schema: missing must be one of {', '.join(MISSING_POLICIES)}, "
+                f"not {self.missing!r}"
+            )
+        used = [*self.numeric, *self.categorical, self.label]
+        repeated = sorted({c for c in used if used.count(c) > 1})
+        if repeated:
+            raise ConfigError(
+                f"tabular schema: column(s) {', '.join(map(repr, repeated))} listed more "
+                "than once among numeric, categorical and label"
+            )
+        clash = sorted(set(used) & set(self.drop))
+        if clash:
+            raise ConfigError(
+                f"tabular schema: column(s) {', '.join(map(repr, clash))} are both used "
+                "and listed in drop"
+            )
+        for col, cats in self.categorical.items():
+            norm = [normalise_value(c) for c in cats]
+            if not norm or len(set(norm)) != len(norm):
+                raise ConfigError(
+                    f"tabular schema: categorical column {col!r} needs a non-empty list "
+                    f"of distinct categories, got {list(cats)!r}"
+                )
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            raise ConfigError("tabular schema: columns has duplicate names")
+
+
+@dataclass
+class TabularData:
+    """Features and labels read from one table.
+
+    Attributes
+    ----------
+    X : numpy.ndarray
+        float32, shape (n, d).
+    y : numpy.ndarray
+        int64, shape (n,).
+    feature_names : list of str
+        Numeric column names, then one-hot names such as ``cp=1``.
+    n_dropped : int
+        Rows dropped for missing values.
+    one_hot : numpy.ndarray, optional
+        Boolean mask (d,) of one-hot columns, e.g. to leave them unscaled.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    n_dropped: int
+    one_hot: np.ndarray | None = field(default=None)
+
+
+def normalise_value(value: Any) -> str:
+    """Canonical string of a cell, so ``"1"``, ``" 1.0 "`` and ``1`` compare equal.
+
+    Parameters
+    ----------
+    value : Any
+        A raw cell value (string, number, ...).
+
+    Returns
+    -------
+    str
+        Stripped string; numbers are written as ``"1"`` if integral, else ``repr(float)``.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return _format_number(float(value))
+    text = str(value).strip()
+    if _NUMBER.match(text):
+        return _format_number(float(text))
+    return text
+
+
+def _format_number(x: float) -> str:
+    if math.isfinite(x) and x == int(x):
+        return str(int(x))
+    return repr(x)
+
+
+class _Where:
+    """Formats "where" in messages: file, column, row (and CSV line)."""
+
+    def __init__(self, path: Path, header_lines: int | None):
+        self.path = path
+        self.header_lines = header_lines  # None for Parquet: no lines
+
+    def row(self, index: int) -> str:
+        row = index + 1
+        if self.header_lines is None:
+            return f"row {row}"
+        return f"row {row} (line {row + self.header_lines})"
+
+    def cell(self, column: str, index: int) -> str:
+        return f"{self.path}: column {column!r}, {self.row(index)}"
+
+
+def read_table(path: Path, schema: TabularSchema) -> TabularData:
+    """Read a CSV or Parquet table into features and integer labels.
+
+    Parameters
+    ----------
+    path : Path
+        ``.csv``, ``.data`` or ``.txt`` (CSV) or ``.parquet``/``.pq``.
+    schema : TabularSchema
+        Columns, encoding, label and missing-value policy.
+
+    Returns
+    -------
+    TabularData
+        ``X`` (float32, n x d), ``y`` (int64), feature names, rows dropped.
+
+    Raises
+    ------
+    DataError
+        If the file is missing or unreadable, a declared column is absent, a value
+        is not a number / not a declared category / not a valid label, a value is
+        missing under ``missing="error"``, or no rows are left.
+    """
+    path = Path(path)
+    frame, where = _load_frame(path, schema)
+    present = [str(c) for c in frame.columns]
+    needed = [*schema.numeric, *schema.categorical, schema.label]
+    absent = [c for c in needed if c not in present]
+    if absent:
+        raise DataError(
+            f"{path}: column(s) {', '.join(map(repr, absent))} declared in the schema "
+            f"are not in the file; its columns are: {', '.join(present)}. "
+            "Fix the column names in the schema or the file."
+        )
+    na = {str(t).strip() for t in schema.na_values}
+    cells = {c: _cells(frame[c], na) for c in needed}
+    n = len(frame)
+    if n == 0:
+        raise DataError(f"{path}: the table has no data rows")
+
+    missing = {c: np.array([v is None for v in cells[c]], dtype=bool) for c in needed}
+    if schema.missing == "error":
+        _raise_first_missing(missing, needed, frame.index.to_numpy(), where)
+
+    numeric = [_parse_numeric(cells[c], c, where) for c in schema.numeric]
+    codes = {
+        c: _parse_categories(cells[c], c, cats, where)
+        for c, cats in schema.categorical.items()
+    }
+    y_raw = _parse_label(cells[schema.label], schema, where)
+
+    if schema.missing == "drop":
+        keep = ~np.logical_or.reduce([missing[c] for c in needed])
+    else:  # "mean" (or "error", where nothing is missing by now)
+        keep = ~missing[schema.label]
+    n_dropped = int(n - keep.sum())
+    if not keep.any():
+        raise DataError(
+            f"{path}: no rows left after dropping {n_dropped} of {n} rows with missing "
+            f"values ({_worst_missing(missing, n)}). Remove that column from the schema "
+            "or set missing: mean."
+        )
+
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    one_hot: list[bool] = []
+    for col, values in zip(schema.numeric, numeric):
+        values = values[keep]
+        if schema.missing == "mean":
+            values = _impute_mean(values, col, path)
+        blocks.append(values[:, None])
+        names.append(col)
+        one_hot.append(False)
+    for col, cats in schema.categorical.items():
+        block = _one_hot(codes[col][keep], len(cats), schema.missing == "mean", col, path)
+        labels = [normalise_value(c) for c in cats]
+        if schema.drop_first:
+            block, labels = block[:, 1:], labels[1:]
+        blocks.append(block)
+        names.extend(f"{col}={c}" for c in labels)
+        one_hot.extend([True] * len(labels))
+
+    X = np.hstack(blocks) if blocks else np.zeros((int(keep.sum()), 0))
+    y = y_raw[keep]
+    if schema.binarize_label_above is not None:
+        y = (y > schema.binarize_label_above).astype(np.int64)
+    return TabularData(
+        X=X.astype(np.float32),
+        y=y.astype(np.int64),
+        feature_names=names,
+        n_dropped=n_dropped,
+        one_hot=np.array(one_hot, dtype=bool),
+    )
+
+
+def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where]:
+    if not path.is_file():
+        raise DataError(
+            f"data file not found: {path.resolve()}. Check the path in the site profile."
+        )
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many types for a bad file
+            raise DataError(f"{path}: cannot read as Parquet: {exc}") from exc
+        if schema.columns is not None:
+            raise DataError(
+                f"{path}: the schema gives columns for a header-less CSV, but this is a "
+                "Parquet file with its own column names; remove columns from the schema"
+            )
+        frame = frame.reset_index(drop=True)
+        frame.columns = [str(c).strip() for c in frame.columns]
+        return frame, _Where(path, None)
+    if suffix not in CSV_SUFFIXES:
+        raise DataError(
+            f"{path}: unknown table format {suffix!r}; use .csv, .data, .txt, "
+            ".parquet or .pq"
+        )
+    header = schema.columns is None
+    try:
+        # Everything as text: we parse numbers ourselves to report the bad cell.
+        frame = pd.read_csv(
+            path,
+            header=0 if header else None,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+        )
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: the file is empty; it has no header and no rows") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as CSV: {exc}") from exc
+    if not header:
+        if frame.shape[1] != len(schema.columns):
+            raise DataError(
+                f"{path}: rows have {frame.shape[1]} fields but the schema's columns "
+                f"names {len(schema.columns)}; make columns list one name per field"
+            )
+        frame.columns = list(schema.columns)
+    # Blank lines are kept by read_csv (so row numbers match file lines); drop them.
+    blank = frame.apply(lambda s: s.isna() | (s.astype(str).str.strip() == "")).all(axis=1)
+    if blank.any():
+        frame = frame[~blank.to_numpy()]
+    # The index keeps each row's original position, so messages give true rows.
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame, _Where(path, 1 if header else 0)
+
+
+def _cells(series: pd.Series, na: set[str]) -> list[tuple[int, Any] | None]:
+    """Cells as (row index, value), or None where missing."""
+    out: list[tuple[int, Any] | None] = []
+    for idx, value in zip(series.index, series.to_numpy(dtype=object)):
+        if isinstance(value, str):
+            out.append(None if value.strip() in na else (int(idx), value))
+        elif np.ndim(value) == 0 and pd.isna(value):
+            out.append(None)
+        else:
+            out.append((int(idx), value))
+    return out
+
+
+def _raise_first_missing(
+    missing: dict[str, np.ndarray], columns: list[str], rows: np.ndarray, where: _Where
+) -> None:
+    # Report the missing cell that comes first in the file.
+    first: tuple[int, str] | None = None
+    for col in columns:
+        hits = np.flatnonzero(missing[col])
+        if hits.size and (first is None or hits[0] < first[0]):
+            first = (int(hits[0]), col)
+    if first is not None:
+        raise DataError(
+            f"{where.cell(first[1], int(rows[first[0]]))}: value is missing. Fill it in, or set "
+            "missing: drop or missing: mean in the schema."
+        )
+
+
+def _parse_numeric(cells: list[tuple[int, Any] | None], col: str, where: _Where) -> np.ndarray:
+    out = np.full(len(cells), np.nan)
+    for pos, cell in enumerate(cells):
+        if cell is None:
+            continue
+        row, value = cell
+        number = _to_number(value)
+        if number is None:
+            raise DataError(
+                f"{where.cell(col, row)}: {str(value)!r} is not a number. Correct the "
+                "value, or add it to na_values if it means missing."
+            )
+        out[pos] = number
+    return out
+
+
+def _to_number(value: Any) -> float | None:
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        x = float(value)
+    else:
+        text = str(value).strip()
+        if not _NUMBER.match(text):
+            return None
+        x = float(text)
+    return x if math.isfinite(x) else None
+
+
+def _parse_categories(
+    cells: list[tuple[int, Any] | None], col: str, cats: list[str], where: _Where
+) -> np.ndarray:
+    lookup = {normalise_value(c): i for i, c in enumerate(cats)}
+    codes = np.full(len(cells), -1, dtype=np.int64)
+    for pos, cell in enumerate(cells):
+        if cell is None:
+            continue
+        row, value = cell
+        code = lookup.get(normalise_value(value))
+        if code is None:
+            raise DataError(
+                f"{where.cell(col, row)}: {str(value).strip()!r} is not one of the declared "
+                f"categories {list(lookup)}. Add it to the schema's category list "
+                "(at every site) or correct the value."
+            )
+        codes[pos] = code
+    return codes
+
+
+def _parse_label(
+    cells: list[tuple[int, Any] | None], schema: TabularSchema, where: _Where
+) -> np.ndarray:
+    col = schema.label
+    out = np.zeros(len(cells), dtype=np.float64)
+    lookup = (
+        {normalise_value(k): int(v) for k, v in schema.label_map.items()}
+        if schema.label_map is not None
+        else None
+    )
+    for pos, cell in enumerate(cells):
+        if cell is None:
+            continue
+        row, value = cell
+        if lookup is not None:
+            code = lookup.get(normalise_value(value))
+            if code is None:
+                raise DataError(
+                    f"{where.cell(col, row)}: label {str(value).strip()!r} is not in "
+                    f"label_map (known: {list(lookup)}). Add it to label_map or correct it."
+                )
+            out[pos] = code
+            continue
+        number = _to_number(value)
+        if number is None or (schema.binarize_label_above is None and number != int(number)):
+            raise DataError(
+                f"{where.cell(col, row)}: label {str(value).strip()!r} is not an integer. "
+                "Give a label_map for text labels, or binarize_label_above for numbers."
+            )
+        out[pos] = number
+    return out
+
+
+def _impute_mean(values: np.ndarray, col: str, path: Path) -> np.ndarray:
+    gaps = np.isnan(values)
+    if gaps.all():
+        raise DataError(
+            f"{path}: column {col!r} has no values at all, so missing: mean cannot "
+            "impute it; remove it from the schema"
+        )
+    if gaps.any():
+        values = values.copy()
+        values[gaps] = values[~gaps].mean()
+    return values
+
+
+def _one_hot(codes: np.ndarray, k: int, impute: bool, col: str, path: Path) -> np.ndarray:
+    block = np.zeros((codes.size, k))
+    known = codes >= 0
+    block[np.flatnonzero(known), codes[known]] = 1.0
+    if impute and not known.all():
+        if not known.any():
+            raise DataError(
+                f"{path}: column {col!r} has no values at all, so missing: mean cannot "
+                "impute it; remove it from the schema"
+            )
+        # Mean of a one-hot block = the site's category frequencies.
+        block[~known] = block[known].mean(axis=0)
+    return block
+
+
+def _worst_missing(missing: dict[str, np.ndarray], n: int) -> str:
+    col = max(missing, key=lambda c: int(missing[c].sum()))
+    return f"column {col!r} is missing in {int(missing[col].sum())} of {n} rows"

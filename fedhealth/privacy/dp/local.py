@@ -1,0 +1,461 @@
+"""Record-level DP-SGD at a site: Opacus's ``PrivacyEngine.make_private`` made safe.
+
+:func:`make_private` validates the model (naming any layer that breaks DP),
+picks the per-sample-gradient path, wraps model, optimiser and loader, and
+returns them with the criterion the training loop must use.
+
+Per-sample-gradient paths ("grad_sample_mode"), measured on Opacus 1.6.0 /
+torch 2.13 CPU (median step time, one thread; see the report in the tests):
+
+================================  =======  ============  =============================
+model                             hooks    ghost         ``auto`` picks
+================================  =======  ============  =============================
+Sequential(Linear) log. reg.      works    works (=)     ghost (all params in Linear)
+MLP with LayerNorm (512 wide)     678 ms   23 ms         ghost (Linear ≈ all params)
+small CNN with GroupNorm          252 ms   315 ms        hooks (conv params dominate)
+MONAI DenseNet121 (GroupNorm 8)   1.10 s   1.28 s        hooks (conv params dominate)
+================================  =======  ============  =============================
+
+Ghost clipping (Li et al. 2022; ``grad_sample_mode="ghost"``) computes per-sample
+gradient *norms* without materialising per-sample gradients, but Opacus 1.6
+has ghost norm samplers only for ``Linear`` and ``Embedding``; every other
+layer falls back to materialising its per-sample gradients, plus a second
+backward pass. So ghost wins when Linear/Embedding hold most parameters and
+loses on conv nets. ``auto`` picks ghost iff at least ``GHOST_MIN_FRACTION`` of
+the trainable parameters sit in ghost-capable layers and no parameter is
+shared, else hooks. ``"ew"`` (PyTorch expanded weights) and ``"functorch"``
+may be requested explicitly; ``ew`` fails on DenseNet121 (a PyTorch
+expanded-weights view error in conv) and is never picked automatically.
+
+In-place activations (``ReLU(inplace=True)``, as in MONAI's DenseNet121) break
+Opacus's backward hooks ("Output 0 of BackwardHookFunction is a view and is
+being modified inplace"); :func:`make_private` switches every module's
+``inplace`` flag off (same outputs, a little more memory) and says so in
+``PrivateTraining.notes``. In-place tensor ops written in a model's
+``forward`` (e.g. MONAI ResNet's ``out += residual``) cannot be fixed from
+outside: such a model needs ``grad_sample_mode="ew"``.
+
+The training loop contract (same for every path)::
+
+    pt = make_private(model, optimizer, loader, noise_multiplier=1.1, max_grad_norm=1.0)
+    for x, y in pt.data_loader:          # Poisson batches, possibly empty
+        pt.optimizer.zero_grad()
+        loss = pt.criterion(pt.model(x), y)
+        loss.backward()                  # ghost: two backward passes inside
+        pt.optimizer.step()
+
+With ghost clipping the loss **must** come from ``pt.criterion``: a plain
+loss would skip clipping. A guard refuses the optimiser step if that happens.
+Count every loader iteration (empty batches included) as a step for the
+accountant; ``steps_per_epoch`` gives the number Opacus's loader yields.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedhealth.errors import ConfigError, FedHealthError
+
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "ew", "functorch")
+
+#: ``auto`` uses ghost clipping when at least this fraction of the trainable
+#: parameters is in layers Opacus can ghost-clip (Linear, Embedding).
+GHOST_MIN_FRACTION = 0.5
+
+
+@dataclass
+class PrivateTraining:
+    """Everything a DP-SGD training loop needs, as returned by :func:`make_private`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        Opacus's wrapper around the model (train this one).
+    optimizer : torch.optim.Optimizer
+        The DP optimiser (clips and adds noise in ``step``).
+    data_loader : DataLoader
+        Poisson-sampling loader (variable, possibly empty batches).
+    criterion : callable
+        The loss to use -- always, and mandatory with ghost clipping.
+    grad_sample_mode : str
+        The per-sample-gradient path in use: "hooks", "ghost", "ew" or "functorch".
+    sample_rate : float
+        q of each step (what the accountant must be charged with).
+    steps_per_epoch : int
+        Batches one pass over ``data_loader`` yields.
+    noise_multiplier, max_grad_norm : float
+        σ and the per-sample clipping norm C.
+    notes : list of str
+        What was changed or decided on the way (in-place flags, fallbacks).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data_loader: DataLoader
+    criterion: Any
+    grad_sample_mode: str
+    sample_rate: float
+    steps_per_epoch: int
+    noise_multiplier: float
+    max_grad_norm: float
+    notes: list[str] = field(default_factory=list)
+
+    def release(self) -> nn.Module:
+        """Remove Opacus's hooks and return the plain model (e.g. to re-wrap next round).
+
+        Returns
+        -------
+        nn.Module
+        """
+        to_standard = getattr(self.model, "to_standard_module", None)
+        return to_standard() if to_standard is not None else self.model
+
+
+def steps_per_epoch(n_records: int, batch_size: int, drop_last: bool = False) -> int:
+    """Number of batches Opacus's Poisson loader yields per epoch.
+
+    Opacus sets ``q = 1 / len(loader)`` and runs ``int(1 / q)`` batches, which in
+    floating point is ``len(loader) - 1`` for some sizes (93 batches -> 92).
+    This reproduces it exactly.
+
+    Parameters
+    ----------
+    n_records : int
+        Size of the site's training split.
+    batch_size : int
+        Batch size of the original (non-private) loader.
+    drop_last : bool
+        ``drop_last`` of the original loader (it changes ``len(loader)``).
+
+    Returns
+    -------
+    int
+    """
+    return int(1 / sample_rate(n_records, batch_size, drop_last))
+
+
+def sample_rate(n_records: int, batch_size: int, drop_last: bool = False) -> float:
+    """Poisson sampling rate q Opacus uses: ``1 / len(original loader)``.
+
+    This is ``1 / ceil(n / batch_size)`` (``1 / floor(...)`` with
+    ``drop_last``), which is *at most* ``batch_size / n``.
+
+    Parameters
+    ----------
+    n_records : int
+        Size of the site's training split.
+    batch_size : int
+        Batch size of the original loader.
+    drop_last : bool
+        ``drop_last`` of the original loader.
+
+    Returns
+    -------
+    float
+    """
+    n, b = int(n_records), int(batch_size)
+    if n < 1 or b < 1:
+        raise ConfigError(f"need at least 1 record and batch size >= 1, got n={n}, batch={b}")
+    batches = n // b if drop_last else math.ceil(n / b)
+    if batches < 1:
+        raise ConfigError(
+            f"batch size {b} is larger than the {n} records with drop_last: no batch at all"
+        )
+    return 1 / batches
+
+
+def validate_model(model: nn.Module, site: str | None = None) -> None:
+    """Refuse a model DP-SGD cannot train privately, naming the offending layers.
+
+    Runs ``opacus.validators.ModuleValidator.validate(model, strict=True)``;
+    also refuses *any* BatchNorm (even frozen: in train mode it still
+    normalises with batch statistics, which couples the samples of a batch).
+
+    Parameters
+    ----------
+    model : nn.Module
+    site : str, optional
+        For the message.
+
+    Raises
+    ------
+    ConfigError
+    """
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+    from opacus.validators.errors import UnsupportedModuleError
+
+    where = f" at site {site!r}" if site else ""
+    problems: list[str] = []
+    try:
+        ModuleValidator.validate(model, strict=True)
+    except UnsupportedModuleError as exc:
+        for name, sub in trainable_modules(model):
+            validator = ModuleValidator.VALIDATORS.get(type(sub))
+            for err in validator(sub) if validator else []:
+                why = str(err).split(". ")[0].rstrip(".")
+                problems.append(f"layer {name or '<root>'!r} ({type(sub).__name__}): {why}")
+        if not problems:
+            problems = [str(e) for e in (exc.args[0] if exc.args else [exc])]
+    for name, sub in model.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not any(
+            f"layer {name!r}" in p for p in problems
+        ):
+            problems.append(
+                f"layer {name!r} ({type(sub).__name__}): BatchNorm mixes the samples of a batch"
+            )
+    if problems:
+        raise ConfigError(
+            f"the model cannot be trained with DP-SGD{where}: " + "; ".join(problems) + ". "
+            "Replace BatchNorm by GroupNorm (fedhealth.models.imaging.batchnorm_to_groupnorm or "
+            "opacus.validators.ModuleValidator.fix) and choose a DP-safe model from the zoo."
+        )
+
+
+def pick_grad_sample_mode(model: nn.Module) -> str:
+    """The per-sample-gradient path ``auto`` uses for ``model``: "ghost" or "hooks".
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    str
+    """
+    from opacus.grad_sample import GradSampleHooksFastGradientClipping
+
+    ghost_types = tuple(GradSampleHooksFastGradientClipping.NORM_SAMPLERS)
+    seen: set[int] = set()
+    total = in_ghost = 0
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if id(p) in seen:  # shared parameter / reused module: ghost refuses tying
+                return "hooks"
+            seen.add(id(p))
+            total += p.numel()
+            if isinstance(module, ghost_types) and type(module) in ghost_types:
+                in_ghost += p.numel()
+    if total and in_ghost / total >= GHOST_MIN_FRACTION and _ghost_api_available():
+        return "ghost"
+    return "hooks"
+
+
+def _ghost_api_available() -> bool:
+    """Whether the installed Opacus has the ghost-clipping API this module uses."""
+    try:
+        from opacus import PrivacyEngine
+        from opacus.grad_sample.utils import get_gsm_class
+
+        get_gsm_class("ghost")
+        return "criterion" in inspect.signature(PrivacyEngine.make_private).parameters
+    except Exception:  # noqa: BLE001 - any mismatch means "not available"
+        return False
+
+
+def _disable_inplace(model: nn.Module) -> list[str]:
+    changed = []
+    for name, module in model.named_modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+            changed.append(name)
+    return changed
+
+
+def _rollback_hooks(model: nn.Module) -> None:
+    """Undo what a failed ``make_private`` attached to ``model``."""
+    handles = getattr(model, "autograd_grad_sample_hooks", None)
+    if handles is not None:
+        while handles:
+            handles.pop().remove()
+        del model.autograd_grad_sample_hooks
+    for module in model.modules():
+        if hasattr(module, "ft_compute_sample_grad"):
+            del module.ft_compute_sample_grad
+
+
+def _guard_ghost_step(gsm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimiser steps whose gradients were not clipped by the ghost criterion."""
+    inner_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if getattr(gsm, "_per_sample_gradient_norms", None) is None:
+            raise FedHealthError(
+                "DP-SGD with ghost clipping: the loss was not computed with "
+                "PrivateTraining.criterion, so per-sample gradients were not clipped and this "
+                "step would not be differentially private. Compute the loss as "
+                "`pt.criterion(pt.model(x), y)` (or pass grad_sample_mode='hooks')."
+            )
+        try:
+            return inner_step(*args, **kwargs)
+        finally:
+            gsm._per_sample_gradient_norms = None
+
+    optimizer.step = step  # type: ignore[method-assign]
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+    grad_sample_mode: str = "auto",
+    criterion: Any = None,
+    noise_generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    site: str | None = None,
+) -> PrivateTraining:
+    """Wrap model, optimiser and loader for record-level DP-SGD (Opacus).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (switched to train mode; in-place activation flags are turned off).
+    optimizer : torch.optim.Optimizer
+        An optimiser over ``model``'s parameters.
+    data_loader : DataLoader
+        The site's training loader; its ``batch_size`` sets q = 1 / len(loader).
+    noise_multiplier : float
+        σ: noise std / clipping norm.
+    max_grad_norm : float
+        C: per-sample gradient clipping norm.
+    poisson_sampling : bool
+        Replace the loader by Opacus's Poisson loader (required for the
+        accountant's guarantee; False is only an approximation).
+    grad_sample_mode : {"auto", "hooks", "ghost", "ew", "functorch"}
+        Per-sample-gradient path; see the module docstring for what ``auto`` picks.
+    criterion : callable, optional
+        Loss module (default ``nn.CrossEntropyLoss()``); its ``reduction``
+        ("mean" or "sum") is used for the whole pipeline.
+    noise_generator : torch.Generator, optional
+        Seeded noise for reproducible tests only -- a known seed voids the privacy.
+    secure_mode : bool
+        Opacus's cryptographically secure noise (needs ``torchcsprng``).
+    site : str, optional
+        Site name for error messages.
+
+    Returns
+    -------
+    PrivateTraining
+
+    Raises
+    ------
+    ConfigError
+        Invalid parameters, a model DP-SGD cannot train (naming the layer), or
+        a per-sample-gradient path that does not work for the model.
+    """
+    from opacus import PrivacyEngine
+
+    where = f" at site {site!r}" if site else ""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"unknown grad_sample_mode {grad_sample_mode!r}{where}; choose one of "
+            f"{', '.join(GRAD_SAMPLE_MODES)}"
+        )
+    sigma, clip = float(noise_multiplier), float(max_grad_norm)
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ConfigError(f"noise multiplier must be >= 0{where}, got {noise_multiplier!r}")
+    if not math.isfinite(clip) or clip <= 0:
+        raise ConfigError(f"max_grad_norm must be > 0{where}, got {max_grad_norm!r}")
+    if criterion is None:
+        criterion = nn.CrossEntropyLoss()
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(
+            f"the loss must reduce with 'mean' or 'sum' for DP-SGD{where}, got {reduction!r}"
+        )
+
+    notes: list[str] = []
+    model.train()
+    changed = _disable_inplace(model)
+    if changed:
+        notes.append(
+            f"switched off in-place operation of {len(changed)} module(s) (e.g. {changed[0]!r}): "
+            "Opacus's backward hooks cannot see through in-place ops"
+        )
+    validate_model(model, site)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"the model has no trainable parameters{where}")
+
+    mode = grad_sample_mode
+    if mode == "auto":
+        mode = pick_grad_sample_mode(model)
+        notes.append(f"grad_sample_mode auto -> {mode}")
+    elif mode == "ghost" and not _ghost_api_available():
+        raise ConfigError(
+            f"grad_sample_mode 'ghost'{where} is not available in the installed Opacus; "
+            "use 'hooks' or 'auto'"
+        )
+    if not poisson_sampling:
+        notes.append("poisson_sampling=False: the accountant's guarantee is only approximate")
+
+    def wrap(m: str) -> tuple:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        kwargs: dict[str, Any] = {}
+        if m == "ghost":
+            kwargs["criterion"] = criterion
+        return engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            loss_reduction=reduction,
+            poisson_sampling=poisson_sampling,
+            grad_sample_mode=m,
+            noise_generator=noise_generator,
+            **kwargs,
+        )
+
+    try:
+        out = wrap(mode)
+    except ImportError as exc:
+        raise ConfigError(f"secure_mode needs torchcsprng{where}: {exc}") from exc
+    except Exception as exc:
+        _rollback_hooks(model)
+        if grad_sample_mode == "auto" and mode == "ghost":
+            notes.append(f"ghost clipping failed ({type(exc).__name__}: {exc}); fell back to hooks")
+            mode = "hooks"
+            out = wrap(mode)
+        else:
+            raise ConfigError(
+                f"Opacus could not wrap the model with grad_sample_mode {mode!r}{where}: "
+                f"{type(exc).__name__}: {exc}. Try grad_sample_mode='auto' or 'hooks'."
+            ) from exc
+
+    if mode == "ghost":
+        if len(out) != 4:  # pragma: no cover - guards against an Opacus API change
+            raise ConfigError(f"Opacus returned {len(out)} objects for ghost clipping, expected 4")
+        wrapped, dp_optimizer, dp_criterion, loader = out
+        _guard_ghost_step(wrapped, dp_optimizer)
+    else:
+        wrapped, dp_optimizer, loader = out
+        dp_criterion = criterion
+    q = float(getattr(loader, "sample_rate", 1 / len(data_loader)))
+    return PrivateTraining(
+        model=wrapped,
+        optimizer=dp_optimizer,
+        data_loader=loader,
+        criterion=dp_criterion,
+        grad_sample_mode=mode,
+        sample_rate=q,
+        steps_per_epoch=len(loader),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        notes=notes,
+    )
