@@ -101,8 +101,14 @@ def read_dicom_folder(
         file without a label, a bad label, or a bad file (unless skipped).
     """
     return _read_folder(
-        folder, labels_csv, image_size, skip_bad_files, file_column, label_column,
-        lambda path: _load_dicom(path, window), "DICOM",
+        folder,
+        labels_csv,
+        image_size,
+        skip_bad_files,
+        file_column,
+        label_column,
+        lambda path: _load_dicom(path, window),
+        "DICOM",
     )
 
 
@@ -120,8 +126,14 @@ def read_image_folder(
     ``window``); values are divided by 255 (16-bit: 65535).
     """
     return _read_folder(
-        folder, labels_csv, image_size, skip_bad_files, file_column, label_column,
-        _load_picture, "image",
+        folder,
+        labels_csv,
+        image_size,
+        skip_bad_files,
+        file_column,
+        label_column,
+        _load_picture,
+        "image",
     )
 
 
@@ -143,6 +155,7 @@ def read_npz(path: Path, split: str, image_size: int) -> ImageData:
         ``files`` are ``"<name>:<split>[i]"``.
     """
     path = Path(path)
+    _check_size(image_size)
     if split not in (*NPZ_SPLITS, "all"):
         raise DataError(f"{path}: split must be train, val, test or all, not {split!r}")
     if not path.is_file():
@@ -193,6 +206,7 @@ def _read_folder(
     kind: str,
 ) -> ImageData:
     folder, labels_csv = Path(folder), Path(labels_csv)
+    _check_size(image_size)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder.resolve()}")
     labels = _read_labels(labels_csv, file_column, label_column)
@@ -200,13 +214,14 @@ def _read_folder(
     if not files:
         raise DataError(f"{folder}: the folder has no {kind} files")
 
-    unlabelled = sorted(set(files) - set(labels))
+    unlabelled = sorted(set(files) - labels.keys())
     if unlabelled:
         raise DataError(
             f"{folder}: {len(unlabelled)} file(s) have no row in {labels_csv}: "
             f"{_some(unlabelled)}. Add them to the labels CSV or move them out of the folder."
         )
-    absent = [f for f in labels if f not in files]
+    on_disk = set(files)
+    absent = [f for f in labels if f not in on_disk]
     if absent:
         raise DataError(
             f"{labels_csv}: {len(absent)} listed file(s) not found in {folder}: "
@@ -234,6 +249,11 @@ def _read_folder(
     return ImageData(X=X, y=np.array(ys, dtype=np.int64), files=names, skipped=skipped)
 
 
+def _check_size(image_size: int) -> None:
+    if int(image_size) < 1:
+        raise DataError(f"image_size must be a positive number of pixels, not {image_size}")
+
+
 def _read_labels(path: Path, file_column: str, label_column: str) -> dict[str, int]:
     if not path.is_file():
         raise DataError(f"labels CSV not found: {path.resolve()}")
@@ -245,11 +265,11 @@ def _read_labels(path: Path, file_column: str, label_column: str) -> dict[str, i
     for col in (file_column, label_column):
         if col not in frame.columns:
             raise DataError(
-                f"{path}: column {col!r} not found; columns present: "
-                f"{', '.join(frame.columns)}"
+                f"{path}: column {col!r} not found; columns present: {', '.join(frame.columns)}"
             )
     labels: dict[str, int] = {}
-    for i, (name, value) in enumerate(zip(frame[file_column], frame[label_column]), start=1):
+    pairs = zip(frame[file_column], frame[label_column], strict=True)
+    for i, (name, value) in enumerate(pairs, start=1):
         name = _normalise_name(name)
         if not name:
             raise DataError(f"{path}: column {file_column!r}, row {i}: the file name is empty")
@@ -308,7 +328,7 @@ def _load_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     except InvalidDicomError:
         raise _BadFile("not a DICOM file (no 'DICM' file header)") from None
     except Exception as exc:  # EOFError, struct errors, ... on damaged files
-        raise _BadFile(f"damaged or truncated file ({type(exc).__name__}: {exc})") from None
+        raise _BadFile(f"damaged or truncated file ({type(exc).__name__}: {exc})") from exc
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _BadFile("no pixel data (not an image, or the file is truncated)")
     try:
@@ -316,7 +336,7 @@ def _load_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
             warnings.simplefilter("ignore")
             pixels = ds.pixel_array
     except Exception as exc:  # truncated pixel data, unsupported compression, ...
-        raise _BadFile(f"cannot decode pixel data ({exc})") from None
+        raise _BadFile(f"cannot decode pixel data ({exc})") from exc
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise _BadFile("multi-frame images are not supported")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()

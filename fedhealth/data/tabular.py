@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from fedhealth.errors import ConfigError, DataError
 
@@ -173,15 +175,17 @@ class _Where:
     def __init__(self, path: Path, header_lines: int | None):
         self.path = path
         self.header_lines = header_lines  # None for Parquet: no lines
+        # Original 0-based row of each position (blank CSV lines are removed).
+        self.rows: np.ndarray | None = None
 
-    def row(self, index: int) -> str:
-        row = index + 1
+    def row(self, pos: int) -> str:
+        row = (int(self.rows[pos]) if self.rows is not None else pos) + 1
         if self.header_lines is None:
             return f"row {row}"
         return f"row {row} (line {row + self.header_lines})"
 
-    def cell(self, column: str, index: int) -> str:
-        return f"{self.path}: column {column!r}, {self.row(index)}"
+    def cell(self, column: str, pos: int) -> str:
+        return f"{self.path}: column {column!r}, {self.row(pos)}"
 
 
 def read_table(path: Path, schema: TabularSchema) -> TabularData:
@@ -217,22 +221,21 @@ def read_table(path: Path, schema: TabularSchema) -> TabularData:
             f"are not in the file; its columns are: {', '.join(present)}. "
             "Fix the column names in the schema or the file."
         )
-    na = {str(t).strip() for t in schema.na_values}
-    cells = {c: _cells(frame[c], na) for c in needed}
     n = len(frame)
     if n == 0:
         raise DataError(f"{path}: the table has no data rows")
-
-    missing = {c: np.array([v is None for v in cells[c]], dtype=bool) for c in needed}
+    na = {str(t).strip() for t in schema.na_values}
+    where.rows = frame.index.to_numpy()
+    missing = {c: _missing(frame[c], na) for c in needed}
     if schema.missing == "error":
-        _raise_first_missing(missing, needed, frame.index.to_numpy(), where)
+        _raise_first_missing(missing, needed, where)
 
-    numeric = [_parse_numeric(cells[c], c, where) for c in schema.numeric]
+    numeric = [_parse_numeric(frame[c], missing[c], c, where) for c in schema.numeric]
     codes = {
-        c: _parse_categories(cells[c], c, cats, where)
+        c: _parse_categories(frame[c], missing[c], c, cats, where)
         for c, cats in schema.categorical.items()
     }
-    y_raw = _parse_label(cells[schema.label], schema, where)
+    y_raw = _parse_label(frame[schema.label], missing[schema.label], schema, where)
 
     if schema.missing == "drop":
         keep = ~np.logical_or.reduce([missing[c] for c in needed])
@@ -249,7 +252,7 @@ def read_table(path: Path, schema: TabularSchema) -> TabularData:
     blocks: list[np.ndarray] = []
     names: list[str] = []
     one_hot: list[bool] = []
-    for col, values in zip(schema.numeric, numeric):
+    for col, values in zip(schema.numeric, numeric, strict=True):
         values = values[keep]
         if schema.missing == "mean":
             values = _impute_mean(values, col, path)
@@ -299,8 +302,7 @@ def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where
         return frame, _Where(path, None)
     if suffix not in CSV_SUFFIXES:
         raise DataError(
-            f"{path}: unknown table format {suffix!r}; use .csv, .data, .txt, "
-            ".parquet or .pq"
+            f"{path}: unknown table format {suffix!r}; use .csv, .data, .txt, .parquet or .pq"
         )
     header = schema.columns is None
     try:
@@ -333,22 +335,17 @@ def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where
     return frame, _Where(path, 1 if header else 0)
 
 
-def _cells(series: pd.Series, na: set[str]) -> list[tuple[int, Any] | None]:
-    """Cells as (row index, value), or None where missing."""
-    out: list[tuple[int, Any] | None] = []
-    for idx, value in zip(series.index, series.to_numpy(dtype=object)):
-        if isinstance(value, str):
-            out.append(None if value.strip() in na else (int(idx), value))
-        elif np.ndim(value) == 0 and pd.isna(value):
-            out.append(None)
-        else:
-            out.append((int(idx), value))
-    return out
+def _missing(series: pd.Series, na: set[str]) -> np.ndarray:
+    """True where a cell is null or, after stripping, one of the na tokens."""
+    missing = series.isna().to_numpy(dtype=bool, copy=True)
+    if not (is_numeric_dtype(series) or is_bool_dtype(series)):
+        present = ~missing
+        text = series[present].astype(str).str.strip()
+        missing[present] = text.isin(na).to_numpy(dtype=bool)
+    return missing
 
 
-def _raise_first_missing(
-    missing: dict[str, np.ndarray], columns: list[str], rows: np.ndarray, where: _Where
-) -> None:
+def _raise_first_missing(missing: dict[str, np.ndarray], columns: list[str], where: _Where) -> None:
     # Report the missing cell that comes first in the file.
     first: tuple[int, str] | None = None
     for col in columns:
@@ -357,25 +354,26 @@ def _raise_first_missing(
             first = (int(hits[0]), col)
     if first is not None:
         raise DataError(
-            f"{where.cell(first[1], int(rows[first[0]]))}: value is missing. Fill it in, or set "
+            f"{where.cell(first[1], first[0])}: value is missing. Fill it in, or set "
             "missing: drop or missing: mean in the schema."
         )
 
 
-def _parse_numeric(cells: list[tuple[int, Any] | None], col: str, where: _Where) -> np.ndarray:
-    out = np.full(len(cells), np.nan)
-    for pos, cell in enumerate(cells):
-        if cell is None:
-            continue
-        row, value = cell
-        number = _to_number(value)
-        if number is None:
-            raise DataError(
-                f"{where.cell(col, row)}: {str(value)!r} is not a number. Correct the "
-                "value, or add it to na_values if it means missing."
-            )
-        out[pos] = number
-    return out
+def _parse_numeric(series: pd.Series, missing: np.ndarray, col: str, where: _Where) -> np.ndarray:
+    """Floats, NaN where missing; DataError at the first cell that is not a number."""
+    if is_numeric_dtype(series):  # includes booleans, read as 0/1
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        text = series.astype(str).str.strip().where(~missing)
+        parsed = pd.to_numeric(text, errors="coerce")
+        values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~missing & ~np.isfinite(values))
+    if bad.size:
+        raise DataError(
+            f"{where.cell(col, int(bad[0]))}: {str(series.iloc[bad[0]]).strip()!r} is not a "
+            "number. Correct the value, or add it to na_values if it means missing."
+        )
+    return np.where(missing, np.nan, values)
 
 
 def _to_number(value: Any) -> float | None:
@@ -391,57 +389,69 @@ def _to_number(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _map_distinct(
+    series: pd.Series, missing: np.ndarray, convert: Callable[[Any], Any], fill: Any
+) -> tuple[np.ndarray, Any | None]:
+    """Apply ``convert`` once per distinct value (fast on long columns).
+
+    Returns the converted column (``fill`` where missing) and the position of
+    the first cell ``convert`` rejected (returned None for), if any.
+    """
+    values = series.to_numpy(dtype=object)
+    present = ~missing
+    table = {v: convert(v) for v in pd.unique(values[present])}
+    rejected = {v for v, out in table.items() if out is None}
+    if rejected:
+        first = next(i for i in np.flatnonzero(present) if values[i] in rejected)
+        return values, int(first)
+    out = np.full(values.size, fill, dtype=object)
+    out[present] = [table[v] for v in values[present]]
+    return out, None
+
+
 def _parse_categories(
-    cells: list[tuple[int, Any] | None], col: str, cats: list[str], where: _Where
+    series: pd.Series, missing: np.ndarray, col: str, cats: list[str], where: _Where
 ) -> np.ndarray:
+    """Index of each cell's category in ``cats``, -1 where missing."""
     lookup = {normalise_value(c): i for i, c in enumerate(cats)}
-    codes = np.full(len(cells), -1, dtype=np.int64)
-    for pos, cell in enumerate(cells):
-        if cell is None:
-            continue
-        row, value = cell
-        code = lookup.get(normalise_value(value))
-        if code is None:
-            raise DataError(
-                f"{where.cell(col, row)}: {str(value).strip()!r} is not one of the declared "
-                f"categories {list(lookup)}. Add it to the schema's category list "
-                "(at every site) or correct the value."
-            )
-        codes[pos] = code
-    return codes
+    codes, bad = _map_distinct(series, missing, lambda v: lookup.get(normalise_value(v)), -1)
+    if bad is not None:
+        raise DataError(
+            f"{where.cell(col, bad)}: {str(series.iloc[bad]).strip()!r} is not one of the "
+            f"declared categories {list(lookup)}. Add it to the schema's category list "
+            "(at every site) or correct the value."
+        )
+    return codes.astype(np.int64)
 
 
 def _parse_label(
-    cells: list[tuple[int, Any] | None], schema: TabularSchema, where: _Where
+    series: pd.Series, missing: np.ndarray, schema: TabularSchema, where: _Where
 ) -> np.ndarray:
+    """Numeric label of each cell (via label_map if given), 0 where missing."""
     col = schema.label
-    out = np.zeros(len(cells), dtype=np.float64)
-    lookup = (
-        {normalise_value(k): int(v) for k, v in schema.label_map.items()}
-        if schema.label_map is not None
-        else None
-    )
-    for pos, cell in enumerate(cells):
-        if cell is None:
-            continue
-        row, value = cell
-        if lookup is not None:
-            code = lookup.get(normalise_value(value))
-            if code is None:
-                raise DataError(
-                    f"{where.cell(col, row)}: label {str(value).strip()!r} is not in "
-                    f"label_map (known: {list(lookup)}). Add it to label_map or correct it."
-                )
-            out[pos] = code
-            continue
-        number = _to_number(value)
-        if number is None or (schema.binarize_label_above is None and number != int(number)):
+    if schema.label_map is not None:
+        lookup = {normalise_value(k): int(v) for k, v in schema.label_map.items()}
+        y, bad = _map_distinct(series, missing, lambda v: lookup.get(normalise_value(v)), 0)
+        if bad is not None:
             raise DataError(
-                f"{where.cell(col, row)}: label {str(value).strip()!r} is not an integer. "
-                "Give a label_map for text labels, or binarize_label_above for numbers."
+                f"{where.cell(col, bad)}: label {str(series.iloc[bad]).strip()!r} is not in "
+                f"label_map (known: {list(lookup)}). Add it to label_map or correct it."
             )
-        out[pos] = number
-    return out
+        return y.astype(np.float64)
+
+    def number(value: Any) -> float | None:
+        x = _to_number(value)
+        if x is None or (schema.binarize_label_above is None and x != int(x)):
+            return None
+        return x
+
+    y, bad = _map_distinct(series, missing, number, 0.0)
+    if bad is not None:
+        raise DataError(
+            f"{where.cell(col, bad)}: label {str(series.iloc[bad]).strip()!r} is not an "
+            "integer. Give a label_map for text labels, or binarize_label_above for numbers."
+        )
+    return y.astype(np.float64)
 
 
 def _impute_mean(values: np.ndarray, col: str, path: Path) -> np.ndarray:

@@ -16,6 +16,7 @@ from fedhealth.config.experiment import ExperimentConfig
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"
+SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # must match fedhealth.site.client_app
 
 
 def _quiet(verbose: bool) -> None:
@@ -90,6 +91,9 @@ def run_simulation(
             "configure_logging": True,
         },
     }
+    # Flower fuses run-config overrides only with a FAB's declared keys, so the roster
+    # reaches the simulated sites through the environment, which Ray's workers inherit.
+    os.environ[SIM_ROSTER_ENV] = run_config["site-profiles"]
     _run_simulation(
         num_supernodes=len(cfg.experiment.sites),
         exit_event=_exit_event(),
@@ -103,6 +107,6 @@ def run_simulation(
 
 
 def _exit_event():
-    from flwr.common.telemetry import EventType
+    from flwr.supercore.telemetry import EventType
 
     return EventType.PYTHON_API_RUN_SIMULATION_LEAVE

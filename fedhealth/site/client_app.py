@@ -12,18 +12,29 @@ carries on with the other sites; the site process never crashes on bad input.
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedhealth.config.site import SiteProfile, load_site
-from fedhealth.errors import FedHealthError, PolicyError
+from fedhealth.errors import ConfigError, FedHealthError, PolicyError
 from fedhealth.site.runtime import RoundRequest, SiteRuntime
 
 app = ClientApp()
 
+SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
 REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
 
 
@@ -37,7 +48,12 @@ def site_profile(context: Context) -> tuple[SiteProfile, int]:
     path = context.node_config.get("profile")
     if path:
         return _profile(str(path)), int(context.node_config.get("site-index", 0))
-    profiles = json.loads(str(context.run_config["site-profiles"]))
+    roster = context.run_config.get("site-profiles") or os.environ.get(SIM_ROSTER_ENV)
+    if not roster:
+        raise ConfigError(
+            "this node has no site profile: start it with --node-config 'profile=\"PATH\"'"
+        )
+    profiles = json.loads(str(roster))
     idx = int(context.node_config["partition-id"])
     return _profile(profiles[idx]), idx
 
@@ -46,6 +62,10 @@ def _refuse(msg: Message, site: str, exc: Exception) -> Message:
     rule = getattr(exc, "rule", type(exc).__name__)
     reason = json.dumps({"site": site, "rule": rule, "message": str(exc)})
     return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
+
+
+def _arrays(msg: Message) -> dict:
+    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
 
 
 def _site_record(profile: SiteProfile) -> ConfigRecord:
@@ -59,12 +79,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
         runtime = SiteRuntime(profile, request)
-        arrays, metrics = runtime.train(msg.content["arrays"].to_numpy_ndarrays(), idx)
+        arrays, metrics = runtime.train(_arrays(msg), idx)
     except (FedHealthError, PolicyError) as exc:
         return _refuse(msg, profile.name, exc)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(arrays),
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
             "metrics": MetricRecord(metrics),
             "site": _site_record(profile),
         }
@@ -78,7 +98,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     profile, _ = site_profile(context)
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
-        metrics = SiteRuntime(profile, request).evaluate(msg.content["arrays"].to_numpy_ndarrays())
+        metrics = SiteRuntime(profile, request).evaluate(_arrays(msg))
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})

@@ -72,24 +72,29 @@ class SiteRuntime:
     def _x(self, x: np.ndarray) -> np.ndarray:
         return self.norm.transform(x).astype(np.float32) if self.norm else x
 
-    def build_model(self, arrays: list[np.ndarray]) -> torch.nn.Module:
-        """The experiment's model, loaded with the global weights ``arrays``."""
+    def build_model(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The experiment's model, loaded with the global weights ``arrays`` (by name)."""
         spec = self.request.spec
         model = build_model(
             spec["model"], self.data.input_dim, int(self.task["num_classes"]), spec["seed"]
         )
-        keys = list(model.state_dict().keys())
-        if len(keys) != len(arrays):
+        expected = model.state_dict()
+        if set(expected) != set(arrays) or any(
+            tuple(expected[k].shape) != tuple(arrays[k].shape) for k in expected
+        ):
             raise FedHealthError(
-                f"site {self.profile.name!r}, round {self.request.round}: the global model has "
-                f"{len(arrays)} tensors but model {spec['model']['name']!r} expects {len(keys)}"
+                f"site {self.profile.name!r}, round {self.request.round}: the global model's "
+                f"tensors do not fit model {spec['model']['name']!r} with input width "
+                f"{self.data.input_dim} here; check the experiment's schema against this site"
             )
-        model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, arrays, strict=True)})
+        model.load_state_dict({k: torch.as_tensor(np.asarray(a)) for k, a in arrays.items()})
         return model
 
     # -- the round ----------------------------------------------------------------------------
 
-    def train(self, arrays: list[np.ndarray], site_index: int) -> tuple[list[np.ndarray], dict]:
+    def train(
+        self, arrays: dict[str, np.ndarray], site_index: int
+    ) -> tuple[dict[str, np.ndarray], dict]:
         """Train locally from the global weights; return new weights and metrics."""
         model = self.build_model(arrays)
         seed = int(self.request.spec["seed"]) * 100_003 + self.request.round * 1_009 + site_index
@@ -101,7 +106,7 @@ class SiteRuntime:
             seed=seed,
             proximal_mu=self.request.proximal_mu,
         )
-        new = [v.detach().cpu().numpy() for v in model.state_dict().values()]
+        new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         metrics = {
             "num-examples": self.data.n_train,
             # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg.
@@ -111,7 +116,7 @@ class SiteRuntime:
         }
         return new, metrics
 
-    def evaluate(self, arrays: list[np.ndarray]) -> dict:
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """Evaluate the global weights on the site's test split."""
         model = self.build_model(arrays)
         return evaluate(model, self._x(self.data.x_test), self.data.y_test)

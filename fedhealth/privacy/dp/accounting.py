@@ -22,6 +22,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedhealth.errors import ConfigError
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -52,7 +54,9 @@ def _check_delta(delta: float) -> float:
 def _check_step(noise_multiplier: float, sample_rate: float, steps: int) -> Step:
     sigma, q = float(noise_multiplier), float(sample_rate)
     if not math.isfinite(sigma) or sigma < 0:
-        raise ConfigError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        raise ConfigError(
+            f"noise multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+        )
     if not 0.0 < q <= 1.0:
         raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate!r}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
@@ -95,9 +99,9 @@ def epsilon_for_history(
         return math.inf
     acc = _opacus_accountant(accountant)
     acc.history = list(phases)
-    with warnings.catch_warnings():
-        # RDP warns when the optimum sits at the edge of its order grid; the bound
-        # it returns is still valid (only possibly loose).
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        # RDP warns when the optimum sits at the edge of its order grid (the bound is
+        # still valid, only possibly loose); PRV takes log(0) harmlessly when q = 1.
         warnings.filterwarnings("ignore", message="Optimal order is the")
         return float(acc.get_epsilon(delta=delta))
 

@@ -24,6 +24,7 @@ a valid upper bound whatever the experiments did.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -119,8 +120,9 @@ class LedgerEntry:
 
 
 def _canonical(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return json.dumps(
+        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def entry_hash(prev_hash: str, payload: dict[str, Any]) -> str:
@@ -185,7 +187,11 @@ class PrivacyLedger:
                 f"privacy ledger {self.path} cannot be opened as a ledger ({exc}). Restore it "
                 "from a backup; do not delete it -- it is the site's record of privacy spent."
             ) from exc
-        self.verify()
+        try:
+            self.verify()
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -302,8 +308,17 @@ class PrivacyLedger:
             accountant state was lost: restore it instead of starting afresh).
         """
         payload = self._validated(
-            dataset, experiment, round, epsilon_increment, epsilon_experiment_total, delta,
-            noise_multiplier, sample_rate, steps, accountant, kind,
+            dataset,
+            experiment,
+            round,
+            epsilon_increment,
+            epsilon_experiment_total,
+            delta,
+            noise_multiplier,
+            sample_rate,
+            steps,
+            accountant,
+            kind,
         )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -331,28 +346,39 @@ class PrivacyLedger:
                 digest = entry_hash(prev_hash, payload)
                 entry = LedgerEntry(**payload, prev_hash=prev_hash, hash=digest)
                 cols = (*_FIELDS, "prev_hash", "hash")
+                marks = ", ".join("?" * len(cols))
                 self._db.execute(
-                    f"INSERT INTO entries ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    f"INSERT INTO entries ({', '.join(cols)}) VALUES ({marks})",
                     tuple(getattr(entry, c) for c in cols),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                try:
+                # a failed COMMIT may already have rolled back
+                with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                except sqlite3.Error:  # the failed COMMIT may already have rolled back
-                    pass
                 raise
         return entry
 
     @staticmethod
     def _validated(
-        dataset: str, experiment: str, round: int, epsilon_increment: float,
-        epsilon_experiment_total: float, delta: float, noise_multiplier: float,
-        sample_rate: float, steps: int, accountant: str, kind: str,
+        dataset: str,
+        experiment: str,
+        round: int,
+        epsilon_increment: float,
+        epsilon_experiment_total: float,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
+        kind: str,
     ) -> dict[str, Any]:
         where = f"charge of round {round!r} of experiment {experiment!r} on dataset {dataset!r}"
-        for name, v in (("dataset", dataset), ("experiment", experiment),
-                        ("accountant", accountant)):
+        for name, v in (
+            ("dataset", dataset),
+            ("experiment", experiment),
+            ("accountant", accountant),
+        ):
             if not isinstance(v, str) or not v:
                 raise LedgerError(f"{where}: {name} must be a non-empty string, got {v!r}")
         if kind not in KINDS:
@@ -373,14 +399,23 @@ class PrivacyLedger:
             if not math.isfinite(f) or f < 0:
                 raise LedgerError(
                     f"{where}: {name} must be a finite number >= 0, got {v!r}"
-                    + (" (a round without DP has unbounded ε and cannot be charged)"
-                       if name.startswith("epsilon") else "")
+                    + (
+                        " (a round without DP has unbounded ε and cannot be charged)"
+                        if name.startswith("epsilon")
+                        else ""
+                    )
                 )
             out[name] = f
         if not 0 < out["delta"] < 1:
             raise LedgerError(f"{where}: delta must be in (0, 1), got {delta!r}")
-        out.update(dataset=dataset, experiment=experiment, round=int(round), kind=kind,
-                   steps=int(steps), accountant=accountant)
+        out.update(
+            dataset=dataset,
+            experiment=experiment,
+            round=int(round),
+            kind=kind,
+            steps=int(steps),
+            accountant=accountant,
+        )
         return out
 
     # -- reading -------------------------------------------------------------------------
@@ -490,19 +525,21 @@ class PrivacyLedger:
                     "SELECT epsilon_experiment_total, delta, accountant FROM entries WHERE id=?",
                     (mid,),
                 ).fetchone()
-                out.append({
-                    "dataset": ds,
-                    "experiment": exp,
-                    "kind": kind,
-                    "epsilon_total": float(eps),
-                    "delta": float(delta),
-                    "accountant": acc,
-                    "rounds": int(rounds),
-                    "charges": int(charges),
-                    "last_round": int(last_round),
-                    "first_timestamp": first_ts,
-                    "last_timestamp": last_ts,
-                })
+                out.append(
+                    {
+                        "dataset": ds,
+                        "experiment": exp,
+                        "kind": kind,
+                        "epsilon_total": float(eps),
+                        "delta": float(delta),
+                        "accountant": acc,
+                        "rounds": int(rounds),
+                        "charges": int(charges),
+                        "last_round": int(last_round),
+                        "first_timestamp": first_ts,
+                        "last_timestamp": last_ts,
+                    }
+                )
         return out
 
     def __repr__(self) -> str:

@@ -204,9 +204,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
     if policy.allowed_models is not None and not _matches(req.model, list(policy.allowed_models)):
         raise refuse(
             "allowed_models",
-            f"model {req.model!r} is not in the site's allowed models {list(policy.allowed_models)}",
-            "Use an allowed model, or ask the site operator to add it to "
-            "`privacy.allowed_models`.",
+            f"model {req.model!r} is not in the site's allowed models "
+            f"{list(policy.allowed_models)}",
+            "Use an allowed model, or ask the site operator to add it to `privacy.allowed_models`.",
             list(policy.allowed_models),
             req.model,
         )
@@ -258,8 +258,7 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             "max_epsilon_per_experiment",
             f"ε cap per experiment (`privacy.max_epsilon_per_experiment`) on dataset "
             f"{req.dataset!r} is {_num(cap)}, this round would bring experiment "
-            f"{req.experiment!r} to ε={_num(projected)}"
-            + ("" if req.dp_enabled else " (no DP)"),
+            f"{req.experiment!r} to ε={_num(projected)}" + ("" if req.dp_enabled else " (no DP)"),
             "Ask the site operator to raise `privacy.max_epsilon_per_experiment` or plan fewer "
             "rounds / more noise.",
             cap,
@@ -273,8 +272,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             raise refuse(
                 "lifetime_epsilon_budget",
                 f"lifetime ε budget (`privacy.lifetime_epsilon_budget`) for dataset "
-                f"{req.dataset!r} is {_num(budget)}, already spent {_num(other)} in other experiments, "
-                f"this round would bring it to {_num(total)}" + ("" if req.dp_enabled else " (no DP)"),
+                f"{req.dataset!r} is {_num(budget)}, already spent {_num(other)} in other "
+                f"experiments, this round would bring it to {_num(total)}"
+                + ("" if req.dp_enabled else " (no DP)"),
                 "Ask the site operator to raise `privacy.lifetime_epsilon_budget` or plan fewer "
                 "rounds / more noise.",
                 budget,

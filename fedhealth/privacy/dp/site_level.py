@@ -109,7 +109,9 @@ def noise_share_std(noise_multiplier: float, clip_norm: float, expected_sites: i
     """
     sigma = float(noise_multiplier)
     if not math.isfinite(sigma) or sigma < 0:
-        raise ConfigError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        raise ConfigError(
+            f"noise multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+        )
     return sigma * _check_clip(clip_norm) / math.sqrt(_check_sites(expected_sites))
 
 
