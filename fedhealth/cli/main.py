@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -39,6 +40,9 @@ def _main(
     ),
 ) -> None:
     """fedhealth: train models across hospitals; raw data never leaves a site."""
+    # Library deprecation chatter (SQLAlchemy under MLflow) is not the user's business.
+    warnings.filterwarnings("ignore", message=r".*noload.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @app.command()
@@ -80,8 +84,10 @@ def demo_data(
     sites = ["st-olav", "karolinska", "charite"]
     written = write_demo_data(out, sites, seed=seed)
     console.print(f"[green]wrote demo data for {len(sites)} sites under {out.resolve()}[/]")
-    for site in sites:
-        console.print(f"  {site}: {written.get(site, out / site)}")
+    for site, paths in written.items():
+        console.print(
+            f"  {site}: {paths['tabular']}, {paths['dicom']}", highlight=False, soft_wrap=True
+        )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -115,6 +115,20 @@ class TabularSchemaSection(_Strict):
         description="Rows with missing values: drop them, fail, or impute the site's column mean.",
     )
     drop: list[str] = Field(default_factory=list, description="Columns to ignore.")
+    drop_first: bool = Field(
+        False,
+        description="One-hot without the first category of each column (as pandas "
+        "get_dummies(drop_first=True); FLamby's Fed-Heart-Disease uses it).",
+    )
+
+    def feature_names(self) -> list[str]:
+        """Encoded feature names in model-input order: numeric, then one-hot columns."""
+        onehot = [
+            f"{col}={v}"
+            for col, values in self.categorical.items()
+            for v in (values[1:] if self.drop_first else values)
+        ]
+        return list(self.numeric) + onehot
 
     @model_validator(mode="after")
     def _features(self) -> TabularSchemaSection:

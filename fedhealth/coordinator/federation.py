@@ -62,16 +62,14 @@ class RunSummary:
 def input_dim(cfg: ExperimentConfig) -> int:
     """Model input width: encoded feature count (tabular) or image channels."""
     if cfg.task.kind == "tabular":
-        s = cfg.task.schema_
-        return len(s.numeric) + sum(len(v) for v in s.categorical.values())
+        return len(cfg.task.schema_.feature_names())
     return 1
 
 
 def input_layout(cfg: ExperimentConfig) -> str:
     """Documented input layout of the registered model (also in its model card)."""
     if cfg.task.kind == "tabular":
-        s = cfg.task.schema_
-        names = list(s.numeric) + [f"{c}={v}" for c, vs in s.categorical.items() for v in vs]
+        names = cfg.task.schema_.feature_names()
         norm = {
             "consortium": "raw values: the model standardises them with consortium-wide "
             "statistics built into its first layer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from fedhealth.config.experiment import ExperimentConfig
@@ -20,6 +21,9 @@ SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # must match fedhealth.site.clie
 
 
 def _quiet(verbose: bool) -> None:
+    if not verbose:
+        warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
+        warnings.filterwarnings("ignore", message=r".*noload.*")
     level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
     for name in ("mlflow", "alembic", "ray", "filelock", "urllib3"):

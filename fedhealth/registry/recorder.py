@@ -108,7 +108,6 @@ class RunRecorder:
                 name="model",
                 signature=signature,
                 input_example=input_example,
-                registered_model_name=name if self.cfg.tracking.register_model else None,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
             with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +116,16 @@ class RunRecorder:
                 mlflow.log_artifact(str(path))
         if not self.cfg.tracking.register_model:
             return None
-        version = str(info.registered_model_version)
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            self.client.create_registered_model(
+                name, description=f"Global models of fedhealth experiment {self.cfg.name!r}."
+            )
+        mv = self.client.create_model_version(
+            name, source=info.model_uri, run_id=self.run_id, description=card
+        )
+        version = str(mv.version)
         tags = {
             "sites": ",".join(provenance["sites"]),
             "rounds": str(provenance["rounds"]),
@@ -134,7 +142,6 @@ class RunRecorder:
         }
         for k, v in tags.items():
             self.client.set_model_version_tag(name, version, k, v)
-        self.client.update_model_version(name, version, description=card)
         self.client.set_tag(self.run_id, "fedhealth.registered_version", f"{name}/{version}")
         return version
 

@@ -8,6 +8,7 @@ given by config or ``--tracking-uri`` instead.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -40,7 +41,12 @@ def use_store(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with warnings.catch_warnings():
+        # Opening a SQL store makes SQLAlchemy warn about MLflow's mappers; not ours to fix.
+        warnings.simplefilter("ignore")
+        _ = client._tracking_client.store  # noqa: SLF001 - open the store once, quietly
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:

@@ -76,6 +76,7 @@ def tabular_schema(task: dict[str, Any], source: TabularSource) -> TabularSchema
         na_values=list(source.na_values),
         columns=list(source.columns) if source.columns else None,
         drop=list(s.get("drop", [])),
+        drop_first=bool(s.get("drop_first", False)),
     )
 
 

@@ -18,6 +18,7 @@ import torch
 from fedhealth.config.site import SiteProfile
 from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
+from fedhealth.data.normalisation import Standardizer
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
 from fedhealth.site.trainer import evaluate, train_local
 
@@ -64,13 +65,23 @@ class SiteRuntime:
         self.request = request
         self.task = request.spec["task"]
         self.data: SiteData = load_site_data(profile, self.task)
-        self.norm = standardizer_for(self.data, self.task["normalisation"], request.norm_stats)
+        self._norm: Standardizer | None = None
         torch.set_num_threads(1)  # sites share cores in simulation; avoid oversubscription
 
     # -- inputs -------------------------------------------------------------------------------
 
+    @property
+    def norm(self) -> Standardizer | None:
+        """The site's normaliser (built on first use: a statistics query needs none)."""
+        if self._norm is None and self.task["normalisation"] != "none":
+            self._norm = standardizer_for(
+                self.data, self.task["normalisation"], self.request.norm_stats
+            )
+        return self._norm
+
     def _x(self, x: np.ndarray) -> np.ndarray:
-        return self.norm.transform(x).astype(np.float32) if self.norm else x
+        norm = self.norm
+        return norm.transform(x).astype(np.float32) if norm else x
 
     def build_model(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """The experiment's model, loaded with the global weights ``arrays`` (by name)."""
