@@ -45,7 +45,7 @@ def use_store(tracking_uri: str) -> MlflowClient:
     with warnings.catch_warnings():
         # Opening a SQL store makes SQLAlchemy warn about MLflow's mappers; not ours to fix.
         warnings.simplefilter("ignore")
-        _ = client._tracking_client.store  # noqa: SLF001 - open the store once, quietly
+        _ = client._tracking_client.store
     return client
 
 

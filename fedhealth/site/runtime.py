@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from fedhealth.config.site import SiteProfile
+from fedhealth.data.normalisation import Standardizer
 from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
-from fedhealth.data.normalisation import Standardizer
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
 from fedhealth.site.trainer import evaluate, train_local
 

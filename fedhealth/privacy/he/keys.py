@@ -187,7 +187,7 @@ def load_private(
     name = None
     first = text.split(b"\n", 1)[0].decode("utf-8", "replace")
     if first.startswith(_NAME_HEADER):
-        name = first[len(_NAME_HEADER):].strip()
+        name = first[len(_NAME_HEADER) :].strip()
     pieces = _PEM_BLOCK.findall(text)
     sig = kx = None
     for pem in pieces:
@@ -311,13 +311,17 @@ def unwrap_secret(
         The blob is malformed, was wrapped for another key or another ``context_info``, or
         was modified.
     """
-    priv = recipient_private.kx_key if isinstance(recipient_private, SiteIdentity) else recipient_private
+    priv = (
+        recipient_private.kx_key
+        if isinstance(recipient_private, SiteIdentity)
+        else recipient_private
+    )
     head = len(WRAP_MAGIC)
     if len(blob) < head + 32 + 12 + 16 or not blob.startswith(WRAP_MAGIC):
         raise CryptoError("wrapped secret is truncated or not a fedhealth wrapped blob")
-    eph_pub = blob[head:head + 32]
-    nonce = blob[head + 32:head + 44]
-    body = blob[head + 44:]
+    eph_pub = blob[head : head + 32]
+    nonce = blob[head + 32 : head + 44]
+    body = blob[head + 44 :]
     recipient_pub = _raw_public(priv.public_key())
     try:
         shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_pub))
