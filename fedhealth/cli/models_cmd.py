@@ -32,8 +32,10 @@ def list_(tracking_uri: str = typer.Option(None, "--tracking-uri", help=URI_HELP
 
     rows = list_models(_uri(tracking_uri))
     table = Table(title=f"registered models in {_uri(tracking_uri)}")
-    for col in ("name", "versions", "latest", "accuracy", "sites"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    for col in ("versions", "latest", "accuracy"):
+        table.add_column(col, justify="right")
+    table.add_column("sites", overflow="fold")
     for r in rows:
         table.add_row(r["name"], str(r["versions"]), str(r["latest"]), r["accuracy"], r["sites"])
     console.print(table if rows else "no registered models yet: run `fedhealth run EXPERIMENT`")
@@ -52,6 +54,8 @@ def show(
     v = show_version(_uri(tracking_uri), name, version)
     created = dt.datetime.fromtimestamp(v["created"] / 1000).isoformat(timespec="seconds")
     table = Table(title=f"{v['name']} version {v['version']}", show_header=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
     table.add_row("load with", f'mlflow.pytorch.load_model("{v["uri"]}")')
     table.add_row("run", v["run_id"])
     table.add_row("created", created)

@@ -15,10 +15,21 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
+import fedhealth
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.registry.model_card import render_model_card
 from fedhealth.registry.store import ensure_experiment, use_store
+
+
+def _requirements(model: torch.nn.Module) -> list[str]:
+    """What a consumer must install to load ``model``: torch, and MONAI for its networks."""
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    if any(type(m).__module__.startswith("monai") for m in model.modules()):
+        import monai
+
+        reqs.append(f"monai=={monai.__version__}")
+    return reqs
 
 
 def _clean(name: str) -> str:
@@ -108,7 +119,12 @@ class RunRecorder:
                 name="model",
                 signature=signature,
                 input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                # A pickled nn.Module (not MLflow's default torch.export program) so that
+                # consumers get a model that supports .eval(), any batch size and fine-tuning;
+                # fedhealth's own layers travel with it as code.
+                serialization_format="pickle",
+                code_paths=[str(Path(fedhealth.__file__).parent)],
+                pip_requirements=_requirements(model),
             )
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model_card.md"

@@ -1,0 +1,547 @@
+"""The anti-abuse protocol: signed contributions, membership tags and checked decryption.
+
+Every way an honest-but-curious coordinator could try to make a site decrypt something
+other than the legitimate aggregate must be refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal.sealapi as sealapi
+
+from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.ceremony import (
+    SiteKeys,
+    init_consortium,
+    load_coordinator_keys,
+    load_site_keys,
+)
+from fedhealth.privacy.he.ckks import HEParams
+from fedhealth.privacy.he.contributions import (
+    Contribution,
+    DecryptionRequest,
+    EncryptedSum,
+    SiteLedger,
+    answers_agree,
+    chunks_digest,
+    make_contribution,
+    split_aggregate,
+    verify_and_decrypt,
+)
+from fedhealth.privacy.he.keys import generate_identity, sign
+
+SITES = ["alpha", "beta", "gamma"]
+N_VALUES = 5000  # two chunks
+EXP, RND, NONCE = "exp-1", 4, "nonce-4"
+COUNTS = {"alpha": 120, "beta": 300, "gamma": 80}
+WS = 1000.0
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("he") / "consortium"
+    init_consortium(root, SITES, "alpha")
+    return root
+
+
+@pytest.fixture(scope="module")
+def other_consortium(tmp_path_factory) -> Path:
+    """Same parameters and site names, different keys."""
+    root = tmp_path_factory.mktemp("he-other") / "consortium"
+    init_consortium(root, SITES, "beta")
+    return root
+
+
+def _keys(root: Path) -> dict[str, SiteKeys]:
+    """Fresh site keys with in-memory ledgers."""
+    return {
+        s: load_site_keys(
+            None,
+            s,
+            identity_path=root / f"sites/{s}/identity.pem",
+            wrapped_path=root / f"sites/{s}/he-secret.wrapped",
+            registry_path=root / "public/registry.json",
+        )
+        for s in SITES
+    }
+
+
+@pytest.fixture
+def keys(consortium) -> dict[str, SiteKeys]:
+    return _keys(consortium)
+
+
+@pytest.fixture
+def coord(consortium):
+    return load_coordinator_keys(consortium)
+
+
+UPDATES = {s: np.random.default_rng(i).normal(0, 1, N_VALUES) for i, s in enumerate(SITES)}
+
+
+def _contribute(keys, exp=EXP, rnd=RND, nonce=NONCE, sites=SITES, cohort=None):
+    return {
+        s: make_contribution(
+            UPDATES[s],
+            COUNTS[s],
+            keys[s],
+            experiment_id=exp,
+            round=rnd,
+            nonce=nonce,
+            weight_scale=WS,
+            cohort=cohort,
+        )
+        for s in sites
+    }
+
+
+def _sum(coord, replies, exp=EXP, rnd=RND, nonce=NONCE) -> EncryptedSum:
+    total = EncryptedSum(coord.public_context, exp, rnd, nonce, coord.registry)
+    for chunks, contribution in replies.values():
+        total.add(chunks, contribution)
+    return total
+
+
+def _raw_sum(coord, chunk_lists: list[list[bytes]]) -> list[bytes]:
+    """What a cheating coordinator can compute: any sum of ciphertexts it holds."""
+    ctx = coord.public_context
+    acc = [ctx.load(b) for b in chunk_lists[0]]
+    for chunks in chunk_lists[1:]:
+        for a, b in zip(acc, chunks, strict=True):
+            ctx.add_inplace(a, ctx.load(b))
+    return [ctx.dump(a) for a in acc]
+
+
+def _decrypt(request, site_keys, min_sites=2, exp=EXP, rnd=RND, nonce=NONCE):
+    return verify_and_decrypt(
+        request,
+        site_keys,
+        expected_experiment=exp,
+        expected_round=rnd,
+        expected_nonce=nonce,
+        min_sites=min_sites,
+    )
+
+
+def _request(contributions, sum_chunks, exp=EXP, rnd=RND, nonce=NONCE) -> DecryptionRequest:
+    return DecryptionRequest(exp, rnd, nonce, list(contributions), list(sum_chunks))
+
+
+def _legit(keys, coord):
+    replies = _contribute(keys)
+    return replies, _sum(coord, replies).decryption_request()
+
+
+# ------------------------------------------------------------------ the honest path
+
+
+def test_encrypted_sum_equals_weighted_plaintext_sum(keys, coord) -> None:
+    replies, request = _legit(keys, coord)
+    assert [c.n_chunks for _, c in replies.values()] == [2, 2, 2]
+    out = _decrypt(request, keys["gamma"], min_sites=3)
+    weighted, total = split_aggregate(out, WS)
+    expected = sum(COUNTS[s] * UPDATES[s] for s in SITES)
+    assert total == pytest.approx(sum(COUNTS.values()), abs=1e-2)
+    np.testing.assert_allclose(weighted, expected, atol=1e-2)  # in example units (x1000)
+    # FedAvg to ~1e-5 of the update scale (flooding noise 2^-20 on each released value)
+    fedavg = weighted / total
+    np.testing.assert_allclose(fedavg, expected / sum(COUNTS.values()), atol=5e-5)
+
+
+def test_sites_agree_and_repeat_request_is_answered_identically(keys, coord) -> None:
+    _, request = _legit(keys, coord)
+    answers = {s: _decrypt(request, keys[s]) for s in SITES}
+    answers_agree(answers, atol=1e-9)
+    np.testing.assert_array_equal(_decrypt(request, keys["alpha"]), answers["alpha"])
+
+
+def test_answers_agree_names_the_odd_site() -> None:
+    a = np.zeros(4)
+    with pytest.raises(CryptoError, match=r"\['gamma'\] differ"):
+        answers_agree({"alpha": a, "beta": a.copy(), "gamma": a + 1}, atol=1e-6)
+    with pytest.raises(CryptoError, match="no majority"):
+        answers_agree({"alpha": a, "beta": a + 1}, atol=1e-6)
+
+
+def test_messages_round_trip_as_dicts(keys, coord) -> None:
+    _, request = _legit(keys, coord)
+    c = request.contributions[0]
+    assert Contribution.from_dict(c.to_dict()) == c
+    back = DecryptionRequest.from_dict(request.to_dict())
+    assert back == request and back.fingerprint() == request.fingerprint()
+
+
+# ------------------------------------------------------------------ refusals at the site
+
+
+def test_refuse_single_site_ciphertext_presented_as_sum(keys, coord) -> None:
+    replies, request = _legit(keys, coord)
+    forged = dataclasses.replace(request, sum_chunks=replies["beta"][0])
+    with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
+        _decrypt(forged, keys["alpha"])
+
+
+def test_refuse_single_contribution_below_min_sites(keys, coord) -> None:
+    replies = _contribute(keys)
+    chunks, c = replies["beta"]
+    with pytest.raises(CryptoError, match="fewer than min_sites=2"):
+        _decrypt(_request([c], _raw_sum(coord, [chunks])), keys["alpha"])
+    with pytest.raises(ConfigError, match="min_sites must be >= 2"):
+        _decrypt(_request([c], chunks), keys["alpha"], min_sites=1)
+
+
+def test_refuse_sum_omitting_a_claimed_contribution(keys, coord) -> None:
+    replies = _contribute(keys)
+    partial = _raw_sum(coord, [replies["alpha"][0], replies["beta"][0]])
+    claimed = [c for _, c in replies.values()]
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(_request(claimed, partial), keys["alpha"])
+
+
+def test_refuse_duplicated_contribution(keys, coord) -> None:
+    replies = _contribute(keys)
+    a, b, g = (replies[s] for s in SITES)
+    # claimed twice in the list
+    with pytest.raises(CryptoError, match="claimed twice"):
+        _decrypt(_request([a[1], a[1], b[1]], _raw_sum(coord, [a[0], a[0], b[0]])), keys["gamma"])
+    # counted twice in the sum, claimed once
+    doubled = _raw_sum(coord, [a[0], a[0], b[0], g[0]])
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(_request([a[1], b[1], g[1]], doubled), keys["beta"])
+    # the coordinator's own sum refuses a second reply from one site
+    total = _sum(coord, {"alpha": a})
+    with pytest.raises(CryptoError, match="duplicate"):
+        total.add(*a)
+
+
+def test_refuse_scaled_sum(keys, coord) -> None:
+    _, request = _legit(keys, coord)
+    twice = _raw_sum(coord, [request.sum_chunks, request.sum_chunks])
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(dataclasses.replace(request, sum_chunks=twice), keys["alpha"])
+
+
+def test_refuse_chunks_mixed_from_different_subsets(keys, coord) -> None:
+    replies = _contribute(keys)
+    full = _raw_sum(coord, [r[0] for r in replies.values()])
+    partial = _raw_sum(coord, [replies["alpha"][0], replies["beta"][0]])
+    mixed = [full[0], partial[1]]
+    with pytest.raises(CryptoError, match=r"failed in 1 of 2 chunk\(s\) \(first \[1\]"):
+        _decrypt(_request([c for _, c in replies.values()], mixed), keys["alpha"])
+
+
+def test_refuse_sum_altered_after_adding(keys, coord) -> None:
+    _, request = _legit(keys, coord)
+    chunks = list(request.sum_chunks)
+    flipped = bytearray(chunks[1])
+    flipped[5000] ^= 0x01  # one bit of one coefficient
+    chunks[1] = bytes(flipped)
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(dataclasses.replace(request, sum_chunks=chunks), keys["alpha"])
+
+
+def test_refuse_slot_masking_attack(keys, coord) -> None:
+    """Keep the tag/weight slots of the sum, take the other slots from beta's ciphertext."""
+    replies, request = _legit(keys, coord)
+    ctx = coord.public_context
+    slots = ctx.params.slots
+    keep = np.zeros(slots)
+    keep[:2] = 1.0
+    forged = []
+    for sum_b, beta_b in zip(request.sum_chunks, replies["beta"][0], strict=True):
+        parts = []
+        for blob, mask in ((sum_b, keep), (beta_b, 1.0 - keep)):
+            ct = ctx.load(blob)
+            pt = sealapi.Plaintext()
+            ctx.encoder.encode(mask.tolist(), 2.0**10, pt)
+            ctx.evaluator.multiply_plain_inplace(ct, pt)
+            parts.append(ct)
+        ctx.add_inplace(parts[0], parts[1])
+        forged.append(parts[0])
+    honest_scale = [ctx.dump(ct) for ct in forged]
+    with pytest.raises(CryptoError, match="scale"):
+        _decrypt(dataclasses.replace(request, sum_chunks=honest_scale), keys["alpha"])
+    for ct in forged:
+        ct.scale = ctx.params.scale  # lie about the scale
+    lying = [ctx.dump(ct) for ct in forged]
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(dataclasses.replace(request, sum_chunks=lying), keys["gamma"])
+
+
+def test_refuse_replay_from_earlier_round_or_other_experiment(keys, coord) -> None:
+    old = _contribute(keys, rnd=RND - 1, nonce="nonce-3")
+    old_request = _sum(coord, old, rnd=RND - 1, nonce="nonce-3").decryption_request()
+    # the old request as such, in the current round
+    with pytest.raises(CryptoError, match="round 3"):
+        _decrypt(old_request, keys["alpha"])
+    # old contributions relabelled as current: the signatures name the old round
+    relabelled = dataclasses.replace(old_request, round=RND, nonce=NONCE)
+    with pytest.raises(CryptoError, match="is a replay"):
+        _decrypt(relabelled, keys["alpha"])
+    # current, signed contributions with the old round's sum: the tags differ
+    current = _contribute(keys)
+    stale = _request([c for _, c in current.values()], old_request.sum_chunks)
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(stale, keys["beta"])
+    # another experiment, same round and nonce
+    other = _contribute(_keys_fresh(keys), exp="exp-2")
+    mixed = _request(
+        [c for _, c in other.values()], _raw_sum(coord, [r[0] for r in other.values()])
+    )
+    with pytest.raises(CryptoError, match="is a replay"):
+        _decrypt(mixed, keys["gamma"])
+    # and the coordinator refuses them when adding
+    total = EncryptedSum(coord.public_context, EXP, RND, NONCE, coord.registry)
+    with pytest.raises(CryptoError, match="is a replay"):
+        total.add(*old["alpha"])
+
+
+def _keys_fresh(keys: dict[str, SiteKeys]) -> dict[str, SiteKeys]:
+    return {s: dataclasses.replace(k, ledger=SiteLedger()) for s, k in keys.items()}
+
+
+def test_refuse_ciphertext_under_another_key(keys, coord, other_consortium) -> None:
+    replies = _contribute(keys)
+    strangers = _contribute(_keys(other_consortium))
+    # coordinator: their signatures do not verify against our registry
+    total = EncryptedSum(coord.public_context, EXP, RND, NONCE, coord.registry)
+    with pytest.raises(CryptoError, match="invalid signature"):
+        total.add(*strangers["alpha"])
+    # site: our valid contributions claimed, a sum computed under the other key delivered
+    foreign = _raw_sum(coord, [r[0] for r in strangers.values()])
+    with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
+        _decrypt(_request([c for _, c in replies.values()], foreign), keys["alpha"])
+
+
+def test_refuse_unsigned_wrongly_signed_and_unknown(keys, coord) -> None:
+    replies = _contribute(keys)
+    (a_chunks, a), (b_chunks, b), (g_chunks, g) = (replies[s] for s in SITES)
+    unsigned = dataclasses.replace(a, signature=b"")
+    by_beta = dataclasses.replace(a, signature=sign(keys["beta"].identity, a.signed_bytes()))
+    mallory = generate_identity("mallory")
+    unknown = dataclasses.replace(a, site="mallory")
+    unknown = dataclasses.replace(unknown, signature=sign(mallory, unknown.signed_bytes()))
+    total = EncryptedSum(coord.public_context, EXP, RND, NONCE, coord.registry)
+    for bad, match in (
+        (unsigned, "unsigned"),
+        (by_beta, "invalid signature"),
+        (unknown, "not a consortium site"),
+    ):
+        with pytest.raises(CryptoError, match=match):
+            total.add(a_chunks, bad)
+    assert total.sites == []
+    legit_sum = _raw_sum(coord, [a_chunks, b_chunks, g_chunks])
+    for bad, match in (
+        (unsigned, "unsigned"),
+        (by_beta, "invalid signature"),
+        (unknown, "not a consortium site"),
+    ):
+        with pytest.raises(CryptoError, match=match):
+            _decrypt(_request([bad, b, g], legit_sum), keys["gamma"])
+
+
+def test_coordinator_refuses_tampered_chunk_and_keeps_its_sum(keys, coord) -> None:
+    replies = _contribute(keys)
+    total = EncryptedSum(coord.public_context, EXP, RND, NONCE, coord.registry)
+    total.add(*replies["alpha"])
+    chunks, c = replies["beta"]
+    flipped = bytearray(chunks[0])
+    flipped[-7] ^= 0x80
+    with pytest.raises(CryptoError, match=r"site 'beta'.*do not match the signed digest"):
+        total.add([bytes(flipped), chunks[1]], c)
+    with pytest.raises(CryptoError, match="declares 2 chunks"):
+        total.add(chunks[:1], c)
+    total.add(*replies["gamma"])
+    assert total.sites == ["alpha", "gamma"]
+    out = _decrypt(total.decryption_request(), keys["beta"])
+    expected = (COUNTS["alpha"] * UPDATES["alpha"] + COUNTS["gamma"] * UPDATES["gamma"]) / WS
+    np.testing.assert_allclose(out[:-1], expected, atol=1e-5)
+
+
+def test_coordinator_rolls_back_a_half_added_reply(keys, coord) -> None:
+    """A validly signed reply whose second chunk is garbage leaves the sum untouched."""
+    replies = _contribute(keys)
+    total = _sum(coord, {"alpha": replies["alpha"]})
+    chunks, c = replies["beta"]
+    bad_chunks = [chunks[0], b"\x00" * 64]
+    resigned = dataclasses.replace(c, digest=chunks_digest(bad_chunks))
+    resigned = dataclasses.replace(
+        resigned, signature=sign(keys["beta"].identity, resigned.signed_bytes())
+    )
+    with pytest.raises(CryptoError, match="chunk 1 is not a valid ciphertext"):
+        total.add(bad_chunks, resigned)
+    total.add(*replies["beta"])
+    total.add(*replies["gamma"])
+    out = _decrypt(total.decryption_request(), keys["alpha"], min_sites=3)
+    expected = sum(COUNTS[s] * UPDATES[s] for s in SITES) / WS
+    np.testing.assert_allclose(out[:-1], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ one answer per round
+
+
+def test_refuse_second_different_request_in_same_round(keys, coord) -> None:
+    replies, request = _legit(keys, coord)
+    _decrypt(request, keys["alpha"])
+    subset = {s: replies[s] for s in ("alpha", "beta")}
+    second = _sum(coord, subset).decryption_request()
+    with pytest.raises(CryptoError, match="second, different decryption request"):
+        _decrypt(second, keys["alpha"])
+    # a site that has not answered yet may (without cohort binding) answer the subset
+    _decrypt(second, keys["beta"])
+
+
+def test_failed_tag_check_locks_the_round(keys, coord) -> None:
+    replies, request = _legit(keys, coord)
+    with pytest.raises(CryptoError, match="membership-tag"):
+        _decrypt(dataclasses.replace(request, sum_chunks=replies["beta"][0]), keys["alpha"])
+    with pytest.raises(CryptoError, match="refused a forged aggregate"):
+        _decrypt(request, keys["alpha"])
+    _decrypt(request, keys["beta"])  # other sites are unaffected
+
+
+def test_ledger_persists_across_restarts(consortium, coord, tmp_path) -> None:
+    ledger = tmp_path / "alpha-ledger.json"
+
+    def alpha() -> SiteKeys:
+        return load_site_keys(consortium, "alpha", ledger_path=ledger)
+
+    keys = {**_keys(consortium), "alpha": alpha()}
+    replies, request = _legit(keys, coord)
+    _decrypt(request, keys["alpha"])
+    second = _sum(coord, {s: replies[s] for s in ("alpha", "beta")}).decryption_request()
+    with pytest.raises(CryptoError, match="second, different"):
+        _decrypt(second, alpha())
+    assert oct(ledger.stat().st_mode & 0o777) == "0o600"
+
+
+# ------------------------------------------------------------------ cohort binding
+
+
+def test_cohort_binding_blocks_cross_site_differencing(keys, coord) -> None:
+    replies = _contribute(keys, cohort=SITES)
+    full = _sum(coord, replies).decryption_request()
+    subset = _request(
+        [replies[s][1] for s in ("alpha", "beta")],
+        _raw_sum(coord, [replies["alpha"][0], replies["beta"][0]]),
+    )
+    with pytest.raises(CryptoError, match="not exactly the cohort"):
+        _decrypt(subset, keys["beta"])
+    _decrypt(full, keys["alpha"])
+    # the coordinator cannot get alpha and beta to contribute again under a smaller cohort
+    with pytest.raises(CryptoError, match="contribute again"):
+        _contribute(keys, sites=["alpha"], cohort=["alpha", "beta"])
+    with pytest.raises(CryptoError, match="contribute again"):
+        _contribute(keys, sites=["beta"], nonce="another-nonce", cohort=["alpha", "beta"])
+    # and its own sum refuses to build an incomplete cohort request
+    with pytest.raises(CryptoError, match="incomplete"):
+        _sum(coord, {"alpha": replies["alpha"]}).decryption_request()
+
+
+def test_values_beyond_headroom_refused_with_site_and_round(keys) -> None:
+    with pytest.raises(
+        ConfigError, match=r"site 'alpha', experiment 'exp-1', round 4.*weight_scale"
+    ):
+        make_contribution(
+            np.full(10, 50.0),
+            5000,
+            keys["alpha"],
+            experiment_id=EXP,
+            round=RND,
+            nonce=NONCE,
+            weight_scale=WS,
+        )
+
+
+# ------------------------------------------------------------------ slot-selective attack
+
+
+def _lll(basis: np.ndarray, delta: float = 0.99) -> np.ndarray:
+    """Textbook LLL (floating point; fine for the ~12 dimensions used here)."""
+    b = basis.astype(float).copy()
+    n = len(b)
+
+    def gram_schmidt() -> tuple[np.ndarray, np.ndarray]:
+        bs, mu = np.zeros_like(b), np.zeros((n, n))
+        for i in range(n):
+            bs[i] = b[i]
+            for j in range(i):
+                mu[i, j] = b[i] @ bs[j] / (bs[j] @ bs[j])
+                bs[i] -= mu[i, j] * bs[j]
+        return bs, mu
+
+    bs, mu = gram_schmidt()
+    k = 1
+    while k < n:
+        for j in range(k - 1, -1, -1):
+            q = round(mu[k, j])
+            if q:
+                b[k] -= q * b[j]
+                bs, mu = gram_schmidt()
+        if bs[k] @ bs[k] >= (delta - mu[k, k - 1] ** 2) * (bs[k - 1] @ bs[k - 1]):
+            k += 1
+        else:
+            b[[k, k - 1]] = b[[k - 1, k]]
+            bs, mu = gram_schmidt()
+            k = max(k - 1, 1)
+    return b
+
+
+def _selective_multiplier(n: int, slots: int) -> np.ndarray:
+    """Slot values m(zeta_j) of a small integer polynomial m with Re m ~ 0 at slots 0 and 1.
+
+    SEAL's slot j is the evaluation at zeta^(3^j), zeta = exp(i pi / N). Lattice reduction
+    over 12 random monomials finds m with coefficients < ~100, |Re m| < 1e-9 on the tag and
+    weight slots and |Re m| of order 50 on almost every other slot.
+    """
+    zeta = np.exp(1j * np.pi * np.array([pow(3, j, 2 * n) for j in range(slots)]) / n)
+    exps = np.random.default_rng(0).choice(n, 12, replace=False)
+    basis = np.zeros((12, 14))
+    basis[:, :12] = np.eye(12)
+    basis[:, 12] = 2.0**40 * np.real(zeta[0] ** exps)
+    basis[:, 13] = 2.0**40 * np.real(zeta[1] ** exps)
+    coeffs = np.round(_lll(basis)[0, :12]).astype(int)
+    return sum(int(a) * zeta ** int(e) for a, e in zip(coeffs, exps, strict=True))
+
+
+def _selective_attack(coord, request, victim_chunks) -> list[bytes]:
+    """Legitimate sum + m * (victim's ciphertext): scale stays 2^40, shape stays fresh."""
+    ctx = coord.public_context
+    m = _selective_multiplier(ctx.params.poly_modulus_degree, ctx.params.slots)
+    pt = sealapi.Plaintext()
+    ctx.encoder.encode(m.tolist(), 1.0, pt)  # exactly the integer polynomial m
+    out = []
+    for sum_b, victim_b in zip(request.sum_chunks, victim_chunks, strict=True):
+        acc, ct = ctx.load(sum_b), ctx.load(victim_b)
+        ctx.evaluator.multiply_plain_inplace(ct, pt)
+        ctx.add_inplace(acc, ct)
+        out.append(ctx.dump(acc))
+    return out, m
+
+
+def test_hidden_tags_stop_slot_selective_attack_that_breaks_fixed_slot_tags(
+    tmp_path, keys, coord
+) -> None:
+    # The bare protocol (tag only in fixed slot 0): the attack passes and leaks beta's update.
+    bare_root = tmp_path / "bare"
+    init_consortium(bare_root, SITES, "alpha", HEParams(hidden_tags=0))
+    bare_keys, bare_coord = _keys(bare_root), load_coordinator_keys(bare_root)
+    replies, request = _legit(bare_keys, bare_coord)
+    forged, m = _selective_attack(bare_coord, request, replies["beta"][0])
+    leaked = _decrypt(dataclasses.replace(request, sum_chunks=forged), bare_keys["alpha"])
+    layout_slots = np.arange(2, bare_keys["alpha"].params.slots)  # data slots of chunk 0
+    re_m = np.real(m[layout_slots])
+    strong = np.abs(re_m) > 20
+    estimate = leaked[: layout_slots.size][strong] / re_m[strong]
+    truth = (COUNTS["beta"] / WS) * UPDATES["beta"][: layout_slots.size][strong]
+    assert np.corrcoef(estimate, truth)[0, 1] > 0.99  # beta's update, disclosed
+
+    # With hidden tag slots (the default) the same attack is refused.
+    replies, request = _legit(keys, coord)
+    forged, _ = _selective_attack(coord, request, replies["beta"][0])
+    with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
+        _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
