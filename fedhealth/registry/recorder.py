@@ -6,6 +6,7 @@ Reads as plainly as MLflow's fluent API: ``start``, ``log_round``, ``register``,
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class RunRecorder:
             out = model(torch.as_tensor(input_example)).numpy()
         signature = infer_signature(input_example, out)
         card = render_model_card(provenance)
+        # MLflow warns that pickles can run code on load; our consumers load what their own
+        # consortium registered, and the warning would only alarm the data scientist.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
                 model,
