@@ -30,7 +30,7 @@ import tomli_w
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAMBY = {"pooled": 0.735, "fedavg": 0.685, "fedadam": 0.726}
+FLAMBY = {"pooled": 0.735, "fedavg": 0.685, "fedadam": 0.726, "balanced": float("nan")}
 
 
 def variant(base: Path, out_dir: Path, name: str, **sections: dict) -> Path:
@@ -93,14 +93,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=None, help="override experiment.rounds")
     ap.add_argument("--pooled-epochs", type=int, default=50, help="FLamby trains pooled 50 epochs")
-    ap.add_argument("--fedadam-eta", type=float, default=0.01)
+    ap.add_argument("--fedadam-eta", type=float, default=0.03)
     args = ap.parse_args()
     base = ROOT / "experiments" / "heart-disease.toml"
     data = ROOT.parent / "shared" / "data" / "uci-heart-disease"
     if not data.is_dir():
         sys.exit(f"benchmark skipped: Heart-Disease data not found at {data}")
     torch.set_num_threads(1)
-    rows: dict[str, list[float]] = {"pooled": [], "fedavg": [], "fedadam": []}
+    rows: dict[str, list[float]] = {"pooled": [], "fedavg": [], "fedadam": [], "balanced": []}
     seconds: dict[str, list[float]] = {k: [] for k in rows}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -117,6 +117,12 @@ def main() -> None:
                     "beta_2": 0.99,
                     "tau": 1e-9,
                 },
+            },
+            # strategies/balanced_fedavg.py with alpha = 0: every centre weighs the same,
+            # which is what a per-centre-mean score rewards.
+            "balanced": {
+                "name": str(ROOT / "strategies" / "balanced_fedavg.py") + ":BalancedFedAvg",
+                "options": {"alpha": 0.0},
             },
         }
         for seed in range(args.seeds):
