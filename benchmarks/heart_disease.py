@@ -134,7 +134,7 @@ def main() -> None:
                     base,
                     out,
                     f"{name}-{seed}",
-                    experiment={**exp_over, "seed": seed, "name": f"hd-{name}"},
+                    experiment={**exp_over, "seed": seed, "name": f"heart-disease-bench-{name}"},
                     strategy=strat,
                     tracking={"register": False},
                 )
