@@ -167,7 +167,7 @@ def test_check_delta_names_site_n_and_bound():
         check_delta(1e-2, 303, "cleveland")
     msg = str(exc.value)
     assert "'cleveland'" in msg and "n=303" in msg and f"{1 / 303:.3g}" in msg
-    assert "privacy.delta" in msg
+    assert "privacy.dp.delta" in msg
     with pytest.raises(ConfigError):
         check_delta(1 / 303, 303, "cleveland")  # the boundary itself is refused
 

@@ -140,4 +140,6 @@ def test_same_seed_gives_the_same_model(project):
     )
     a = mlflow.pytorch.load_model(f"models:/quickstart-breast-cancer/{versions[-2]}").state_dict()
     b = mlflow.pytorch.load_model(f"models:/quickstart-breast-cancer/{versions[-1]}").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Equal up to CKKS precision: with encrypted aggregation on (the quickstart's default) each
+    # round's fresh nonce gives the released aggregate different 2^-20 flooding noise.
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)

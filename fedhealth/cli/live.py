@@ -27,7 +27,7 @@ class LiveRun:
         self.task = self.progress.add_task("starting sites…", total=rounds)
         self.sites: dict[str, dict] = {}
         self.notes: list[str] = []
-        self.live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
+        self.live = Live(self._render(), console=console, refresh_per_second=8, transient=True)
 
     def __enter__(self) -> LiveRun:
         self.live.__enter__()
@@ -39,16 +39,23 @@ class LiveRun:
 
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False)
-        for col in ("site", "train loss", "test accuracy", "test loss", "examples"):
+        dp = any("epsilon" in m for m in self.sites.values())
+        cols = ("site", "train loss", "test accuracy", "test loss", "examples") + (
+            ("ε",) if dp else ()
+        )
+        for col in cols:
             table.add_column(col, justify="right" if col != "site" else "left")
         for site, m in sorted(self.sites.items()):
-            table.add_row(
+            row = [
                 site,
                 f"{m['train-loss']:.4f}" if "train-loss" in m else "…",
                 f"{m['accuracy']:.4f}" if "accuracy" in m else "…",
                 f"{m['loss']:.4f}" if "loss" in m else "…",
                 str(int(m["num-examples"])) if "num-examples" in m else "",
-            )
+            ]
+            if dp:
+                row.append(f"{m['epsilon']:.4g}" if "epsilon" in m else "-")
+            table.add_row(*row)
         parts = [self.progress, table] + [f"[yellow]{n}[/]" for n in self.notes[-5:]]
         return Group(*parts)
 
@@ -58,7 +65,10 @@ class LiveRun:
             self.progress.update(self.task, description=f"round {event.round}: training")
         elif event.kind == "train-done":
             for site, m in event.data["sites"].items():
-                self.sites.setdefault(site, {})["train-loss"] = m.get("train-loss", float("nan"))
+                row = self.sites.setdefault(site, {})
+                row["train-loss"] = m.get("train-loss", float("nan"))
+                if "epsilon" in m:  # cumulative ε of the experiment at this site
+                    row["epsilon"] = m["epsilon"]
             self.progress.update(self.task, description=f"round {event.round}: evaluating")
         elif event.kind == "evaluate-done":
             for site, m in event.data["sites"].items():

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from fedhealth import __version__
-from fedhealth.cli import models_cmd
+from fedhealth.cli import consortium_cmd, coordinator_cmd, models_cmd, site_cmd
 from fedhealth.cli.errors import guarded
 from fedhealth.errors import ConfigError
 
@@ -24,6 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(consortium_cmd.app, name="consortium")
+app.add_typer(coordinator_cmd.app, name="coordinator")
+app.add_typer(site_cmd.app, name="site")
 console = Console()
 
 
@@ -53,10 +56,23 @@ def run(
         None, "--tracking-uri", help="MLflow tracking URI (default: ./workspace/mlflow)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
+    federation: str = typer.Option(
+        None,
+        "--federation",
+        help="Run on this real federation (a flwr SuperLink connection) instead of simulating.",
+    ),
+    resume: str = typer.Option(
+        None, "--resume", help="Continue the interrupted MLflow run RUN_ID (with --federation)."
+    ),
 ) -> None:
-    """Run experiment(s) on a simulated consortium: every site on this machine."""
+    """Run experiment(s) on a simulated consortium, or on a real one with --federation."""
     from fedhealth.cli.run_cmd import run_experiments
 
+    if federation or resume:
+        from fedhealth.cli.federation_run import run_on_federation
+
+        run_on_federation(console, experiments, federation, tracking_uri, resume)
+        return
     run_experiments(console, experiments, tracking_uri, verbose)
 
 
@@ -76,10 +92,16 @@ def validate(
 def demo_data(
     out: Path = typer.Option(Path("workspace/demo-data"), help="Where to write the demo data."),
     seed: int = typer.Option(0, help="Seed of the split and of the phantoms."),
+    keys_dir: Path = typer.Option(
+        Path("workspace/consortium"),
+        "--keys-dir",
+        help="Where to run the quickstart consortium's key ceremony (kept if it exists).",
+    ),
 ) -> None:
     """Write the quickstart's site data: a non-IID split of a real breast-cancer table and
-    DICOM phantoms for each of the three quickstart hospitals."""
+    DICOM phantoms for each of the three quickstart hospitals, and their consortium keys."""
     from fedhealth.data.demo import write_demo_data
+    from fedhealth.privacy.he.demo import ensure_consortium
 
     sites = ["st-olav", "karolinska", "charite"]
     written = write_demo_data(out, sites, seed=seed)
@@ -88,6 +110,14 @@ def demo_data(
         console.print(
             f"  {site}: {paths['tabular']}, {paths['dicom']}", highlight=False, soft_wrap=True
         )
+    registry, created = ensure_consortium(keys_dir, sites, key_holder=sites[0])
+    console.print(
+        f"[green]{'created' if created else 'kept'} consortium {registry.consortium_id}[/] "
+        f"(encrypted aggregation keys; key holder {registry.key_holder}) under "
+        f"{keys_dir.resolve()}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

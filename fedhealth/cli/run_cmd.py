@@ -7,10 +7,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedhealth.cli.he_preflight import he_outlook
 from fedhealth.cli.live import LiveRun
+from fedhealth.cli.privacy_preflight import SitePrivacyOutlook, privacy_outlook
 from fedhealth.config.experiment import ExperimentConfig, load_experiment_with_sites
 from fedhealth.config.site import SiteProfile
 from fedhealth.coordinator.federation import RunSummary
+from fedhealth.coordinator.privacy_report import format_epsilon
 from fedhealth.coordinator.progress import subscribe
 from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.errors import FederationError
@@ -21,13 +24,42 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]
     """Read every site's data once before any training, so bad data fails fast.
 
     In simulation all sites live on this machine; in a real deployment each
-    site checks its own data when its node starts.
+    site checks its own data when its node starts. With DP on, each site's
+    privacy plan is computed too: δ >= 1/n at a site, or a target ε the planned
+    steps cannot reach, fails here (naming the key and the site).
     """
     from fedhealth.site.dataset import load_site_data
 
     build_strategy(cfg)  # a broken custom strategy fails here, not mid-run
     task = cfg.task_spec()["task"]
-    return {s.name: load_site_data(s, task).n_train for s in sites}
+    sizes = {s.name: load_site_data(s, task).n_train for s in sites}
+    privacy_outlook(cfg, sites, sizes)
+    return sizes
+
+
+def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePrivacyOutlook]):
+    dp = cfg.privacy.dp
+    if dp.enabled:
+        mode = "record-level DP-SGD" if dp.mode == "record" else "site-level DP"
+        console.print(
+            f"  privacy: {mode}, δ={dp.delta:g}, {dp.accountant} accountant; planned per site:",
+            highlight=False,
+        )
+        for o in outlook:
+            p = o.plan
+            assert p is not None
+            console.print(
+                f"    {o.site}: noise multiplier {p.noise_multiplier:.4g}, sample rate "
+                f"{p.sample_rate:.4g}, {p.steps_per_round} step(s)/round -> ε "
+                f"{p.planned_epsilon():.4g} this run, {format_epsilon(o.epsilon_after_run)} for "
+                "the experiment at this site",
+                highlight=False,
+            )
+    else:
+        console.print("  privacy: differential privacy off", highlight=False)
+    for o in outlook:
+        if o.refusal:
+            console.print(f"  [yellow]will refuse:[/] {o.refusal}", highlight=False)
 
 
 def run_experiments(
@@ -45,6 +77,8 @@ def run_experiments(
             f"{cfg.experiment.rounds} rounds, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}, "
             f"model {cfg.model.name}"
         )
+        _print_outlook(console, cfg, privacy_outlook(cfg, sites, sizes))
+        console.print(f"  {he_outlook(cfg, sites)}", highlight=False, soft_wrap=True)
         summaries.append(_simulate(console, path, cfg, uri, verbose))
     return summaries
 
@@ -54,11 +88,13 @@ def _simulate(
 ) -> RunSummary:
     from fedhealth.engines.simulation import run_simulation
 
-    result: dict[str, RunSummary] = {}
+    result: dict = {}
 
     def grab(event) -> None:
         if event.kind == "run-finished":
             result["summary"] = event.data["summary"]
+        elif event.kind == "run-failed":
+            result["error"] = event.data["error"]
 
     unsub_grab = subscribe(grab)
     try:
@@ -73,6 +109,8 @@ def _simulate(
                     unsub()
     finally:
         unsub_grab()
+    if "error" in result:
+        raise FederationError(f"experiment {cfg.name!r} stopped: {result['error']}")
     if "summary" not in result:
         raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
     summary = result["summary"]
@@ -81,33 +119,72 @@ def _simulate(
 
 
 def print_summary(console: Console, s: RunSummary) -> None:
-    """The closing table: global and per-site metrics, and the registered version."""
+    """The closing table: global and per-site metrics, each site's ε, the registered version."""
+    dp = s.privacy or {"mode": "off", "sites": {}}
+    eps_col = dp["mode"] != "off"
     table = Table(title=f"{s.experiment}: final round ({s.rounds}) on each site's test split")
-    for col in ("site", "test examples", "accuracy", "loss"):
+    cols = ["site", "test examples", "accuracy", "loss"] + (["ε"] if eps_col else [])
+    for col in cols:
         table.add_column(col, justify="left" if col == "site" else "right")
-    for site, m in sorted(s.site_metrics.items()):
-        table.add_row(site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}")
+    for site in sorted(set(s.site_metrics) | set(dp["sites"])):
+        m = s.site_metrics.get(site)
+        row = [site, "", "-", "-"]
+        if m is not None:
+            row = [site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}"]
+        if eps_col:
+            row.append(format_epsilon(dp["sites"].get(site, {}).get("epsilon")))
+        table.add_row(*row)
     g = s.global_metrics
     if g:
+        pad = [""] if eps_col else []
         table.add_row(
             "[bold]all (weighted)",
             str(int(g["num-examples"])),
             f"[bold]{g['accuracy']:.4f}",
             f"{g['loss']:.4f}",
+            *pad,
         )
         table.add_row(
             "[bold]mean over sites",
             "",
             f"{g['accuracy_site_mean']:.4f}",
             f"{g['loss_site_mean']:.4f}",
+            *pad,
         )
     console.print(table)
-    for r in s.refusals:
-        console.print(f"[yellow]site {r.site} refused ({r.rule}):[/] {r.message}")
+    if eps_col:
+        console.print(
+            f"Privacy: {dp['description']}. ε per site is cumulative over every run of this "
+            "experiment at that site, as charged to its ledger.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if dp.get("site_level_epsilon") is not None:
+            console.print(
+                f"Site-level ε of the global model: {format_epsilon(dp['site_level_epsilon'])} "
+                f"(δ={dp['delta']:g})",
+                highlight=False,
+            )
+    _print_refusals(console, s.refusals)
     console.print(f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)")
     if s.version:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "
             f"[bold green]{s.version}[/]  ->  "
             f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")'
+        )
+
+
+def _print_refusals(console: Console, refusals: list) -> None:
+    """One line per refusing site and rule, with the rounds and the latest message."""
+    grouped: dict[tuple[str, str], list] = {}
+    for r in refusals:
+        grouped.setdefault((r.site, r.rule), []).append(r)
+    for (site, rule), rs in grouped.items():
+        rounds = sorted({getattr(r, "round", 0) for r in rs})
+        when = f" in round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}"
+        console.print(
+            f"[yellow]site {site} refused ({rule}){when}:[/] {rs[-1].message}",
+            highlight=False,
+            soft_wrap=True,
         )

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedhealth.config.encryption import HESection, check_he_fits
 from fedhealth.config.loader import load_model
 from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
 from fedhealth.errors import ConfigError
@@ -241,6 +242,112 @@ class StrategySection(_Strict):
         return f"{found.resolve()}:{cls_name}"
 
 
+class DPSection(_Strict):
+    """Differential privacy: record-level DP-SGD at every site, or site-level DP."""
+
+    enabled: bool = Field(False, description="Train with differential privacy.")
+    mode: Literal["record", "site"] = Field(
+        "record",
+        description="'record': DP-SGD at each site (Opacus; each patient record is protected); "
+        "'site': each site clips its whole update and adds its share of Gaussian noise "
+        "(each hospital is protected; the coordinator accounts the ε).",
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="Record mode: DP-SGD noise multiplier σ (noise std / max_grad_norm). "
+        "Give this or target_epsilon.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Record mode: ε each site may spend over the planned rounds x local steps; "
+        "each site's noise is calibrated to it. Give this or noise_multiplier.",
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="δ of the guarantee; must be below 1/n for a site with n training records "
+        "(record mode) or below 1/number of sites (site mode).",
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Record mode: per-sample gradient clipping norm C."
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Privacy accountant: Rényi DP ('rdp') or PRV composition ('prv')."
+    )
+    grad_sample_mode: Literal["auto", "hooks", "ghost", "ew"] = Field(
+        "auto",
+        description="Opacus per-sample-gradient path; 'auto' picks ghost clipping when Linear "
+        "layers hold most parameters, else hooks ('ew' is needed for resnet18).",
+    )
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Site mode: L2 bound on each site's whole update (new minus global weights).",
+    )
+    site_noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="Site mode: σ of the summed update; each site adds noise of std "
+        "σ·clip_norm/sqrt(expected_sites).",
+    )
+    expected_sites: int | None = Field(
+        None,
+        ge=1,
+        description="Site mode: number of sites whose noise shares make up the full noise "
+        "(default: the number of listed sites).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPSection:
+        if not self.enabled:
+            return self
+        record_keys = {
+            "noise_multiplier": self.noise_multiplier,
+            "target_epsilon": self.target_epsilon,
+        }
+        site_keys = {
+            "clip_norm": self.clip_norm,
+            "site_noise_multiplier": self.site_noise_multiplier,
+            "expected_sites": self.expected_sites,
+        }
+        if self.mode == "record":
+            given = [k for k, v in record_keys.items() if v is not None]
+            if len(given) != 1:
+                raise ValueError(
+                    "record-level DP needs exactly one of `privacy.dp.noise_multiplier` and "
+                    f"`privacy.dp.target_epsilon` (got {', '.join(given) or 'neither'})"
+                )
+            extra = [k for k, v in site_keys.items() if v is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(f'`privacy.dp.{k}`' for k in extra)} apply to mode = \"site\" "
+                    "only; remove them or set mode = \"site\""
+                )
+        else:
+            missing = [k for k in ("clip_norm", "site_noise_multiplier") if site_keys[k] is None]
+            if missing:
+                raise ValueError(
+                    f"site-level DP needs {' and '.join(f'`privacy.dp.{k}`' for k in missing)}"
+                )
+            extra = [k for k, v in record_keys.items() if v is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(f'`privacy.dp.{k}`' for k in extra)} apply to mode = \"record\" "
+                    "only; site-level noise is `privacy.dp.site_noise_multiplier`"
+                )
+        return self
+
+
+class PrivacySection(_Strict):
+    """Privacy settings of the experiment."""
+
+    dp: DPSection = Field(default_factory=DPSection)
+    he: HESection = Field(default_factory=HESection)
+
+
 class TrackingSection(_Strict):
     """Where runs and models are recorded."""
 
@@ -261,6 +368,7 @@ class ExperimentConfig(_Strict):
     model: ModelSection
     training: TrainingSection = TrainingSection()
     strategy: StrategySection = StrategySection()
+    privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
@@ -271,6 +379,34 @@ class ExperimentConfig(_Strict):
                 f"model {self.model.name!r} does not fit a {self.task.kind} task; "
                 f"tabular models are {', '.join(TABULAR_MODELS)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits_experiment(self) -> ExperimentConfig:
+        dp = self.privacy.dp
+        if not dp.enabled:
+            return self
+        if self.strategy.name == "fedprox" or "proximal_mu" in self.strategy.options:
+            raise ValueError(
+                "`privacy.dp.enabled` with FedProx (`strategy.name`/`strategy.options."
+                "proximal_mu`): the proximal term is added outside Opacus's per-sample "
+                "gradients, so it would be dropped or break clipping. Use fedavg, fedadam, "
+                "fedyogi, fedadagrad or fedavgm with DP"
+            )
+        if dp.mode == "site":
+            n_sites = len(self.experiment.sites)
+            if dp.delta >= 1.0 / n_sites:
+                raise ValueError(
+                    f"`privacy.dp.delta` = {dp.delta:g} is too large for site-level DP over "
+                    f"{n_sites} sites: it must be below 1/{n_sites} = {1 / n_sites:.3g} "
+                    "(the privacy unit is a whole site)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _he_fits_experiment(self) -> ExperimentConfig:
+        exp = self.experiment
+        check_he_fits(self.privacy.he, exp.min_sites, len(exp.sites), self.strategy.name)
         return self
 
     @property
@@ -302,14 +438,23 @@ class ExperimentConfig(_Strict):
         walk("", self.model_dump(mode="json", by_alias=True))
         return out
 
+    def dp_spec(self) -> dict[str, Any]:
+        """The ``[privacy.dp]`` section as sites receive it (``expected_sites`` resolved)."""
+        dp = self.privacy.dp.model_dump(mode="json")
+        if dp["enabled"] and dp["mode"] == "site" and dp["expected_sites"] is None:
+            dp["expected_sites"] = len(self.experiment.sites)
+        return dp
+
     def task_spec(self) -> dict[str, Any]:
-        """What a site needs to know to train: task, model and training sections."""
+        """What a site needs to know to train: task, model, training and privacy plan."""
         return {
             "experiment": self.experiment.name,
             "task": self.task.model_dump(mode="json", by_alias=True),
             "model": self.model.model_dump(mode="json"),
             "training": self.training.model_dump(mode="json"),
             "seed": self.experiment.seed,
+            "rounds": self.experiment.rounds,
+            "dp": self.dp_spec(),
         }
 
 

@@ -28,6 +28,10 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return (Path(base) / value).resolve() if base and not value.is_absolute() else value
 
 
+def _resolve_optional(value: Path | None, info: ValidationInfo) -> Path | None:
+    return None if value is None else _resolve(value, info)
+
+
 class TabularSource(_Strict):
     """A table of EHR records (CSV or Parquet)."""
 
@@ -111,6 +115,63 @@ class PrivacyPolicySection(_Strict):
     allowed_models: list[str] | None = Field(
         None, description="Model names the site trains; none = any."
     )
+    share_statistics: bool = Field(
+        True,
+        description="Answer consortium-normalisation queries: exact per-feature sums, sums of "
+        "squares and the count of the training split, outside any DP guarantee.",
+    )
+
+
+class KeysSection(_Strict):
+    """The site's consortium keys, from `fedhealth consortium init` (encrypted aggregation)."""
+
+    identity: Path = Field(
+        description="The site's private signing and key-agreement keys "
+        "(sites/SITE/identity.pem of the ceremony; mode 0600)."
+    )
+    he_secret: Path = Field(
+        description="The CKKS secret wrapped for this site (sites/SITE/he-secret.wrapped)."
+    )
+    registry: Path = Field(
+        description="The consortium registry taken from the ceremony, not from the "
+        "coordinator (public/registry.json)."
+    )
+    he_ledger: Path | None = Field(
+        None,
+        description="Where the site remembers what it encrypted and decrypted per round "
+        "(default: he-ledger.json in the site's workspace). Never delete it.",
+    )
+    min_decrypt_sites: int = Field(
+        2,
+        ge=2,
+        description="Fewest distinct sites' contributions an aggregate must hold before this "
+        "site decrypts it.",
+    )
+
+    _abs = field_validator("identity", "he_secret", "registry", "he_ledger")(_resolve_optional)
+
+
+class DeploySection(_Strict):
+    """How the site's SuperNode joins a real deployment (``fedhealth site start``)."""
+
+    superlink: str = Field(
+        "127.0.0.1:9093", description="The coordinator's SuperLink address as host:port."
+    )
+    root_certificate: Path | None = Field(
+        None,
+        description="The consortium CA certificate (sites/<name>/tls/ca.pem of "
+        "`fedhealth consortium init`); none = an insecure connection (testing only).",
+    )
+    auth_key: Path | None = Field(
+        None,
+        description="The SuperNode authentication private key (sites/<name>/supernode.key; "
+        "mode 0600); needed when the SuperLink authenticates SuperNodes.",
+    )
+    port: int = Field(
+        9094, ge=1, le=65535, description="Port of this SuperNode's own local API (one per node)."
+    )
+
+    _abs = field_validator("root_certificate", "auth_key")(_resolve_optional)
 
 
 class SiteSection(_Strict):
@@ -141,6 +202,12 @@ class SiteProfile(_Strict):
     site: SiteSection
     datasets: dict[str, DataSource] = Field(min_length=1)
     privacy: PrivacyPolicySection = PrivacyPolicySection()
+    keys: KeysSection | None = Field(
+        None, description="Consortium keys; needed for experiments with privacy.he on."
+    )
+    deploy: DeploySection | None = Field(
+        None, description="How the SuperNode connects in a real deployment (`site start`)."
+    )
 
     @property
     def name(self) -> str:
@@ -151,6 +218,16 @@ class SiteProfile(_Strict):
     def workspace(self) -> Path:
         """The site's own state folder."""
         return self.site.workspace / self.site.name
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's privacy ledger (SQLite), in its workspace."""
+        return self.workspace / "privacy-ledger.sqlite"
+
+    @property
+    def noise_key_path(self) -> Path:
+        """The site's secret key from which its DP noise and sampling are derived."""
+        return self.workspace / "dp-noise.key"
 
 
 def load_site(path: Path) -> SiteProfile:

@@ -26,9 +26,12 @@ from flwr.serverapp import Grid
 
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
+from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.errors import FederationError
+from fedhealth.deploy.checkpoint import resume_point, save_round
+from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize
 from fedhealth.registry.recorder import RunRecorder
@@ -41,6 +44,7 @@ class Refusal:
     site: str
     rule: str
     message: str
+    round: int = 0
 
 
 @dataclass
@@ -57,6 +61,7 @@ class RunSummary:
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
     seconds: float = 0.0
+    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyReport.summary()
 
 
 def input_dim(cfg: ExperimentConfig) -> int:
@@ -121,6 +126,13 @@ class Federation:
         self.recorder = RunRecorder(cfg, tracking_uri)
         self.refusals: list[Refusal] = []
         self.norm_stats: dict[str, Any] | None = None
+        self.run_tags: dict[str, str] = {}  # extra MLflow run tags (deployment: flwr run id)
+        self.resume_from: str | None = None  # MLflow run id to continue (`run --resume`)
+        self.privacy = PrivacyReport(cfg)  # per-site ε as reported; site-level ε accounted here
+        # Encrypted aggregation (privacy.he): None when the experiment runs in plaintext.
+        self.encryption = EncryptedAggregation.for_experiment(
+            cfg, self.strategy, self.recorder, self._split
+        )
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -138,6 +150,7 @@ class Federation:
         for msg in replies:
             if msg.has_error():
                 ref = _refusal(msg)
+                ref.round = round_
                 self.refusals.append(ref)
                 publish("site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message)
             else:
@@ -154,13 +167,37 @@ class Federation:
                 f"{need}. {why}"
             )
 
-    def prepare_for_aggregation(self, round_: int, replies: list[Message]) -> list[Message]:
+    def receive(self, grid: Grid, round_: int, msgs: Iterable[Message]) -> Iterable[Message]:
+        """Send a round's training messages and collect the replies.
+
+        With encryption on, each reply's ciphertexts are added to the running sum as it
+        arrives (memory: one sum plus one reply) and refused contributions come back as
+        error replies.
+        """
+        timeout = self.cfg.experiment.round_timeout
+        if self.encryption is None:
+            return grid.send_and_receive(msgs, timeout=timeout)
+        return self.encryption.receive(grid, round_, msgs, timeout)
+
+    def prepare_for_aggregation(
+        self,
+        round_: int,
+        replies: list[Message],
+        *,
+        grid: Grid | None = None,
+        arrays: ArrayRecord | None = None,
+    ) -> list[Message]:
         """Hook between receiving replies and the strategy's aggregation.
 
-        The plaintext path returns the replies unchanged. Encrypted aggregation
-        overrides it to return one reply carrying the decrypted aggregate.
+        The plaintext path returns the replies unchanged. Encrypted aggregation asks a
+        quorum of sites to decrypt the sum and returns one reply carrying the decrypted
+        weighted mean (``grid`` and the round's global ``arrays`` are then required).
         """
-        return replies
+        if self.encryption is None:
+            return replies
+        if grid is None or arrays is None:
+            raise FederationError(f"round {round_}: encrypted aggregation needs the grid")
+        return self.encryption.aggregate(grid, round_, arrays, replies)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -190,17 +227,22 @@ class Federation:
 
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round of training and aggregation; returns the new global arrays."""
-        msgs = self.strategy.configure_train(round_, arrays, self._config(round_), grid)
-        replies = grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout)
-        ok = self._split(round_, replies)
+        config = self._config(round_)
+        if self.encryption is not None:
+            self.encryption.announce(round_, arrays, config)  # round binding and fresh nonce
+        msgs = self.strategy.configure_train(round_, arrays, config, grid)
+        ok = self._split(round_, self.receive(grid, round_, msgs))
         self._require(round_, ok, "training")
         per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
-            round_, self.prepare_for_aggregation(round_, ok)
+            round_, self.prepare_for_aggregation(round_, ok, grid=grid, arrays=arrays)
         )
         if new_arrays is None:
             raise FederationError(f"round {round_}: the strategy produced no aggregate")
-        self.recorder.log_round(round_, {}, {s: _prefix(m, "train-") for s, m in per_site.items()})
+        strip = self.privacy.training_metrics
+        train = {s: _prefix(strip(m), "train-") for s, m in per_site.items()}
+        self.recorder.log_round(round_, {}, train)
+        self.recorder.log_metrics(self.privacy.observe(round_, ok), round_)
         publish("train-done", round_, sites=per_site)
         return new_arrays
 
@@ -232,7 +274,11 @@ class Federation:
         random.seed(cfg.experiment.seed)  # Flower samples sites with `random`
         model = self.initial_model()
         arrays = ArrayRecord(model.state_dict())
-        run_id = self.recorder.start()
+        if self.resume_from:
+            run_id = self.recorder.reopen(self.resume_from)
+        else:
+            run_id = self.recorder.start(self.run_tags)
+        first, arrays, glob, per_site = resume_point(self, arrays)
         publish(
             "run-started",
             0,
@@ -242,18 +288,20 @@ class Federation:
             tracking_uri=self.tracking_uri,
         )
         status = "FAILED"
-        glob: dict = {}
-        per_site: dict = {}
         try:
-            if cfg.task.normalisation == "consortium":
+            if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
-            for r in range(1, cfg.experiment.rounds + 1):
+            for r in range(first, cfg.experiment.rounds + 1):
                 publish("round-started", r)
                 arrays = self.train_round(grid, r, arrays)
                 if cfg.experiment.fraction_evaluate > 0:
                     glob, per_site = self.evaluate_round(grid, r, arrays)
+                save_round(self, r, arrays, glob, per_site)
             version = self.register(arrays, glob, per_site)
             status = "FINISHED"
+        except FedHealthError as exc:
+            publish("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
+            raise
         finally:
             self.recorder.finish(status)
         summary = RunSummary(
@@ -267,6 +315,7 @@ class Federation:
             site_metrics=per_site,
             refusals=self.refusals,
             seconds=time.time() - t0,
+            privacy=self.privacy.summary(),
         )
         publish("run-finished", cfg.experiment.rounds, summary=summary)
         return summary
@@ -300,7 +349,15 @@ class Federation:
             "fedhealth_version": __version__,
             "global_metrics": glob,
             "site_metrics": per_site,
+            "dp": self.privacy.summary()["mode"],
+            "dp_report": self.privacy.summary(),
+            "dp_tags": self.privacy.tags(),
+            "statistics": "consortium normalisation: exact per-feature sums, sums of squares and "
+            "counts left the sites (outside the DP guarantee)"
+            if self.norm_stats is not None
+            else "none shared",
         }
+        provenance.update(self.encryption.provenance() if self.encryption else {"he": "off"})
         return self.recorder.register(model, example, provenance)
 
 

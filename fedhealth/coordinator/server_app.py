@@ -7,13 +7,13 @@ and on a SuperLink.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.federation import Federation
+from fedhealth.deploy.guard import GuardedGrid
+from fedhealth.deploy.runconfig import experiment_path, resume_run, tracking_uri
 from fedhealth.registry.store import default_tracking_uri
 
 app = ServerApp()
@@ -22,6 +22,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment named in the run config."""
-    cfg = load_experiment(Path(str(context.run_config["experiment"])))
-    uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
-    Federation(cfg, uri).run(grid)
+    rc = dict(context.run_config)
+    cfg = load_experiment(experiment_path(rc))
+    uri = tracking_uri(rc, cfg.tracking.uri, default_tracking_uri())
+    federation = Federation(cfg, uri)
+    federation.run_tags = {"fedhealth.flwr_run_id": str(context.run_id)}
+    federation.resume_from = resume_run(rc)
+    # Never wait forever for sites: Flower's sampler would (see fedhealth.deploy.guard).
+    exp = cfg.experiment
+    federation.run(GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout))

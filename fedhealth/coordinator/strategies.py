@@ -64,6 +64,24 @@ def strategy_class(name: str) -> type[Strategy]:
     return BUILTINS[name] if name in BUILTINS else load_custom(name)
 
 
+def works_under_encryption(cls: type[Strategy]) -> bool:
+    """Whether ``cls`` aggregates only through a weighted mean of the replies.
+
+    True for the weighted-mean built-ins and for subclasses of them that keep their
+    ``aggregate_train`` (e.g. ``strategies/balanced_fedavg.py``, which changes only the
+    weights). A class may declare it explicitly with a class attribute
+    ``weighted_mean_aggregation = True`` (or ``False``).
+    """
+    declared = getattr(cls, "weighted_mean_aggregation", None)
+    if declared is not None:
+        return bool(declared)
+    for base in cls.__mro__:
+        name = next((n for n, b in BUILTINS.items() if b is base), None)
+        if name is not None:
+            return name in WEIGHTED_MEAN and cls.aggregate_train is base.aggregate_train
+    return False
+
+
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
     """Instantiate the experiment's strategy with its options and sampling settings.
 
@@ -71,9 +89,24 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     ------
     ConfigError
         If an option is not a parameter of the strategy (the message lists the
-        accepted ones).
+        accepted ones), or encryption is on and the strategy needs individual updates.
     """
     cls = strategy_class(cfg.strategy.name)
+    if cfg.privacy.he.enabled and not works_under_encryption(cls):
+        raise ConfigError(
+            f"key `strategy.name`: {cls.__name__} needs every site's individual update, but "
+            "with `privacy.he.enabled` the coordinator only ever decrypts their weighted sum. "
+            f"Use a weighted-mean strategy ({', '.join(sorted(WEIGHTED_MEAN))}, or a subclass "
+            "that keeps their aggregate_train) or turn privacy.he off"
+        )
+    dp = cfg.privacy.dp
+    site_level = dp.enabled and dp.mode == "site"
+    if site_level and not works_under_encryption(cls):
+        raise ConfigError(
+            f"key `strategy.name`: site-level DP (`privacy.dp.mode = \"site\"`) calibrates its "
+            f"noise for the plain mean of the sites' clipped updates, but {cls.__name__} "
+            f"aggregates otherwise. Use one of {', '.join(sorted(WEIGHTED_MEAN - {'fedprox'}))}"
+        )
     params = inspect.signature(cls.__init__).parameters
     exp = cfg.experiment
     kwargs: dict[str, Any] = {
@@ -83,6 +116,8 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         "min_evaluate_nodes": exp.min_sites if exp.fraction_evaluate > 0 else 0,
         "min_available_nodes": exp.min_sites,
     }
+    if site_level:
+        kwargs["weighted_by_key"] = "site-weight"  # each site weighs 1 in site mode
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     for key, value in cfg.strategy.options.items():
         if key not in params or key == "self":
@@ -93,6 +128,13 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
             )
         kwargs[key] = value
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"key `strategy.options`: {cls.__name__} rejected them: {exc}") from None
+    if site_level and getattr(strategy, "weighted_by_key", None) != "site-weight":
+        raise ConfigError(
+            f"key `strategy.name`: site-level DP needs every site to weigh the same, but "
+            f"{cls.__name__} weighs replies by {getattr(strategy, 'weighted_by_key', '?')!r}; "
+            "use a strategy that accepts weighted_by_key (e.g. fedavg)"
+        )
+    return strategy

@@ -20,6 +20,7 @@ import fedhealth
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.registry.model_card import render_model_card
+from fedhealth.registry.retry import retrying
 from fedhealth.registry.store import ensure_experiment, use_store
 
 
@@ -57,20 +58,34 @@ class RunRecorder:
 
     def start(self, extra_tags: dict[str, str] | None = None) -> str:
         """Open the run and log the flattened config as params; returns the run id."""
-        exp_id = ensure_experiment(self.client, self.cfg.name, self.tracking_uri)
+        exp_id = retrying(
+            ensure_experiment,
+            self.client,
+            self.cfg.name,
+            self.tracking_uri,
+            what="MLflow experiment",
+        )
         tags = {
             "fedhealth.version": __version__,
             "fedhealth.config_hash": self.cfg.config_hash(),
             "fedhealth.strategy": self.cfg.strategy.name,
         }
         tags.update(extra_tags or {})
-        run = self.client.create_run(exp_id, tags=tags, run_name=f"{self.cfg.name}")
+        run = retrying(
+            self.client.create_run,
+            exp_id,
+            tags=tags,
+            run_name=f"{self.cfg.name}",
+            what="create run",
+        )
         self.run_id = run.info.run_id
         params = self.cfg.flat_params()
         items = list(params.items())
         for i in range(0, len(items), 90):  # MLflow's batch limit is 100 params
-            mlflow.tracking.MlflowClient(self.tracking_uri).log_batch(
+            retrying(
+                mlflow.tracking.MlflowClient(self.tracking_uri).log_batch,
                 self.run_id,
+                what="log params",
                 params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 90]],
             )
         return self.run_id
@@ -85,7 +100,30 @@ class RunRecorder:
             if isinstance(v, (int, float)) and np.isfinite(v)
         ]
         if ms:
-            self.client.log_batch(self.run_id, metrics=ms)
+            retrying(self.client.log_batch, self.run_id, metrics=ms, what=f"log round {step}")
+
+    def reopen(self, run_id: str) -> str:
+        """Continue an interrupted run (``fedhealth run --resume``): mark it running again."""
+        run = retrying(self.client.get_run, run_id, what=f"find run {run_id}")
+        self.run_id = run.info.run_id
+        retrying(self.client.update_run, self.run_id, status="RUNNING", what="reopen run")
+        retrying(self.client.set_tag, self.run_id, "fedhealth.resumed", "true", what="tag run")
+        return self.run_id
+
+    def registered_version(self) -> str | None:
+        """The model version this run already registered (a resumed run never registers twice)."""
+        if not self.run_id:
+            return None
+        run = retrying(self.client.get_run, self.run_id, what="read run tags")
+        tag = run.data.tags.get("fedhealth.registered_version")
+        if tag:
+            return tag.rsplit("/", 1)[-1]
+        found = retrying(
+            self.client.search_model_versions,
+            f"run_id = '{self.run_id}'",
+            what="search model versions",
+        )
+        return str(found[0].version) if found else None
 
     def log_round(self, round_: int, global_m: dict, per_site: dict[str, dict]) -> None:
         """Log a round's global metrics and every site's metrics (``site/<name>/<metric>``)."""
@@ -108,6 +146,9 @@ class RunRecorder:
             The new registered model version, or ``None`` when registration is off.
         """
         name = self.cfg.registered_model
+        existing = self.registered_version()
+        if existing is not None:
+            return existing
         provenance = dict(provenance, registered_model=name, run_id=self.run_id)
         model.eval()
         with torch.no_grad():
@@ -117,8 +158,10 @@ class RunRecorder:
         # MLflow warns that pickles can run code on load; our consumers load what their own
         # consortium registered, and the warning would only alarm the data scientist.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with retrying(mlflow.start_run, run_id=self.run_id, what="open run"):
+            info = retrying(
+                mlflow.pytorch.log_model,
                 model,
                 name="model",
                 signature=signature,
@@ -129,23 +172,24 @@ class RunRecorder:
                 serialization_format="pickle",
                 code_paths=[str(Path(fedhealth.__file__).parent)],
                 pip_requirements=_requirements(model),
+                what="log model",
             )
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model_card.md"
                 path.write_text(card)
-                mlflow.log_artifact(str(path))
+                retrying(mlflow.log_artifact, str(path), what="log model card")
         if not self.cfg.tracking.register_model:
             return None
         try:
-            self.client.get_registered_model(name)
+            retrying(self.client.get_registered_model, name, what="find registered model")
         except mlflow.exceptions.MlflowException:
-            self.client.create_registered_model(
-                name, description=f"Global models of fedhealth experiment {self.cfg.name!r}."
+            retrying(
+                self.client.create_registered_model,
+                name,
+                description=f"Global models of fedhealth experiment {self.cfg.name!r}.",
+                what="create registered model",
             )
-        mv = self.client.create_model_version(
-            name, source=info.model_uri, run_id=self.run_id, description=card
-        )
-        version = str(mv.version)
+        version = self._create_version(name, info.model_uri, card, info.model_id)
         tags = {
             "sites": ",".join(provenance["sites"]),
             "rounds": str(provenance["rounds"]),
@@ -160,12 +204,39 @@ class RunRecorder:
             "he": provenance.get("he", "off"),
             "accuracy": f"{provenance['global_metrics'].get('accuracy', float('nan')):.4f}",
         }
+        # DP mode, accountant, δ, noise and each site's ε (``epsilon/<site>``).
+        tags.update(provenance.get("dp_tags", {}))
+        # HE parameters and the consortium whose keys encrypted the updates.
+        he_keys = ("he_params", "he_consortium")
+        tags.update({k: str(provenance[k]) for k in he_keys if k in provenance})
         for k, v in tags.items():
-            self.client.set_model_version_tag(name, version, k, v)
-        self.client.set_tag(self.run_id, "fedhealth.registered_version", f"{name}/{version}")
+            retrying(self.client.set_model_version_tag, name, version, k, v, what="tag version")
+        retrying(
+            self.client.set_tag,
+            self.run_id,
+            "fedhealth.registered_version",
+            f"{name}/{version}",
+            what="tag run",
+        )
         return version
+
+    def _create_version(
+        self, name: str, source: str, card: str, model_id: str | None = None
+    ) -> str:
+        """Create the model version once, even if a retried request had already succeeded."""
+
+        def create() -> str:
+            existing = self.registered_version()
+            if existing is not None:
+                return existing
+            mv = self.client.create_model_version(
+                name, source=source, run_id=self.run_id, description=card, model_id=model_id
+            )
+            return str(mv.version)
+
+        return retrying(create, what="create model version")
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run (``FINISHED`` or ``FAILED``)."""
         if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+            retrying(self.client.set_terminated, self.run_id, status=status, what="finish run")

@@ -1,9 +1,10 @@
 """One site's side of a round: check the request, train, package the update.
 
-The steps are separate methods so that the privacy layers slot in where the
-design says (docs/architecture.md): the policy and ledger check before
-training, DP-SGD around the optimiser, site-level noise and encryption when
-the update is packaged.
+The steps are separate so that the privacy layers slot in where the design
+says (docs/architecture.md): the policy and ledger check before training
+(:class:`~fedhealth.site.privacy_guard.PrivacyGuard`), DP-SGD around the
+optimiser, site-level noise when the update is packaged, and the ledger charge
+before the reply is built; encryption comes later.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fedhealth.data.normalisation import Standardizer
 from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
+from fedhealth.site.privacy_guard import PrivacyGuard
 from fedhealth.site.trainer import evaluate, train_local
 
 
@@ -33,6 +35,7 @@ class RoundRequest:
     proximal_mu: float = 0.0
     norm_stats: dict[str, Any] | None = None
     weight_exponent: float = 1.0
+    he_enabled: bool = False  # the update must leave encrypted (privacy.he; policy require_he)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RoundRequest:
@@ -46,6 +49,7 @@ class RoundRequest:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             norm_stats=json.loads(str(stats)) if stats else None,
             weight_exponent=float(config.get("weight-exponent", 1.0)),
+            he_enabled=bool(config.get("he-enabled", False)),
         )
 
 
@@ -64,6 +68,10 @@ class SiteRuntime:
         self.profile = profile
         self.request = request
         self.task = request.spec["task"]
+        self.guard = PrivacyGuard(
+            profile, request.experiment, request.round, request.spec, he_enabled=request.he_enabled
+        )
+        self.guard.check_participation("requests")  # before its data is even read
         self.data: SiteData = load_site_data(profile, self.task)
         self._norm: Standardizer | None = None
         torch.set_num_threads(1)  # sites share cores in simulation; avoid oversubscription
@@ -106,8 +114,19 @@ class SiteRuntime:
     def train(
         self, arrays: dict[str, np.ndarray], site_index: int
     ) -> tuple[dict[str, np.ndarray], dict]:
-        """Train locally from the global weights; return new weights and metrics."""
+        """Train locally from the global weights; return new weights and metrics.
+
+        With DP on, the round is admitted by the site's policy and ledger first, and
+        its ε is charged to the ledger (committed and fsynced) before this returns.
+        """
+        guard = self.guard
+        admission = guard.admit(self.data.n_train, self.request.proximal_mu)
         model = self.build_model(arrays)
+        context = (
+            guard.release_context(arrays, self.data.x_train, self.data.y_train)
+            if guard.enabled
+            else {}
+        )
         seed = int(self.request.spec["seed"]) * 100_003 + self.request.round * 1_009 + site_index
         result = train_local(
             model,
@@ -116,15 +135,22 @@ class SiteRuntime:
             self.request.spec["training"],
             seed=seed,
             proximal_mu=self.request.proximal_mu,
+            wrap=guard.dp_sgd(admission, context) if guard.mode == "record" else None,
         )
         new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        if guard.mode == "site":
+            new = guard.privatise_update(new, arrays, context)
         metrics = {
             "num-examples": self.data.n_train,
-            # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg.
-            "site-weight": float(self.data.n_train) ** self.request.weight_exponent,
+            # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg. Site-level
+            # DP needs the plain mean of clipped updates: every site weighs 1.
+            "site-weight": 1.0
+            if guard.mode == "site"
+            else float(self.data.n_train) ** self.request.weight_exponent,
             "train-loss": result.loss,
             "local-steps": result.steps,
         }
+        metrics.update(guard.charge(admission, result.steps))  # durable before any reply
         return new, metrics
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
@@ -134,5 +160,6 @@ class SiteRuntime:
 
     def moments(self) -> dict[str, Any]:
         """Per-feature sums and counts of the training split (consortium normalisation)."""
+        self.guard.check_statistics()
         m = self.data.train_moments()
         return {"count": int(m.count), "sum": m.sum.tolist(), "sumsq": m.sumsq.tolist()}

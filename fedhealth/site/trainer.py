@@ -1,22 +1,42 @@
 """Local training and evaluation at a site.
 
 ``train_local`` is written so that differential privacy slots in without
-reshaping: it takes a ``wrap`` hook that may replace the model, optimiser and
-loader (Opacus's ``make_private`` does exactly that) and reports the number of
+reshaping: it takes a ``wrap`` hook that replaces the model, optimiser, loader
+and loss (Opacus's ``make_private`` does exactly that, see
+:class:`fedhealth.privacy.dp.local.PrivateTraining`) and reports the number of
 optimiser steps it actually ran, which is what a privacy accountant charges.
+Every batch the loader yields is a step -- Poisson sampling may yield an empty
+batch, and DP-SGD still adds its noise on it -- so none is skipped.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple]
+from fedhealth.errors import ConfigError
+
+
+class Wrapped(Protocol):
+    """What a ``wrap`` hook returns (``PrivateTraining`` is one)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data_loader: DataLoader
+    criterion: Any
+
+    def release(self) -> nn.Module:
+        """Undo the wrapping (remove hooks) after training."""
+
+
+Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], Wrapped]
 
 
 @dataclass
@@ -39,6 +59,17 @@ def make_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
     )
 
 
+def _batches(loader: DataLoader, epochs: int, max_steps: int | None):
+    """Every batch of ``epochs`` passes over ``loader``, stopping after ``max_steps``."""
+    steps = 0
+    for _ in range(epochs):
+        for batch in loader:
+            yield batch
+            steps += 1
+            if max_steps and steps >= max_steps:
+                return
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -59,12 +90,15 @@ def train_local(
     spec : dict
         The experiment's ``[training]`` section.
     seed : int
-        Seed of batch order (and of DP noise when wrapped).
+        Seed of batch order. A DP ``wrap`` hook brings its own secret generators
+        for sampling and noise (a public seed must never drive them).
     proximal_mu : float
         FedProx proximal term weight; 0 disables it.
     wrap : callable, optional
-        ``wrap(model, optimizer, loader) -> (model, optimizer, loader)``, e.g. to
-        make training differentially private.
+        ``wrap(model, optimizer, loader) -> Wrapped`` (model, optimizer,
+        data_loader, criterion, release()), e.g. to make training differentially
+        private. The wrapped criterion computes every loss; the hook is released
+        after training.
 
     Returns
     -------
@@ -75,33 +109,40 @@ def train_local(
     ds = TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y))
     loader = DataLoader(ds, batch_size=int(spec["batch_size"]), shuffle=True, generator=gen)
     optimizer = make_optimizer(model, spec)
-    net = model
+    net, loss_fn = model, nn.CrossEntropyLoss()
+    wrapped = None
     if wrap is not None:
-        net, optimizer, loader = wrap(model, optimizer, loader)
+        if proximal_mu > 0:
+            raise ConfigError(
+                "FedProx's proximal term cannot be trained with DP-SGD (it bypasses Opacus's "
+                "per-sample gradients); use another strategy with DP"
+            )
+        wrapped = wrap(model, optimizer, loader)
+        net, optimizer, loader = wrapped.model, wrapped.optimizer, wrapped.data_loader
+        loss_fn = wrapped.criterion
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    loss_fn = nn.CrossEntropyLoss()
-    max_steps = spec.get("max_steps")
     steps, total, seen = 0, 0.0, 0
     net.train()
-    for _ in range(int(spec["local_epochs"])):
-        for xb, yb in loader:
-            if len(yb) == 0:  # Poisson sampling may draw an empty batch
-                continue
-            optimizer.zero_grad()
-            loss = loss_fn(net(xb), yb)
-            if anchor is not None:
-                pairs = zip(model.parameters(), anchor, strict=True)
-                prox = sum(((p - a) ** 2).sum() for p, a in pairs)
-                loss = loss + proximal_mu / 2 * prox
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            total += float(loss.detach()) * len(yb)
-            seen += len(yb)
-            if max_steps and steps >= max_steps:
-                break
-        if max_steps and steps >= max_steps:
-            break
+    try:
+        with warnings.catch_warnings():
+            # Opacus's ghost clipping backpropagates to module outputs; PyTorch warns each time.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for xb, yb in _batches(loader, int(spec["local_epochs"]), spec.get("max_steps")):
+                optimizer.zero_grad()
+                loss = loss_fn(net(xb), yb)
+                if anchor is not None:
+                    pairs = zip(model.parameters(), anchor, strict=True)
+                    prox = sum(((p - a) ** 2).sum() for p, a in pairs)
+                    loss = loss + proximal_mu / 2 * prox
+                loss.backward()
+                optimizer.step()
+                steps += 1  # an empty Poisson batch is a (noise-only) step too
+                if len(yb):
+                    total += float(loss.detach()) * len(yb)
+                    seen += len(yb)
+    finally:
+        if wrapped is not None:
+            wrapped.release()
     return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(y))
 
 

@@ -8,6 +8,8 @@ One entry point per job, accountants swappable by name (``"rdp"``, ``"prv"``):
 * :mod:`~fedhealth.privacy.dp.site_level` -- clip + noise share per site.
 * :mod:`~fedhealth.privacy.dp.policy` -- :func:`check_request` against a site's policy.
 * :mod:`~fedhealth.privacy.dp.ledger` -- the site's durable, hash-chained ledger.
+* :mod:`~fedhealth.privacy.dp.plan` -- a site's σ, q and steps for an experiment.
+* :mod:`~fedhealth.privacy.dp.randomness` -- secret, site-derived seeds for noise and sampling.
 
 Names are imported lazily, so ``fedhealth.privacy.dp.ledger`` and ``.policy``
 load without torch/Opacus.
@@ -40,7 +42,10 @@ _EXPORTS = {
     "PolicyViolation": "policy",
     "PrivacyPolicy": "policy",
     "RoundRequest": "policy",
+    "check_participation": "policy",
     "check_request": "policy",
+    "DPPlan": "plan",
+    "plan_for_site": "plan",
     "add_noise_share": "site_level",
     "clip_update": "site_level",
     "effective_noise_multiplier": "site_level",

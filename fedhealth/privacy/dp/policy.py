@@ -60,6 +60,9 @@ class PrivacyPolicy:
         Experiment names or ``fnmatch`` globs (``"heart-*"``); None = any.
     allowed_models : list of str or None
         Model names or globs; None = any.
+    share_statistics : bool
+        Answer consortium-normalisation queries (exact per-feature sums, sums of
+        squares and counts of the training split; no DP guarantee covers them).
     """
 
     require_dp: bool = True
@@ -70,6 +73,7 @@ class PrivacyPolicy:
     allowed_experiments: list[str] | None = None  # None = any; names or fnmatch globs
     allowed_models: list[str] | None = None
     require_he: bool = False
+    share_statistics: bool = True
 
     @classmethod
     def from_mapping(cls, section: Any) -> PrivacyPolicy:
@@ -167,6 +171,57 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or fnmatchcase(name, p) for p in patterns)
 
 
+def _refuser(site: str, who: str):
+    def refuse(rule: str, why: str, todo: str, cap: Any, value: Any) -> PolicyViolation:
+        return PolicyViolation(f"{who}: {why}. {todo}", rule=rule, site=site, cap=cap, value=value)
+
+    return refuse
+
+
+def check_participation(
+    policy: PrivacyPolicy, site: str, experiment: str, model: str, what: str = "requests"
+) -> None:
+    """Refuse any request of an experiment or model the site does not take part in.
+
+    The first two rules of :func:`check_request`, on their own: sites apply them
+    to evaluation and statistics requests too, which spend no ε.
+
+    Parameters
+    ----------
+    policy : PrivacyPolicy
+        The site's policy.
+    site, experiment, model : str
+        Who is asked, for which experiment and model.
+    what : str
+        What is refused, for the message (e.g. ``"round 3"``).
+
+    Raises
+    ------
+    PolicyViolation
+        ``rule`` is ``allowed_experiments`` or ``allowed_models``.
+    """
+    refuse = _refuser(site, f"site {site!r} refuses {what} of experiment {experiment!r}")
+    if policy.allowed_experiments is not None and not _matches(
+        experiment, list(policy.allowed_experiments)
+    ):
+        raise refuse(
+            "allowed_experiments",
+            f"experiment {experiment!r} is not in the site's allowed experiments "
+            f"{list(policy.allowed_experiments)}",
+            "Ask the site operator to add it to `privacy.allowed_experiments`.",
+            list(policy.allowed_experiments),
+            experiment,
+        )
+    if policy.allowed_models is not None and not _matches(model, list(policy.allowed_models)):
+        raise refuse(
+            "allowed_models",
+            f"model {model!r} is not in the site's allowed models {list(policy.allowed_models)}",
+            "Use an allowed model, or ask the site operator to add it to `privacy.allowed_models`.",
+            list(policy.allowed_models),
+            model,
+        )
+
+
 def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
     """Refuse a round that breaks the site's privacy policy.
 
@@ -183,33 +238,11 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
         At the first rule the round breaks; ``rule`` names it and the message
         names the site, the rule, the cap and the requested/projected value.
     """
-    who = f"site {req.site!r} refuses round {req.round} of experiment {req.experiment!r}"
+    check_participation(policy, req.site, req.experiment, req.model, f"round {req.round}")
+    refuse = _refuser(
+        req.site, f"site {req.site!r} refuses round {req.round} of experiment {req.experiment!r}"
+    )
 
-    def refuse(rule: str, why: str, todo: str, cap: Any, value: Any) -> PolicyViolation:
-        return PolicyViolation(
-            f"{who}: {why}. {todo}", rule=rule, site=req.site, cap=cap, value=value
-        )
-
-    if policy.allowed_experiments is not None and not _matches(
-        req.experiment, list(policy.allowed_experiments)
-    ):
-        raise refuse(
-            "allowed_experiments",
-            f"experiment {req.experiment!r} is not in the site's allowed experiments "
-            f"{list(policy.allowed_experiments)}",
-            "Ask the site operator to add it to `privacy.allowed_experiments`.",
-            list(policy.allowed_experiments),
-            req.experiment,
-        )
-    if policy.allowed_models is not None and not _matches(req.model, list(policy.allowed_models)):
-        raise refuse(
-            "allowed_models",
-            f"model {req.model!r} is not in the site's allowed models "
-            f"{list(policy.allowed_models)}",
-            "Use an allowed model, or ask the site operator to add it to `privacy.allowed_models`.",
-            list(policy.allowed_models),
-            req.model,
-        )
     if policy.require_dp and not req.dp_enabled:
         raise refuse(
             "require_dp",

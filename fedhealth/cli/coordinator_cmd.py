@@ -1,0 +1,102 @@
+"""``fedhealth coordinator start``: the SuperLink and the MLflow tracking server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedhealth.cli.errors import guarded
+
+app = typer.Typer(help="Run the coordinator: SuperLink and MLflow server.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+@guarded
+def start(
+    consortium: Path = typer.Option(
+        Path("workspace/consortium"), "--consortium", help="Directory of `consortium init`."
+    ),
+    workspace: Path = typer.Option(
+        Path("workspace/coordinator"), "--workspace", help="State, MLflow store and logs."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds (0.0.0.0: all)."),
+    port: int = typer.Option(9093, help="The SuperLink's HTTPS port (all its APIs)."),
+    mlflow_host: str = typer.Option("127.0.0.1", help="Address the MLflow server binds."),
+    mlflow_port: int = typer.Option(5000, help="The MLflow server's port."),
+    backend_store_uri: str = typer.Option(
+        None, help="MLflow backend store (default SQLite in the workspace; PostgreSQL URI ok)."
+    ),
+    artifact_root: str = typer.Option(None, help="MLflow artifact destination."),
+    federation: str = typer.Option(
+        "fedhealth", "--federation", help="Name of the flwr connection to write."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="No TLS, no SuperNode authentication (testing only)."
+    ),
+) -> None:
+    """Start the SuperLink (TLS, SuperNode auth, persistent state) and the MLflow server.
+
+    Runs until Ctrl-C or SIGTERM, then stops both cleanly.
+    """
+    from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
+    from fedhealth.deploy.runconfig import TRACKING_ENV
+    from fedhealth.deploy.submit import remember_tracking_uri, write_app_dir
+
+    s = CoordinatorSettings(
+        workspace=workspace,
+        consortium=None if insecure else consortium,
+        host=host,
+        port=port,
+        mlflow_host=mlflow_host,
+        mlflow_port=mlflow_port,
+        backend_store_uri=backend_store_uri,
+        artifact_root=artifact_root,
+        federation=federation,
+    )
+    s.extra_env[TRACKING_ENV] = s.tracking_uri
+    coord = start_coordinator(s)
+    try:
+        remember_tracking_uri(federation, s.tracking_uri)
+        app_dir = write_app_dir(workspace / "flwr-app")
+        console.print(f"[green]coordinator running[/]: SuperLink on {s.host}:{s.port}"
+                      f"{'' if insecure else ' (TLS, SuperNode authentication)'}, "
+                      f"MLflow at {s.tracking_uri}")  # fmt: skip
+        for site, what in coord.registered.items():
+            console.print(f"  SuperNode key of {site}: {what}")
+        console.print(f"  state database: {s.state_db.resolve()}", highlight=False)
+        console.print(f"  MLflow store:   {s.backend()}  artifacts: {s.artifacts()}",
+                      highlight=False)  # fmt: skip
+        console.print(f"  logs:           {s.logs.resolve()}/{{superlink,mlflow}}.log",
+                      highlight=False)  # fmt: skip
+        console.print(
+            f"Submit: fedhealth run EXPERIMENT --federation {federation}   "
+            f"(or: flwr run {app_dir} {federation} -c 'experiment=\"/abs/exp.toml\"')",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print("Ctrl-C stops the coordinator.")
+        dead = coord.group.supervise()
+        if dead is not None:
+            console.print(
+                f"[red]{dead.name} exited (code {dead.proc.returncode}); stopping. "
+                f"Its log: {dead.log}[/]\n{dead.tail()}",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+    finally:
+        coord.group.stop()
+        console.print("coordinator stopped")
+
+
+@app.command("app-dir")
+@guarded
+def app_dir(
+    out: Path = typer.Argument(Path("workspace/coordinator/flwr-app"), help="Folder to write."),
+) -> None:
+    """Write the Flower App folder that `flwr run` submits (fedhealth's installed apps)."""
+    from fedhealth.deploy.submit import write_app_dir
+
+    console.print(f"wrote {write_app_dir(out) / 'pyproject.toml'}", highlight=False)

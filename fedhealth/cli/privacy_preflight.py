@@ -1,0 +1,111 @@
+"""Pre-flight of an experiment's privacy plan against every site's data, policy and ledger.
+
+In simulation every site lives on this machine, so before any training the CLI
+computes each site's DP plan (which fails, naming the key and the site, when δ
+is not below 1/n or a target ε is unreachable) and tells which sites' policies
+will refuse, and from when. A real site makes the same checks itself before
+every round (``fedhealth.site.privacy_guard``); this only moves the bad news
+to before the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.config.site import SiteProfile
+from fedhealth.privacy.dp.accounting import PrivacyAccountant
+from fedhealth.privacy.dp.ledger import PrivacyLedger
+from fedhealth.privacy.dp.plan import DPPlan, plan_for_site
+from fedhealth.privacy.dp.policy import PolicyViolation, PrivacyPolicy, check_request
+from fedhealth.privacy.dp.policy import RoundRequest as PolicyRequest
+
+
+@dataclass
+class SitePrivacyOutlook:
+    """One site's plan, what it will have spent after the run, and any refusal to expect."""
+
+    site: str
+    plan: DPPlan | None
+    epsilon_after_run: float
+    refusal: str | None = None
+
+
+def _history(site: SiteProfile, dataset: str, experiment: str, kind: str):
+    """Earlier charges of this experiment and the dataset's lifetime spend (all kinds)."""
+    if not site.ledger_path.exists():
+        return [], 0.0, 0.0
+    with PrivacyLedger(site.ledger_path) as ledger:
+        history = [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in ledger.entries(dataset)
+            if e.experiment == experiment and e.kind == kind
+        ]
+        before = ledger.spent_in_experiment(dataset, experiment, kind)
+        lifetime = ledger.spent(dataset, "record") + ledger.spent(dataset, "site")
+    return history, before, lifetime
+
+
+def privacy_outlook(
+    cfg: ExperimentConfig, sites: list[SiteProfile], sizes: dict[str, int]
+) -> list[SitePrivacyOutlook]:
+    """Each site's DP plan and policy verdict for the whole run.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    sites : list of SiteProfile
+        Its sites.
+    sizes : dict
+        Site name -> training records (from the data pre-flight).
+
+    Returns
+    -------
+    list of SitePrivacyOutlook
+
+    Raises
+    ------
+    ConfigError
+        A site's plan is impossible (δ >= 1/n, unreachable target ε); the message
+        names the key and the site and states the smallest feasible ε.
+    """
+    spec = cfg.task_spec()
+    dp, rounds = spec["dp"], cfg.experiment.rounds
+    out = []
+    for site in sites:
+        policy = PrivacyPolicy.from_mapping(site.privacy)
+        plan = None
+        projected, other = math.inf, 0.0
+        if dp["enabled"]:
+            plan = plan_for_site(dp, spec["training"], rounds, sizes[site.name], site.name)
+            history, before, lifetime = _history(site, cfg.task.dataset, cfg.name, plan.mode)
+            acc = PrivacyAccountant(site.name, cfg.task.dataset, cfg.name, plan.accountant, history)
+            projected = max(
+                acc.project(
+                    plan.noise_multiplier, plan.sample_rate, plan.planned_steps, plan.delta
+                ),
+                before,
+            )
+            other = lifetime - before
+        request = PolicyRequest(
+            site=site.name,
+            dataset=cfg.task.dataset,
+            experiment=cfg.name,
+            round=rounds,
+            model=cfg.model.name,
+            dp_enabled=plan is not None,
+            noise_multiplier=plan.noise_multiplier if plan else 0.0,
+            delta=plan.delta if plan else 0.0,
+            projected_epsilon_experiment=projected,
+            spent_lifetime_other_experiments=other,
+            he_enabled=cfg.privacy.he.enabled,
+        )
+        refusal = None
+        try:
+            check_request(policy, request)
+        except PolicyViolation as exc:
+            refusal = str(exc)
+        out.append(SitePrivacyOutlook(site.name, plan, projected, refusal))
+    return out

@@ -1,0 +1,81 @@
+"""``fedhealth site``: what a hospital's site operator runs on the site's own machine.
+
+``ledger`` prints the site's privacy spend per dataset and per experiment against
+the caps of its policy, from the site's privacy ledger (verified on open).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedhealth.cli.errors import guarded
+
+app = typer.Typer(
+    help="Run and inspect a hospital site: its privacy ledger and budget.", no_args_is_help=True
+)
+console = Console()
+
+
+@app.command()
+@guarded
+def ledger(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    entries: bool = typer.Option(False, "--entries", help="Also list every charge, oldest first."),
+) -> None:
+    """Print privacy spend per dataset and per experiment against the site's caps."""
+    from fedhealth.cli.ledger_view import print_ledger
+
+    print_ledger(console, profile, entries)
+
+
+@app.command()
+@guarded
+def start(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    superlink: str = typer.Option(
+        None, "--superlink", help="Coordinator's SuperLink host:port (default: [deploy])."
+    ),
+    root_certificate: Path = typer.Option(
+        None, "--root-certificate", help="Consortium CA certificate (default: [deploy])."
+    ),
+    auth_key: Path = typer.Option(
+        None, "--auth-key", help="SuperNode authentication private key (default: [deploy])."
+    ),
+    port: int = typer.Option(None, "--port", help="This SuperNode's local API port."),
+) -> None:
+    """Start this hospital's SuperNode; runs until Ctrl-C or SIGTERM."""
+    from fedhealth.config.site import load_site
+    from fedhealth.deploy.site import NodeSettings, log_path, run_site
+
+    site = load_site(profile)
+    s = NodeSettings.from_profile(
+        site, superlink=superlink, root_certificate=root_certificate, auth_key=auth_key, port=port
+    )
+    s.check(profile)
+    tls = "TLS" if s.root_certificate else "[red]no TLS[/]"
+    console.print(
+        f"[green]site {site.name}[/]: SuperNode connecting to {s.superlink} ({tls}"
+        f"{', authenticated' if s.auth_key else ''}); local API port {s.port}"
+    )
+    console.print(f"  log: {log_path(site)}", highlight=False)
+    console.print(
+        f"  audit log: {site.workspace / 'audit.log'}  (fedhealth site audit)", highlight=False
+    )
+    console.print("Ctrl-C stops the site.")
+    run_site(profile, site, s, say=lambda m: console.print(m, highlight=False))
+    console.print(f"site {site.name} stopped")
+
+
+@app.command()
+@guarded
+def audit(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
+) -> None:
+    """Print the site's audit log: requests received, refused, and what left the site."""
+    from fedhealth.cli.audit_view import print_audit
+
+    print_audit(console, profile, as_json)

@@ -1,0 +1,191 @@
+"""The coordinator's account of an experiment's differential privacy.
+
+Record mode: each site accounts its own ε (it alone knows its data size and
+what it ran) and reports it with every update; the coordinator records what the
+sites report, per round and cumulative, and never needs their data.
+
+Site mode: the coordinator runs the site-level accountant. Each round the
+aggregate carries the noise shares of the ``m`` sites that replied, i.e. noise
+multiplier ``σ·sqrt(m/k)`` for ``k`` expected sites
+(:func:`~fedhealth.privacy.dp.site_level.effective_noise_multiplier`); rounds
+compose with sample rate 1 (no amplification by sampling is claimed: Flower's
+site sampling is neither independent nor secret). This ε protects each whole
+hospital in the released global models; while updates travel in the clear the
+coordinator itself sees each site's single noise share, which each site
+accounts for in its own ledger (and reports as its ``epsilon``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message
+
+from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.privacy.dp.accounting import epsilon_for_history
+from fedhealth.privacy.dp.site_level import effective_noise_multiplier
+
+#: Privacy metrics a site adds to its training reply (``PrivacyGuard.charge``).
+REPLY_METRICS = ("epsilon", "epsilon-round", "dp-steps", "noise-multiplier", "sample-rate", "delta")
+
+
+class PrivacyReport:
+    """Per-site ε as the sites report it, and the site-level ε the coordinator accounts.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (its ``[privacy.dp]`` section).
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.dp = cfg.dp_spec()
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.site_level_history: list[tuple[float, float, int]] = []
+        self.site_level_epsilon: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the experiment trains with DP."""
+        return bool(self.dp["enabled"])
+
+    @staticmethod
+    def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+        """A reply's metrics without the privacy ones (those are logged on their own)."""
+        return {k: v for k, v in metrics.items() if k not in REPLY_METRICS}
+
+    def observe(self, round_: int, replies: Iterable[Message]) -> dict[str, float]:
+        """Record one round's training replies; return the MLflow metrics to log.
+
+        Parameters
+        ----------
+        round_ : int
+            The round.
+        replies : iterable of Message
+            The round's successful training replies.
+
+        Returns
+        -------
+        dict
+            ``site/<name>/epsilon`` (cumulative for the experiment at that site),
+            ``site/<name>/epsilon-round``, ``site/<name>/dp-steps``,
+            ``site/<name>/noise-multiplier`` and, in site mode,
+            ``global/site_level_epsilon``.
+        """
+        out: dict[str, float] = {}
+        if not self.enabled:
+            return out
+        reporting = 0
+        for msg in replies:
+            m = dict(msg.content["metrics"])
+            if "epsilon" not in m:
+                continue
+            reporting += 1
+            site = str(msg.content["site"]["name"])
+            s = self.sites.setdefault(site, {"dp-steps": 0, "rounds": 0})
+            s["rounds"] += 1
+            s["dp-steps"] += int(m["dp-steps"])
+            s["last-round"] = round_
+            for key in ("epsilon", "noise-multiplier", "sample-rate", "delta"):
+                s[key] = float(m[key])
+            s["dp-path"] = str(msg.content["site"].get("dp-path", ""))
+            for key in ("epsilon", "epsilon-round", "dp-steps", "noise-multiplier"):
+                out[f"site/{site}/{key}"] = float(m[key])
+        if self.dp["mode"] == "site":
+            sigma = effective_noise_multiplier(
+                float(self.dp["site_noise_multiplier"]), int(self.dp["expected_sites"]), reporting
+            )
+            self.site_level_history.append((sigma, 1.0, 1))
+            self.site_level_epsilon = epsilon_for_history(
+                self.site_level_history, float(self.dp["delta"]), str(self.dp["accountant"])
+            )
+            out["global/site_level_epsilon"] = self.site_level_epsilon
+        return out
+
+    def describe(self) -> str:
+        """One line for model cards and summaries."""
+        if not self.enabled:
+            return "differential privacy off"
+        d = self.dp
+        if d["mode"] == "record":
+            noise = (
+                f"noise multiplier {d['noise_multiplier']:g}"
+                if d["noise_multiplier"] is not None
+                else f"noise calibrated per site to ε={d['target_epsilon']:g} over the plan"
+            )
+            return (
+                f"record-level DP-SGD (Opacus, Poisson sampling), {noise}, per-sample clipping "
+                f"norm {d['max_grad_norm']:g}, δ={d['delta']:g}, {d['accountant']} accountant"
+            )
+        eps = (
+            ""
+            if self.site_level_epsilon is None
+            else f", site-level ε={self.site_level_epsilon:.4g}"
+        )
+        return (
+            f"site-level DP: each site clips its update to norm {d['clip_norm']:g} and adds its "
+            f"share of noise multiplier {d['site_noise_multiplier']:g} over "
+            f"{d['expected_sites']} expected sites, δ={d['delta']:g}, {d['accountant']} "
+            f"accountant{eps}"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What the run spent: mode, accountant, δ and each site's final ε.
+
+        Returns
+        -------
+        dict
+            ``mode`` ("off", "record" or "site"), ``description``, ``accountant``,
+            ``delta``, ``sites`` (name -> epsilon, noise-multiplier, sample-rate,
+            dp-steps, rounds, dp-path) and ``site_level_epsilon`` (site mode).
+        """
+        if not self.enabled:
+            return {"mode": "off", "description": self.describe(), "sites": {}}
+        return {
+            "mode": self.dp["mode"],
+            "description": self.describe(),
+            "accountant": self.dp["accountant"],
+            "delta": float(self.dp["delta"]),
+            "max_grad_norm": self.dp["max_grad_norm"] if self.dp["mode"] == "record" else None,
+            "sites": {k: dict(v) for k, v in sorted(self.sites.items())},
+            "site_level_epsilon": self.site_level_epsilon,
+        }
+
+    def tags(self) -> dict[str, str]:
+        """Registered-model-version tags: DP mode, accountant, δ, noise, each site's ε."""
+        s = self.summary()
+        if s["mode"] == "off":
+            return {"dp": "off"}
+        tags = {
+            "dp": s["mode"],
+            "dp_accountant": s["accountant"],
+            "dp_delta": f"{s['delta']:g}",
+        }
+        sites = s["sites"]
+        noises = sorted({f"{v['noise-multiplier']:.4g}" for v in sites.values()})
+        tags["dp_noise_multiplier"] = (
+            ",".join(f"{k}={v['noise-multiplier']:.4g}" for k, v in sites.items())
+            if len(noises) > 1
+            else (noises[0] if noises else "")
+        )
+        if s["mode"] == "record":
+            tags["dp_max_grad_norm"] = f"{s['max_grad_norm']:g}"
+        else:
+            tags["dp_clip_norm"] = f"{self.dp['clip_norm']:g}"
+            tags["dp_site_noise_multiplier"] = f"{self.dp['site_noise_multiplier']:g}"
+            if s["site_level_epsilon"] is not None:
+                tags["epsilon_site_level"] = f"{s['site_level_epsilon']:.4g}"
+        for site, v in sites.items():
+            tags[f"epsilon/{site}"] = f"{v['epsilon']:.4g}"
+        if sites:
+            tags["epsilon_max"] = f"{max(v['epsilon'] for v in sites.values()):.4g}"
+        return tags
+
+
+def format_epsilon(eps: float | None) -> str:
+    """ε for tables: 4 significant digits, ``-`` when unknown, ``∞`` when unbounded."""
+    if eps is None:
+        return "-"
+    return "∞" if math.isinf(eps) else f"{eps:.4g}"

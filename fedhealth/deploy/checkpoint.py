@@ -1,0 +1,181 @@
+"""Round checkpoints of a federated run, as MLflow artifacts of the run itself.
+
+After every completed round the coordinator logs ``checkpoints/round-NNNN.npz``: the
+global arrays, the strategy's state (server-optimiser moments such as FedAdam's
+``m_t``/``v_t``, FedAvgM's momentum) and a JSON header (round, consortium statistics,
+the sampler's random state). ``fedhealth run --resume RUN_ID`` restores the newest one
+and continues with the next round in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhealth.errors import FederationError
+from fedhealth.registry.retry import retrying
+
+ARTIFACT_DIR = "checkpoints"
+_SKIP = {"current_arrays"}  # recomputed by configure_train every round
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to continue after its last completed round."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's array state: attributes holding ndarrays, dicts or lists of them."""
+    out: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if name in _SKIP or name.startswith("_"):
+            continue
+        if isinstance(value, np.ndarray) or (
+            isinstance(value, (dict, list))
+            and value
+            and all(
+                isinstance(v, np.ndarray)
+                for v in (value.values() if isinstance(value, dict) else value)
+            )
+        ):
+            out[name] = value
+    return out
+
+
+def restore_strategy(strategy: Any, state: dict[str, Any]) -> None:
+    """Put saved array state back on the strategy."""
+    for name, value in state.items():
+        setattr(strategy, name, value)
+
+
+def _pack(ck: Checkpoint) -> bytes:
+    arrays: dict[str, np.ndarray] = {f"g/{k}": v for k, v in ck.arrays.items()}
+    layout: dict[str, Any] = {}
+    for name, value in ck.strategy_state.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"s/{name}"] = value
+            layout[name] = "array"
+        elif isinstance(value, dict):
+            layout[name] = {"dict": list(value)}
+            arrays.update({f"s/{name}/{k}": v for k, v in value.items()})
+        else:
+            layout[name] = {"list": len(value)}
+            arrays.update({f"s/{name}/{i}": v for i, v in enumerate(value)})
+    header = dict(ck.meta, round=ck.round, strategy_layout=layout, globals=list(ck.arrays))
+    buf = io.BytesIO()
+    np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    return buf.getvalue()
+
+
+def _unpack(blob: bytes) -> Checkpoint:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        header = json.loads(bytes(z["__header__"]).decode())
+        arrays = {k: z[f"g/{k}"] for k in header.pop("globals")}
+        state: dict[str, Any] = {}
+        for name, how in header.pop("strategy_layout").items():
+            if how == "array":
+                state[name] = z[f"s/{name}"]
+            elif "dict" in how:
+                state[name] = {k: z[f"s/{name}/{k}"] for k in how["dict"]}
+            else:
+                state[name] = [z[f"s/{name}/{i}"] for i in range(how["list"])]
+    return Checkpoint(int(header.pop("round")), arrays, state, header)
+
+
+def save_checkpoint(client: Any, run_id: str, ck: Checkpoint) -> None:
+    """Log ``ck`` as ``checkpoints/round-NNNN.npz`` of MLflow run ``run_id``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"round-{ck.round:04d}.npz"
+        path.write_bytes(_pack(ck))
+        retrying(client.log_artifact, run_id, str(path), ARTIFACT_DIR, what="log checkpoint")
+
+
+def load_latest(client: Any, run_id: str) -> Checkpoint | None:
+    """The newest checkpoint of MLflow run ``run_id`` (``None`` if it has none)."""
+    files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
+    names = sorted(f.path for f in files if f.path.endswith(".npz"))
+    if not names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = retrying(
+            client.download_artifacts, run_id, names[-1], tmp, what="download checkpoint"
+        )
+        try:
+            return _unpack(Path(local).read_bytes())
+        except (OSError, ValueError, KeyError) as exc:
+            raise FederationError(
+                f"checkpoint {names[-1]} of MLflow run {run_id} is unreadable ({exc}); "
+                "start a new run instead of resuming"
+            ) from exc
+
+
+def random_state() -> list:
+    """The sampler's random state, JSON-serialisable."""
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_random_state(state: list) -> None:
+    """Restore :func:`random_state`."""
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def save_round(fed: Any, round_: int, arrays: Any, glob: dict, per_site: dict) -> None:
+    """Checkpoint a completed round of federation ``fed`` (a coordinator ``Federation``)."""
+    meta: dict[str, Any] = {
+        "norm_stats": fed.norm_stats,
+        "random_state": random_state(),
+        "global_metrics": glob,
+        "site_metrics": per_site,
+    }
+    for part in ("privacy", "encryption"):  # optional state of the privacy layers
+        obj = getattr(fed, part, None)
+        if obj is not None and hasattr(obj, "state_dict"):
+            meta[part] = obj.state_dict()
+    arrs = {k: v.numpy() for k, v in arrays.items()}
+    ck = Checkpoint(round_, arrs, strategy_state(fed.strategy), meta)
+    save_checkpoint(fed.recorder.client, fed.recorder.run_id, ck)
+
+
+def resume_point(fed: Any, arrays: Any) -> tuple[int, Any, dict, dict]:
+    """Where federation ``fed`` starts: round 1 with ``arrays``, or after its last checkpoint.
+
+    Returns
+    -------
+    tuple
+        The first round to run, the global arrays, and the last global and per-site
+        evaluation metrics (empty for a fresh run).
+    """
+    if not getattr(fed, "resume_from", None):
+        return 1, arrays, {}, {}
+    from flwr.app import Array, ArrayRecord
+
+    ck = load_latest(fed.recorder.client, fed.recorder.run_id)
+    if ck is None:
+        return 1, arrays, {}, {}
+    restore_strategy(fed.strategy, ck.strategy_state)
+    fed.norm_stats = ck.meta.get("norm_stats")
+    set_random_state(ck.meta["random_state"])
+    for part in ("privacy", "encryption"):
+        obj = getattr(fed, part, None)
+        if obj is not None and part in ck.meta and hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(ck.meta[part])
+    restored = ArrayRecord({k: Array(v) for k, v in ck.arrays.items()})
+    return (
+        ck.round + 1,
+        restored,
+        ck.meta.get("global_metrics", {}),
+        ck.meta.get("site_metrics", {}),
+    )

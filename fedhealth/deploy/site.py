@@ -1,0 +1,145 @@
+"""A hospital's SuperNode: ``fedhealth site start PROFILE``.
+
+The SuperNode connects to the coordinator's SuperLink with the consortium CA and its
+authentication key, and tells the ClientApp which site it serves with the node
+config ``profile="<absolute path of the site profile>"``. Its log goes to
+``<site workspace>/logs/supernode.log``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedhealth.config.site import SiteProfile
+from fedhealth.deploy.processes import Child, ProcessGroup, venv_bin
+from fedhealth.errors import ConfigError
+
+
+@dataclass
+class NodeSettings:
+    """Where the SuperNode connects and with which keys (profile ``[deploy]`` + CLI)."""
+
+    superlink: str
+    root_certificate: Path | None
+    auth_key: Path | None
+    port: int
+
+    @classmethod
+    def from_profile(cls, profile: SiteProfile, **overrides) -> NodeSettings:
+        """The profile's ``[deploy]`` section with CLI overrides (``None`` = keep)."""
+        d = profile.deploy
+        base = {
+            "superlink": d.superlink if d else "127.0.0.1:9093",
+            "root_certificate": d.root_certificate if d else None,
+            "auth_key": d.auth_key if d else None,
+            "port": d.port if d else 9094,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def check(self, profile_path: Path) -> None:
+        """Fail early, naming the file and key, if a key file is missing."""
+        for key, path in (("root_certificate", self.root_certificate), ("auth_key", self.auth_key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(
+                    f"{profile_path}: key `deploy.{key}`: {path} does not exist; copy it from "
+                    "the consortium directory (sites/<name>/) written by "
+                    "`fedhealth consortium init`"
+                )
+
+
+def supernode_argv(profile_path: Path, s: NodeSettings) -> list[str]:
+    """The ``flower-supernode`` command line for one site."""
+    argv = [
+        str(venv_bin() / "flower-supernode"),
+        "--superlink", s.superlink,
+        "--port", str(s.port),
+        "--node-config", f'profile="{Path(profile_path).resolve()}"',
+    ]  # fmt: skip
+    if s.root_certificate is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(Path(s.root_certificate).resolve())]
+    if s.auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(Path(s.auth_key).resolve())]
+    return argv
+
+
+def log_path(profile: SiteProfile) -> Path:
+    """The SuperNode's log file."""
+    return profile.workspace / "logs" / "supernode.log"
+
+
+def start_site(
+    profile_path: Path,
+    profile: SiteProfile,
+    s: NodeSettings,
+    group: ProcessGroup | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[ProcessGroup, Child]:
+    """Start the site's SuperNode and wait until its local API listens."""
+    s.check(profile_path)
+    group = group or ProcessGroup()
+    child = group.start(
+        f"SuperNode of {profile.name}", supernode_argv(profile_path, s), log_path(profile), env
+    )
+    try:
+        group.wait_port(child, "127.0.0.1", s.port, timeout=60)
+    except BaseException:
+        group.stop()
+        raise
+    return group, child
+
+
+def run_site(
+    profile_path: Path,
+    profile: SiteProfile,
+    s: NodeSettings,
+    say=print,
+    retry_delay: float = 3.0,
+) -> int:
+    """Run the site's SuperNode until SIGINT/SIGTERM, restarting it when the SuperLink
+    refuses to activate it (coordinator down, or this site's previous session not yet
+    expired after a crash: Flower keeps a node online for two 30 s heartbeats).
+
+    Returns
+    -------
+    int
+        0 after a clean stop.
+    """
+    import signal
+    import time
+
+    stop = {"flag": False}
+
+    def handler(signum, frame) -> None:
+        stop["flag"] = True
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    group = ProcessGroup()
+    try:
+        while not stop["flag"]:
+            group.children.clear()
+            child = group.start(
+                f"SuperNode of {profile.name}",
+                supernode_argv(profile_path, s),
+                log_path(profile),
+            )
+            while not stop["flag"] and child.proc.poll() is None:
+                time.sleep(0.3)
+            if stop["flag"]:
+                break
+            reason = "refused activation" if "activate" in child.tail(20) else "exited"
+            say(
+                f"the SuperNode {reason} (code {child.proc.returncode}); restarting in "
+                f"{retry_delay:.0f} s - see {child.log}"
+            )
+            deadline = time.time() + retry_delay
+            while not stop["flag"] and time.time() < deadline:
+                time.sleep(0.2)
+        return 0
+    finally:
+        group.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)

@@ -1,0 +1,115 @@
+"""Secret randomness for a site's DP noise and Poisson sampling, reproducible at that site.
+
+DP-SGD is only private if nobody else can predict its noise or its batches. An
+experiment's seed is public (it is in the config), so it must never seed them.
+Instead each site keeps a 256-bit secret key in its workspace (created once from
+the OS's entropy, readable by the site's user only) and derives every seed as
+
+    HMAC-SHA256(key, purpose | experiment | round | digest of the request,
+                 of the global weights and of the training data)
+
+Identical inputs give identical noise, so a rerun of the very same round
+reproduces the very same update (a repeated release reveals nothing new); any
+change to the request, the global model or the data gives fresh, independent
+noise, so two releases never share noise that a difference could cancel.
+Deleting the key only makes the next runs unreproducible, never less private.
+
+The derived 63-bit seed drives torch's (or numpy's) generator, as Opacus's own
+non-secure mode does; it is not hardened against floating-point attacks
+(Mironov 2012). Opacus's ``secure_mode`` needs ``torchcsprng``, which is not
+installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhealth.errors import FedHealthError
+
+KEY_BYTES = 32
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Read the site's secret noise key, creating it (mode 0600) on first use.
+
+    Parameters
+    ----------
+    path : Path
+        The key file in the site's workspace.
+
+    Returns
+    -------
+    bytes
+        32 secret bytes.
+
+    Raises
+    ------
+    FedHealthError
+        If the file exists but is not a key.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise FedHealthError(
+            f"{path} is not a DP noise key ({len(key)} bytes, expected {KEY_BYTES}). Move it "
+            "away; the site creates a new one (earlier runs then cannot be reproduced)."
+        )
+    return key
+
+
+def digest_arrays(arrays: dict[str, np.ndarray] | Iterable[np.ndarray]) -> str:
+    """SHA-256 over arrays (by sorted name for a dict), dtype and shape included.
+
+    Parameters
+    ----------
+    arrays : dict of name -> array, or iterable of arrays
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    h = hashlib.sha256()
+    items = sorted(arrays.items()) if isinstance(arrays, dict) else enumerate(arrays)
+    for name, a in items:
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def derive_seed(key: bytes, purpose: str, context: dict[str, Any]) -> int:
+    """A 63-bit seed from the site's key, a purpose label and the round's context.
+
+    Parameters
+    ----------
+    key : bytes
+        The site's secret key.
+    purpose : str
+        E.g. ``"dp-sgd-noise"``, ``"poisson-sampling"``, ``"site-noise"``.
+    context : dict
+        JSON-serialisable description of the release (experiment, round, digests).
+
+    Returns
+    -------
+    int
+    """
+    msg = json.dumps([purpose, context], sort_keys=True, separators=(",", ":")).encode()
+    return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest()[:8], "big") >> 1

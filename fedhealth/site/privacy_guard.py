@@ -1,0 +1,399 @@
+"""A site's privacy gate for one round: policy and ledger before training, the charge after.
+
+One round at a site, in this order (docs/privacy.md):
+
+1. :meth:`PrivacyGuard.admit` -- the site computes its own DP plan (σ, q, steps;
+   :mod:`fedhealth.privacy.dp.plan`), rebuilds the experiment's accountant from
+   its ledger (every earlier charge of this experiment on this dataset, so a
+   restarted site resumes its spend), projects the ε after this round and checks
+   the request against its policy. A refusal raises ``PolicyViolation``.
+2. Training: :meth:`PrivacyGuard.dp_sgd` is the ``wrap`` hook of
+   :func:`fedhealth.site.trainer.train_local` (Opacus DP-SGD with the site's
+   secret sampling and noise); site mode instead clips and noises the whole
+   update (:meth:`PrivacyGuard.privatise_update`).
+3. :meth:`PrivacyGuard.charge` -- the ε of the steps actually run is committed and
+   fsynced to the ledger. Only then is the reply built; a crash before this point
+   releases nothing, a crash after it over-counts at worst.
+
+The ledger's ``experiment`` is the experiment's *name*: every run of an
+experiment at a site composes into one accountant history, so a per-experiment
+cap cannot be side-stepped by rerunning it. Across experiments, spend adds up
+(basic composition) into the dataset's lifetime spend; record- and site-level ε
+are both counted against the lifetime budget (a site-level guarantee also bounds
+every single record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedhealth.config.site import SiteProfile
+from fedhealth.errors import ConfigError, FedHealthError
+from fedhealth.privacy.dp.accounting import PrivacyAccountant
+from fedhealth.privacy.dp.ledger import PrivacyLedger
+from fedhealth.privacy.dp.plan import DPPlan, plan_for_site
+from fedhealth.privacy.dp.policy import (
+    PolicyViolation,
+    PrivacyPolicy,
+    check_participation,
+    check_request,
+)
+from fedhealth.privacy.dp.policy import RoundRequest as PolicyRequest
+from fedhealth.privacy.dp.randomness import derive_seed, digest_arrays, load_or_create_key
+from fedhealth.privacy.dp.site_level import add_noise_share, clip_update
+from fedhealth.site.trainer import Wrap
+
+#: Models whose per-sample gradients only work on PyTorch's expanded-weights path
+#: (in-place tensor ops in ``forward``; see fedhealth.privacy.dp.local).
+EW_ONLY_MODELS = ("resnet18",)
+
+
+@dataclass
+class Admission:
+    """A round the site agreed to train, and what it will cost.
+
+    Attributes
+    ----------
+    plan : DPPlan or None
+        The site's DP plan (None when DP is off).
+    accountant : PrivacyAccountant or None
+        The experiment's accountant before this round (restored from the ledger).
+    spent_before : float
+        The experiment's ε on this dataset before this round (ledger).
+    projected : float
+        The experiment's ε after this round, if it runs as planned.
+    """
+
+    plan: DPPlan | None
+    accountant: PrivacyAccountant | None
+    spent_before: float = 0.0
+    projected: float = math.inf
+
+
+def _with_rule(exc: FedHealthError, rule: str) -> FedHealthError:
+    exc.rule = rule  # type: ignore[attr-defined]  # the site's error reply names it
+    return exc
+
+
+class PrivacyGuard:
+    """The privacy side of one request to a site.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        The site's profile (policy, workspace with ledger and noise key).
+    experiment : str
+        Experiment name.
+    round_ : int
+        Round number.
+    spec : dict
+        The task spec the coordinator sent (``ExperimentConfig.task_spec``).
+    he_enabled : bool
+        Whether this round's update leaves encrypted (policy rule ``require_he``).
+    """
+
+    def __init__(
+        self,
+        profile: SiteProfile,
+        experiment: str,
+        round_: int,
+        spec: dict,
+        he_enabled: bool = False,
+    ) -> None:
+        self.profile = profile
+        self.site = profile.name
+        self.experiment = experiment
+        self.round = int(round_)
+        self.spec = spec
+        self.dataset = str(spec["task"]["dataset"])
+        self.model_name = str(spec["model"]["name"])
+        self.dp: dict[str, Any] = spec.get("dp") or {"enabled": False}
+        self.policy = PrivacyPolicy.from_mapping(profile.privacy)
+        self.he_enabled = he_enabled
+        self.grad_sample_mode: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the experiment trains with DP."""
+        return bool(self.dp.get("enabled"))
+
+    @property
+    def mode(self) -> str | None:
+        """``"record"``, ``"site"`` or None (DP off)."""
+        return str(self.dp["mode"]) if self.enabled else None
+
+    # -- checks that spend nothing -----------------------------------------------------------
+
+    def check_participation(self, what: str) -> None:
+        """Refuse requests of experiments or models the site does not take part in."""
+        check_participation(self.policy, self.site, self.experiment, self.model_name, what)
+
+    def check_statistics(self) -> None:
+        """Refuse a statistics query unless the site shares exact training-split sums."""
+        self.check_participation("the statistics query")
+        if not self.policy.share_statistics:
+            raise PolicyViolation(
+                f"site {self.site!r} refuses the statistics query of experiment "
+                f"{self.experiment!r}: its policy does not share exact per-feature sums "
+                '(`privacy.share_statistics = false`). Use `task.normalisation = "site"` or '
+                '"none", or ask the site operator to allow it.',
+                rule="share_statistics",
+                site=self.site,
+                cap=False,
+                value=True,
+            )
+
+    # -- before training -----------------------------------------------------------------------
+
+    def plan(self, n_train: int) -> DPPlan:
+        """This site's DP plan for the experiment (ConfigError names key and site)."""
+        try:
+            return plan_for_site(
+                self.dp, self.spec["training"], int(self.spec["rounds"]), n_train, self.site
+            )
+        except ConfigError as exc:
+            raise _with_rule(exc, "dp_plan") from None
+
+    def admit(self, n_train: int, proximal_mu: float = 0.0) -> Admission:
+        """Check the round against the policy and the ledger before any training.
+
+        Parameters
+        ----------
+        n_train : int
+            The site's training records.
+        proximal_mu : float
+            FedProx's proximal weight asked for (refused with DP).
+
+        Returns
+        -------
+        Admission
+
+        Raises
+        ------
+        PolicyViolation
+            A rule of the site's policy refuses the round (``rule`` names it).
+        ConfigError
+            The DP plan is impossible here (δ >= 1/n, unreachable target ε), or
+            FedProx is combined with DP.
+        """
+        if not self.enabled:
+            # Without DP the round's ε is unbounded: any ε cap refuses it, so the ledger
+            # need not even be read.
+            check_request(self.policy, self._request(None, math.inf, 0.0))
+            return Admission(plan=None, accountant=None)
+        if proximal_mu > 0:
+            raise _with_rule(
+                ConfigError(
+                    f"site {self.site!r}, round {self.round}: FedProx (proximal_mu="
+                    f"{proximal_mu:g}) cannot be trained with DP-SGD -- its proximal term "
+                    "bypasses Opacus's per-sample gradients. Use another strategy with DP."
+                ),
+                "fedprox_with_dp",
+            )
+        plan = self.plan(n_train)
+        with self._ledger() as ledger:
+            history = [
+                (e.noise_multiplier, e.sample_rate, e.steps)
+                for e in ledger.entries(self.dataset)
+                if e.experiment == self.experiment and e.kind == plan.mode
+            ]
+            before = ledger.spent_in_experiment(self.dataset, self.experiment, plan.mode)
+            lifetime = ledger.spent(self.dataset, "record") + ledger.spent(self.dataset, "site")
+        acc = PrivacyAccountant(
+            self.site, self.dataset, self.experiment, plan.accountant, history=history
+        )
+        projected = max(
+            acc.project(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.delta),
+            before,
+        )
+        check_request(self.policy, self._request(plan, projected, lifetime - before))
+        return Admission(plan, acc, before, projected)
+
+    def _request(self, plan: DPPlan | None, projected: float, other: float) -> PolicyRequest:
+        return PolicyRequest(
+            site=self.site,
+            dataset=self.dataset,
+            experiment=self.experiment,
+            round=self.round,
+            model=self.model_name,
+            dp_enabled=plan is not None,
+            noise_multiplier=plan.noise_multiplier if plan else 0.0,
+            delta=plan.delta if plan else 0.0,
+            projected_epsilon_experiment=projected,
+            spent_lifetime_other_experiments=other,
+            he_enabled=self.he_enabled,
+        )
+
+    def _ledger(self) -> PrivacyLedger:
+        try:
+            return PrivacyLedger(self.profile.ledger_path)
+        except FedHealthError as exc:
+            raise _with_rule(exc, "ledger") from None
+
+    # -- training ------------------------------------------------------------------------------
+
+    def release_context(self, arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict:
+        """What this round's release depends on, for deriving its secret seeds."""
+        return {
+            "site": self.site,
+            "experiment": self.experiment,
+            "round": self.round,
+            "spec": hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest(),
+            "weights": digest_arrays(arrays),
+            "data": digest_arrays([x, y]),
+        }
+
+    def _generator(self, purpose: str, context: dict) -> torch.Generator:
+        key = load_or_create_key(self.profile.noise_key_path)
+        return torch.Generator().manual_seed(derive_seed(key, purpose, context))
+
+    def dp_sgd(self, admission: Admission, context: dict) -> Wrap:
+        """The ``wrap`` hook of ``train_local``: Opacus DP-SGD with the site's secret RNG.
+
+        Parameters
+        ----------
+        admission : Admission
+            From :meth:`admit` (record mode).
+        context : dict
+            From :meth:`release_context`.
+
+        Returns
+        -------
+        callable
+            ``wrap(model, optimizer, loader) -> PrivateTraining``.
+        """
+        from fedhealth.privacy.dp.local import make_private
+
+        plan = admission.plan
+        assert plan is not None and plan.mode == "record"
+        mode = str(self.dp.get("grad_sample_mode", "auto"))
+        if mode == "auto" and self.model_name in EW_ONLY_MODELS:
+            mode = "ew"
+
+        def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
+            secret = DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                generator=self._generator("poisson-sampling", context),
+            )
+            pt = make_private(
+                model,
+                optimizer,
+                secret,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=float(self.dp["max_grad_norm"]),
+                grad_sample_mode=mode,
+                noise_generator=self._generator("dp-sgd-noise", context),
+                site=self.site,
+            )
+            if abs(pt.sample_rate - plan.sample_rate) > 1e-12:
+                pt.release()
+                raise FedHealthError(
+                    f"site {self.site!r}, round {self.round}: Opacus samples at q="
+                    f"{pt.sample_rate!r} but the privacy plan charges q={plan.sample_rate!r}; "
+                    "refusing to train with an accountant that would be wrong"
+                )
+            self.grad_sample_mode = pt.grad_sample_mode
+            return pt
+
+        return wrap
+
+    def privatise_update(
+        self, new: dict[str, np.ndarray], old: dict[str, np.ndarray], context: dict
+    ) -> dict[str, np.ndarray]:
+        """Site mode: clip the whole update ``new - old`` and add this site's noise share.
+
+        Parameters
+        ----------
+        new, old : dict of name -> array
+            Locally trained and global weights.
+        context : dict
+            From :meth:`release_context`.
+
+        Returns
+        -------
+        dict of name -> array
+            ``old + clip(new - old) + noise share``, same names, shapes and dtypes.
+        """
+        names = sorted(new)
+        flat = np.concatenate(
+            [(new[k].astype(np.float64) - old[k].astype(np.float64)).ravel() for k in names]
+        )
+        clipped, _ = clip_update(flat, float(self.dp["clip_norm"]))
+        key = load_or_create_key(self.profile.noise_key_path)
+        rng = np.random.default_rng(derive_seed(key, "site-noise", context))
+        noisy = add_noise_share(
+            clipped,
+            float(self.dp["site_noise_multiplier"]),
+            float(self.dp["clip_norm"]),
+            int(self.dp["expected_sites"]),
+            rng,
+        )
+        out, i = {}, 0
+        for k in names:
+            size = new[k].size
+            delta = noisy[i : i + size].reshape(new[k].shape)
+            out[k] = (old[k].astype(np.float64) + delta).astype(new[k].dtype)
+            i += size
+        self.grad_sample_mode = "site-level"
+        return out
+
+    # -- after training ------------------------------------------------------------------------
+
+    def charge(self, admission: Admission, local_steps: int) -> dict[str, float]:
+        """Commit the round's ε to the ledger (fsynced); returns the reply's privacy metrics.
+
+        Call it after training and before the reply is built.
+
+        Parameters
+        ----------
+        admission : Admission
+            From :meth:`admit`.
+        local_steps : int
+            DP-SGD steps actually run (record mode; site mode releases once per round).
+
+        Returns
+        -------
+        dict
+            ``epsilon`` (the experiment's cumulative ε at this site), ``epsilon-round``,
+            ``dp-steps``, ``noise-multiplier``, ``sample-rate``, ``delta``; empty when DP
+            is off.
+        """
+        plan, acc = admission.plan, admission.accountant
+        if plan is None or acc is None:
+            return {}
+        steps = int(local_steps) if plan.mode == "record" else 1
+        acc.step(plan.noise_multiplier, plan.sample_rate, steps)
+        # Never below what is already recorded (e.g. an earlier run used another δ or accountant).
+        total = max(acc.epsilon(plan.delta), admission.spent_before)
+        with self._ledger() as ledger:
+            ledger.charge(
+                dataset=self.dataset,
+                experiment=self.experiment,
+                round=self.round,
+                epsilon_increment=total - admission.spent_before,
+                epsilon_experiment_total=total,
+                delta=plan.delta,
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=steps,
+                accountant=plan.accountant,
+                kind=plan.mode,
+            )
+        return {
+            "epsilon": total,
+            "epsilon-round": total - admission.spent_before,
+            "dp-steps": steps,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "delta": plan.delta,
+        }
