@@ -14,9 +14,12 @@ repetition so that machine load hits both alike, and prints medians of:
   sign, per round) and, with ``benchmarks/he_costs.py``'s protocol run, for a 100 k vector
   and a ~7 M-parameter MONAI DenseNet121 update (bytes and seconds).
 
-Differential privacy is switched off in both runs (``--keep-dp`` keeps the experiment's
-setting): the comparison isolates encryption, and repeated runs do not spend the sites'
-ε budget. The sites' data and the consortium keys are written to a temporary directory.
+Differential privacy is switched off in both runs, and the temporary copies of the site
+profiles are relaxed to allow that (``--keep-dp`` keeps the experiment's and sites' settings):
+the comparison isolates encryption (with DP on, the sites' noise is derived from the global
+weights they receive, so the two runs would draw different noise after round 1), and
+repeated runs do not spend ε. The sites' data and the consortium keys are written to a
+temporary directory.
 
 Usage::
 
@@ -68,6 +71,21 @@ def _variant(base: Path, out: Path, name: str, he: bool, keep_dp: bool, rounds: 
     path = out / f"{name}.toml"
     path.write_text(tomli_w.dumps(doc))
     return path
+
+
+def _relax_sites(folder: Path) -> None:
+    """Let the copied site profiles take part without DP (no ε caps, no required DP)."""
+    for path in folder.glob("*.toml"):
+        doc = tomllib.loads(path.read_text())
+        policy = doc.get("privacy", {})
+        policy["require_dp"] = False
+        for cap in (
+            "min_noise_multiplier",
+            "max_epsilon_per_experiment",
+            "lifetime_epsilon_budget",
+        ):
+            policy.pop(cap, None)
+        path.write_text(tomli_w.dumps(doc))
 
 
 def _run(path: Path, uri: str) -> dict[str, Any]:
@@ -183,6 +201,8 @@ def main() -> None:
     try:
         for folder in ("experiments", "sites", "strategies"):
             shutil.copytree(ROOT / folder, work / folder)
+        if not args.keep_dp:
+            _relax_sites(work / "sites")
         os.chdir(work)
         write_demo_data(work / "workspace" / "demo-data", SITES, seed=0)
         ensure_consortium(work / "workspace" / "consortium", SITES, SITES[0])

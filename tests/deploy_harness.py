@@ -27,7 +27,7 @@ def write_experiment(root: Path, name: str, sites: list[str], **over) -> Path:
 name = "{name}"
 sites = [{", ".join(f'"sites/{s}.toml"' for s in sites)}]
 rounds = {rounds}
-min_sites = 2
+min_sites = {over.get("min_sites", 2)}
 seed = 7
 round_timeout = {over.get("round_timeout", 25)}
 
@@ -60,8 +60,11 @@ registered_model = "{name}"
     return path
 
 
-def write_site(root: Path, site: str, data: Path, port: int, superlink: str, tls: bool) -> Path:
-    """A site profile whose [deploy] section points at the provisioned keys."""
+def write_site(
+    root: Path, site: str, data: Path, port: int, superlink: str, tls: bool, extra: str = ""
+) -> Path:
+    """A site profile whose [deploy] section points at the provisioned keys; ``extra`` is
+    appended (more datasets, a privacy policy)."""
     keys = root / "consortium" / "sites" / site
     deploy = f'superlink = "{superlink}"\nport = {port}\n'
     if tls:
@@ -77,7 +80,8 @@ kind = "tabular"
 path = "{data / site / "breast-cancer.csv"}"
 
 [deploy]
-{deploy}"""
+{deploy}
+{extra}"""
     path = root / "sites" / f"{site}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

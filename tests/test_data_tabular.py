@@ -355,6 +355,23 @@ def test_split_is_deterministic_stratified_and_sorted():
     assert not np.array_equal(c, test)
 
 
+def test_split_gives_the_same_rows_as_sklearn():
+    """The sklearn-free split draws exactly what sklearn's train_test_split draws."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(6, 300)), int(rng.integers(1, 5))
+        y = rng.integers(0, k, size=n)
+        frac, seed = float(rng.uniform(0.1, 0.6)), int(rng.integers(0, 10_000))
+        counts = np.unique(y, return_counts=True)[1]
+        n_test = int(np.ceil(frac * n))
+        strat = counts.size > 1 and counts.min() >= 3 and min(n_test, n - n_test) >= counts.size
+        ref = train_test_split(np.arange(n), test_size=frac, random_state=seed, shuffle=True,
+                               stratify=y if strat else None)  # fmt: skip
+        ours = train_test_split_indices(y, frac, seed)
+        for a, b in zip(ours, ref, strict=True):
+            assert np.array_equal(a, np.sort(b)), (n, k, frac, seed)
+
+
 def test_split_falls_back_when_a_class_is_tiny():
     y = np.array([0] * 20 + [1])  # sklearn cannot stratify a class of one
     train, test = train_test_split_indices(y, 0.3, seed=0)

@@ -117,10 +117,10 @@ def world(tmp_path_factory) -> Path:
 
 
 def experiment(
-    world: Path, *, he: bool = True, strategy: str = 'name = "fedavg"', edits=None
+    world: Path, *, he: bool = True, strategy: str = 'name = "fedavg"', edits=None, name=None
 ) -> ExperimentConfig:
     """Write and load an experiment over the world's three sites."""
-    name = f"toy-{uuid.uuid4().hex[:6]}"
+    name = name or f"toy-{uuid.uuid4().hex[:6]}"
     text = EXPERIMENT.format(
         name=name,
         sites=", ".join(f'"../sites/{s}.toml"' for s in SITES),
@@ -168,9 +168,13 @@ class LocalGrid:
     in transit (a network attacker or a cheating site). ``log`` keeps every raw reply.
     """
 
-    def __init__(self, world: Path, sites=tuple(SITES), on_request=None, on_reply=None):
+    def __init__(
+        self, world: Path, sites=None, on_request=None, on_reply=None, roster=tuple(SITES)
+    ):
+        # ``roster``: every site of the experiment in its order (the site index seeds training).
         self.nodes = {
-            100 + SITES.index(s): (s, world / "sites" / f"{s}.toml", SITES.index(s)) for s in sites
+            100 + roster.index(s): (s, world / "sites" / f"{s}.toml", roster.index(s))
+            for s in (sites or roster)
         }
         self.on_request: Hook | None = on_request
         self.on_reply: Hook | None = on_reply
@@ -318,6 +322,22 @@ def test_server_optimisers_and_custom_weights_apply_to_the_decrypted_aggregate(
     a = he_fed.train_round(LocalGrid(world), 1, start)
     b = plain_fed.train_round(LocalGrid(world), 1, start)
     assert np.max(np.abs(flat(a) - flat(b))) < 1e-4
+
+
+def test_dp_noise_is_in_the_update_before_encryption(world, stub_mlflow):
+    dp_table = "[privacy.dp]\nenabled = true\nnoise_multiplier = 1.0\ndelta = 1e-3\n\n"
+    dp = {"[privacy.he]": dp_table + "[privacy.he]"}
+    name = f"dp-{uuid.uuid4().hex[:6]}"  # the sites derive their DP noise from the experiment
+    he_fed = Federation(experiment(world, he=True, edits=dp, name=name), "unused")
+    plain_fed = Federation(experiment(world, he=False, edits=dp, name=name), "unused")
+    start = initial(he_fed)
+    with_he = he_fed.train_round(LocalGrid(world), 1, start)
+    without_he = plain_fed.train_round(LocalGrid(world), 1, start)
+    assert np.max(np.abs(flat(with_he) - flat(without_he))) < 1e-5  # the same noisy update
+    no_dp = Federation(experiment(world, he=False), "unused").train_round(
+        LocalGrid(world), 1, start
+    )
+    assert np.max(np.abs(flat(with_he) - flat(no_dp))) > 1e-3  # and it is noisy
 
 
 # --------------------------------------------------------------------------- bad contributions
@@ -677,6 +697,25 @@ def test_demo_consortium_is_created_once_and_never_rekeyed(tmp_path):
 # --------------------------------------------------------------------------- real simulations
 
 
+def _relax_sites(folder: Path) -> None:
+    """Let the quickstart's sites take part without DP (to compare encryption alone)."""
+    import tomllib
+
+    import tomli_w
+
+    for path in folder.glob("*.toml"):
+        doc = tomllib.loads(path.read_text())
+        policy = doc.get("privacy", {})
+        policy["require_dp"] = False
+        for cap in (
+            "min_noise_multiplier",
+            "max_epsilon_per_experiment",
+            "lifetime_epsilon_budget",
+        ):
+            policy.pop(cap, None)
+        path.write_text(tomli_w.dumps(doc))
+
+
 def _toggle(text: str, table: str, enabled: bool) -> str:
     """Set ``enabled`` of one ``[table]`` of an experiment TOML (other tables untouched)."""
     head, sep, rest = text.partition(f"[{table}]\n")
@@ -689,8 +728,16 @@ def _toggle(text: str, table: str, enabled: bool) -> str:
 
 
 @pytest.mark.slow
-def test_simulated_federation_with_he_matches_plaintext(tmp_path_factory, root):
-    """Two real Flower simulations, same seed: HE on vs off give the same model."""
+def test_simulated_federation_with_he_matches_plaintext_and_a_stopped_run_loses_nothing(
+    tmp_path_factory, root, flower_identity
+):
+    """A real Flower simulation with HE (the quickstart, 2 rounds) against the plaintext run.
+
+    The plaintext run of the same experiment and seed goes through the same ServerApp and
+    ClientApp code in-process (``LocalGrid``), which is bit-for-bit what Flower's simulation
+    computes and saves a second ~25 s simulation. Then a run whose decryption is forged
+    stops cleanly and leaves everything already stored intact.
+    """
     import mlflow
     from typer.testing import CliRunner
 
@@ -700,28 +747,42 @@ def test_simulated_federation_with_he_matches_plaintext(tmp_path_factory, root):
     work = tmp_path_factory.mktemp("he-sim")
     for folder in ("experiments", "sites", "strategies"):
         shutil.copytree(root / folder, work / folder)
+    _relax_sites(work / "sites")
+    roster = ("st-olav", "karolinska", "charite")  # the quickstart's order
     old = Path.cwd()
     os.chdir(work)
     try:
         result = runner.invoke(app, ["demo-data"])
         assert result.exit_code == 0, result.output
-        assert "consortium" in result.output
-        text = (
-            (work / "experiments" / "quickstart.toml")
-            .read_text()
-            .replace("rounds = 5", "rounds = 2")
-        )
-        text = _toggle(text, "privacy.dp", False)  # compare encryption alone
+        text = (work / "experiments" / "quickstart.toml").read_text()
+        # DP off to compare encryption alone: the sites' DP noise is derived from the global
+        # weights they receive, so after round 1 it would differ between the two runs.
+        text = _toggle(text.replace("rounds = 5", "rounds = 2"), "privacy.dp", False)
         he_exp, plain_exp = work / "experiments" / "he.toml", work / "experiments" / "plain.toml"
         he_exp.write_text(_toggle(text, "privacy.he", True))
         plain_exp.write_text(_toggle(text, "privacy.he", False))
-        result = runner.invoke(app, ["run", str(he_exp), str(plain_exp)], env={"COLUMNS": "200"})
+        result = runner.invoke(app, ["run", str(he_exp)], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
+        assert "encrypted aggregation on" in result.output
+        uri = f"sqlite:///{work / 'workspace' / 'mlflow' / 'mlflow.db'}"
+        Federation(load_experiment(plain_exp), uri).run(LocalGrid(work, roster=roster))
+
+        # A run whose decryption request is forged stops cleanly.
+        def forge(site: str, msg: Message) -> Message:
+            if msg.metadata.message_type == DECRYPT_MESSAGE_TYPE:
+                msg.content[REQUEST_RECORD]["round"] = 99
+            return msg
+
+        with pytest.raises(FederationError, match="decryption quorum failed"):
+            Federation(load_experiment(he_exp), uri).run(
+                LocalGrid(work, roster=roster, on_request=forge)
+            )
     finally:
         os.chdir(old)
-    uri = f"sqlite:///{work / 'workspace' / 'mlflow' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
+    versions = client.search_model_versions("name='quickstart-breast-cancer'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # the stopped run added none
     he_v, plain_v = (client.get_model_version("quickstart-breast-cancer", v) for v in ("1", "2"))
     assert he_v.tags["he"] == "on" and "N=8192" in he_v.tags["he_params"]
     assert plain_v.tags["he"] == "off"
@@ -734,6 +795,9 @@ def test_simulated_federation_with_he_matches_plaintext(tmp_path_factory, root):
     assert run.data.params["he.poly_modulus_degree"] == "8192"
     per_param = client.get_metric_history(he_v.run_id, "he/bytes_per_param_per_site")
     assert len(per_param) == 2 and per_param[-1].value > 16
+    exp = client.get_experiment_by_name("quickstart")
+    statuses = [r.info.status for r in client.search_runs([exp.experiment_id])]
+    assert sorted(statuses) == ["FAILED", "FINISHED", "FINISHED"]
 
 
 def test_cohort_binding_blocks_cross_site_differencing(world, stub_mlflow):

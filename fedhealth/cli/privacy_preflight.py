@@ -18,7 +18,12 @@ from fedhealth.config.site import SiteProfile
 from fedhealth.privacy.dp.accounting import PrivacyAccountant
 from fedhealth.privacy.dp.ledger import PrivacyLedger
 from fedhealth.privacy.dp.plan import DPPlan, plan_for_site
-from fedhealth.privacy.dp.policy import PolicyViolation, PrivacyPolicy, check_request
+from fedhealth.privacy.dp.policy import (
+    PolicyViolation,
+    PrivacyPolicy,
+    check_participation,
+    check_request,
+)
 from fedhealth.privacy.dp.policy import RoundRequest as PolicyRequest
 
 
@@ -104,7 +109,10 @@ def privacy_outlook(
         )
         refusal = None
         try:
-            check_request(policy, request)
+            if policy.applies_to(cfg.task.dataset):
+                check_request(policy, request)
+            else:
+                check_participation(policy, site.name, cfg.name, cfg.model.name, "requests")
         except PolicyViolation as exc:
             refusal = str(exc)
         out.append(SitePrivacyOutlook(site.name, plan, projected, refusal))

@@ -42,17 +42,16 @@ def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePr
     if dp.enabled:
         mode = "record-level DP-SGD" if dp.mode == "record" else "site-level DP"
         console.print(
-            f"  privacy: {mode}, δ={dp.delta:g}, {dp.accountant} accountant; planned per site:",
+            f"  privacy: {mode}, δ={dp.delta:g}, {dp.accountant} accountant; each site plans:",
             highlight=False,
         )
         for o in outlook:
             p = o.plan
             assert p is not None
             console.print(
-                f"    {o.site}: noise multiplier {p.noise_multiplier:.4g}, sample rate "
-                f"{p.sample_rate:.4g}, {p.steps_per_round} step(s)/round -> ε "
-                f"{p.planned_epsilon():.4g} this run, {format_epsilon(o.epsilon_after_run)} for "
-                "the experiment at this site",
+                f"    {o.site}: σ {p.noise_multiplier:.4g}, q {p.sample_rate:.4g}, "
+                f"{p.steps_per_round} steps/round -> ε {p.planned_epsilon():.4g} this run, "
+                f"{format_epsilon(o.epsilon_after_run)} in all runs",
                 highlight=False,
             )
     else:

@@ -115,6 +115,11 @@ class PrivacyPolicySection(_Strict):
     allowed_models: list[str] | None = Field(
         None, description="Model names the site trains; none = any."
     )
+    exempt_datasets: list[str] = Field(
+        default_factory=list,
+        description="Datasets without personal data (synthetic or public): the DP rules and "
+        "ε caps above do not apply to them; experiments and models are still checked.",
+    )
     share_statistics: bool = Field(
         True,
         description="Answer consortium-normalisation queries: exact per-feature sums, sums of "

@@ -1,11 +1,17 @@
-"""Deterministic train/test splits of one site's rows."""
+"""Deterministic train/test splits of one site's rows.
+
+The split is scikit-learn's ``train_test_split`` (``ShuffleSplit`` /
+``StratifiedShuffleSplit``), re-implemented exactly — same random draws, same rows — so
+that the site runtime, which starts a new process for every message, does not import
+scikit-learn (about 1.3 s). ``tests/test_data_tabular.py`` checks it against
+scikit-learn.
+"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedhealth.errors import DataError
 
@@ -19,7 +25,8 @@ def train_test_split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split row indices into train and test sets, deterministically.
 
-    Uses :func:`sklearn.model_selection.train_test_split`, so the test set has
+    Gives the rows of :func:`sklearn.model_selection.train_test_split` (with
+    ``shuffle=True, random_state=seed``), so the test set has
     ``ceil(test_fraction * n)`` rows and the train set the rest. FLamby's
     Fed-Heart-Disease split (``test_fraction=0.34, seed=43``) gives 199/104,
     172/89, 30/16 and 85/45 rows on its four centres, the same rows as FLamby.
@@ -66,11 +73,47 @@ def train_test_split_indices(
         and counts.min() >= MIN_PER_CLASS_TO_STRATIFY
         and min(n_test, n - n_test) >= counts.size
     )
-    train, test = train_test_split(
-        np.arange(n),
-        test_size=test_fraction,
-        random_state=seed,
-        shuffle=True,
-        stratify=y if can_stratify else None,
-    )
+    rng = np.random.RandomState(seed)
+    if can_stratify:
+        train, test = _stratified(y, n - n_test, n_test, rng)
+    else:
+        perm = rng.permutation(n)
+        train, test = perm[n_test:], perm[:n_test]
     return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def _stratified(
+    y: np.ndarray, n_train: int, n_test: int, rng: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split of scikit-learn's ``StratifiedShuffleSplit`` (the same draws of ``rng``)."""
+    _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, count in enumerate(class_counts):
+        rows = class_indices[i].take(rng.permutation(count), mode="clip")
+        train.extend(rows[: n_i[i]])
+        test.extend(rows[n_i[i] : n_i[i] + t_i[i]])
+    return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)
+
+
+def _approximate_mode(
+    class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """Rows per class of ``n_draws`` draws: scikit-learn's ``_approximate_mode``
+    (floor of the proportional share, remainders by largest fraction, ties by ``rng``)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)

@@ -95,13 +95,17 @@ def _privacy_section(dp: dict[str, Any]) -> list[str]:
             f"{v.get('sample-rate', 0):.4g} | {v.get('dp-steps', 0)} | {v.get('rounds', 0)} | "
             f"{v.get('dp-path') or '-'} |"
         )
+    counted = (
+        "every local DP-SGD step of every round the site ran (empty Poisson batches included)"
+        if dp["mode"] == "record"
+        else "every noisy update the site released"
+    )
     lines += [
         "",
-        "ε counts every local step of every round the site ran (empty Poisson batches "
-        "included), composed over every run of this experiment at that site, and was charged "
-        "to the site's privacy ledger before its update left the site. Not covered: the "
-        "evaluation metrics sites report on their held-out split, counts, and any shared "
-        "normalisation statistics.",
+        f"Each site's ε counts {counted}, composed over every run of this experiment at that "
+        "site, and was charged to the site's privacy ledger before its update left the site. "
+        "Not covered: the evaluation metrics sites report on their held-out split, counts, and "
+        "any shared normalisation statistics.",
         "",
     ]
     return lines

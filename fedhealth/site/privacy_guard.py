@@ -185,10 +185,14 @@ class PrivacyGuard:
             The DP plan is impossible here (δ >= 1/n, unreachable target ε), or
             FedProx is combined with DP.
         """
+        exempt = not self.policy.applies_to(self.dataset)
         if not self.enabled:
             # Without DP the round's ε is unbounded: any ε cap refuses it, so the ledger
             # need not even be read.
-            check_request(self.policy, self._request(None, math.inf, 0.0))
+            if exempt:
+                self.check_participation(f"round {self.round}")
+            else:
+                check_request(self.policy, self._request(None, math.inf, 0.0))
             return Admission(plan=None, accountant=None)
         if proximal_mu > 0:
             raise _with_rule(
@@ -215,7 +219,10 @@ class PrivacyGuard:
             acc.project(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.delta),
             before,
         )
-        check_request(self.policy, self._request(plan, projected, lifetime - before))
+        if exempt:
+            self.check_participation(f"round {self.round}")
+        else:
+            check_request(self.policy, self._request(plan, projected, lifetime - before))
         return Admission(plan, acc, before, projected)
 
     def _request(self, plan: DPPlan | None, projected: float, other: float) -> PolicyRequest:

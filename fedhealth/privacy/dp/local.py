@@ -13,7 +13,7 @@ DenseNet121 on 1x64x64 at batch 16). All four train with both ``hooks`` and
 ================================  =======  ============  =============================
 model                             hooks    ghost         ``auto`` picks
 ================================  =======  ============  =============================
-Sequential(Linear) log. reg.      1.3 ms   1.3 ms        ghost (all params in Linear)
+Sequential(Linear) log. reg.      1.3 ms   1.3 ms        hooks (batch x params < 1e6)
 MLP with LayerNorm (512 wide)     678 ms   23 ms         ghost (Linear ≈ all params)
 small CNN with GroupNorm          252 ms   315 ms        hooks (conv params dominate)
 MONAI DenseNet121 (GroupNorm 8)   1.10 s   1.28 s        hooks (conv params dominate)
@@ -25,10 +25,15 @@ has ghost norm samplers only for ``Linear`` and ``Embedding``; every other
 layer falls back to materialising its per-sample gradients, plus a second
 backward pass. So ghost wins when Linear/Embedding hold most parameters and
 loses on conv nets. ``auto`` picks ghost iff at least ``GHOST_MIN_FRACTION`` of
-the trainable parameters sit in ghost-capable layers and no parameter is
-shared, else hooks. ``"ew"`` (PyTorch expanded weights) and ``"functorch"``
-may be requested explicitly; ``ew`` fails on DenseNet121 (a PyTorch
-expanded-weights view error in conv) and is never picked automatically.
+the trainable parameters sit in ghost-capable layers, no parameter is shared,
+and the work it saves is large enough: batch size x ghost-capable parameters of
+at least ``GHOST_MIN_WORK`` (below it the second backward pass costs more than
+materialising per-sample gradients: the quickstart's 30-32-2 MLP at batch 16
+takes 1.2 ms per step with hooks and 1.8 ms with ghost; a 30-128-128-2 MLP at
+batch 64 takes 5.1 ms with hooks and 2.6 ms with ghost). Else hooks.
+``"ew"`` (PyTorch expanded weights) and ``"functorch"`` may be requested
+explicitly; ``ew`` fails on DenseNet121 (a PyTorch expanded-weights view error
+in conv) and is never picked automatically.
 
 In-place activations (``ReLU(inplace=True)``, as in MONAI's DenseNet121) break
 Opacus's backward hooks ("Output 0 of BackwardHookFunction is a view and is
@@ -72,6 +77,10 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "ew", "functorch")
 #: ``auto`` uses ghost clipping when at least this fraction of the trainable
 #: parameters is in layers Opacus can ghost-clip (Linear, Embedding).
 GHOST_MIN_FRACTION = 0.5
+
+#: ... and when batch size x those parameters reaches this (measured crossover,
+#: ``benchmarks/dp_throughput.py``); without a batch size this condition is skipped.
+GHOST_MIN_WORK = 1_000_000
 
 
 @dataclass
@@ -223,12 +232,15 @@ def validate_model(model: nn.Module, site: str | None = None) -> None:
         )
 
 
-def pick_grad_sample_mode(model: nn.Module) -> str:
+def pick_grad_sample_mode(model: nn.Module, batch_size: int | None = None) -> str:
     """The per-sample-gradient path ``auto`` uses for ``model``: "ghost" or "hooks".
 
     Parameters
     ----------
     model : nn.Module
+    batch_size : int, optional
+        Expected batch size; with it, ghost is picked only when batch size x
+        ghost-capable parameters is at least ``GHOST_MIN_WORK``.
 
     Returns
     -------
@@ -249,7 +261,8 @@ def pick_grad_sample_mode(model: nn.Module) -> str:
             total += p.numel()
             if type(module) in ghost_types:
                 in_ghost += p.numel()
-    if total and in_ghost / total >= GHOST_MIN_FRACTION and _ghost_api_available():
+    enough = batch_size is None or int(batch_size) * in_ghost >= GHOST_MIN_WORK
+    if total and in_ghost / total >= GHOST_MIN_FRACTION and enough and _ghost_api_available():
         return "ghost"
     return "hooks"
 
@@ -401,7 +414,7 @@ def make_private(
 
     mode = grad_sample_mode
     if mode == "auto":
-        mode = pick_grad_sample_mode(model)
+        mode = pick_grad_sample_mode(model, getattr(data_loader, "batch_size", None))
         notes.append(f"grad_sample_mode auto -> {mode}")
     elif mode == "ghost" and not _ghost_api_available():
         raise ConfigError(

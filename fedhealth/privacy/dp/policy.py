@@ -60,6 +60,9 @@ class PrivacyPolicy:
         Experiment names or ``fnmatch`` globs (``"heart-*"``); None = any.
     allowed_models : list of str or None
         Model names or globs; None = any.
+    exempt_datasets : list of str
+        Datasets without personal data (synthetic, public): only the
+        participation rules apply to them (see :meth:`applies_to`).
     share_statistics : bool
         Answer consortium-normalisation queries (exact per-feature sums, sums of
         squares and counts of the training split; no DP guarantee covers them).
@@ -73,7 +76,21 @@ class PrivacyPolicy:
     allowed_experiments: list[str] | None = None  # None = any; names or fnmatch globs
     allowed_models: list[str] | None = None
     require_he: bool = False
+    exempt_datasets: tuple[str, ...] = ()
     share_statistics: bool = True
+
+    def applies_to(self, dataset: str) -> bool:
+        """Whether the DP rules and ε caps apply to ``dataset`` (not exempt).
+
+        Parameters
+        ----------
+        dataset : str
+
+        Returns
+        -------
+        bool
+        """
+        return dataset not in self.exempt_datasets
 
     @classmethod
     def from_mapping(cls, section: Any) -> PrivacyPolicy:
@@ -93,7 +110,10 @@ class PrivacyPolicy:
         elif not isinstance(section, dict):
             section = vars(section)
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in section.items() if k in names})
+        values = {k: v for k, v in section.items() if k in names}
+        if values.get("exempt_datasets") is not None:
+            values["exempt_datasets"] = tuple(values["exempt_datasets"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,198 @@
+"""DP-SGD training throughput against non-private training, side by side in one run.
+
+For each model the same batches train once without privacy (plain optimiser) and once with
+fedhealth's DP-SGD (:func:`fedhealth.privacy.dp.local.make_private`: per-sample gradients,
+clipping, noise), interleaved repetition by repetition so that both see the same machine
+state. Each timing is the median over ``--reps`` repetitions of ``--steps`` optimiser steps
+on fixed-size batches (examples/s = batch size x steps / seconds); the ratio is
+non-private / DP throughput, i.e. how many times slower DP-SGD is. One thread, as each
+simulated site trains (``SiteRuntime`` sets ``torch.set_num_threads(1)``).
+
+Models: the quickstart's tabular MLP (30 features, hidden [32], LayerNorm), a wider MLP,
+Heart-Disease's logistic regression (at heart-disease-dp's batch 64), the imaging
+``small_cnn`` ([16, 32] channels, GroupNorm, 32x32) and MONAI DenseNet121 (GroupNorm,
+1x64x64) on a few batches. DP paths: ``auto`` (what sites use; ghost clipping only when
+Linear layers hold most parameters and batch x parameters is large, else hooks) and, for
+comparison, another path.
+
+Usage::
+
+    python benchmarks/dp_throughput.py              # all models (about 2-3 minutes)
+    python benchmarks/dp_throughput.py --quick      # tabular and small_cnn only
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from fedhealth.models import build_model  # noqa: E402
+from fedhealth.privacy.dp.local import make_private  # noqa: E402
+
+
+@dataclass
+class Case:
+    """One model to time: how to build it, its input shape and batch size."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    batch: int
+    steps: int
+    modes: tuple[str, ...]
+
+
+def cases(quick: bool, steps: int) -> list[Case]:
+    """The models of the benchmark."""
+    out = [
+        Case(
+            "quickstart MLP (30-32-2)",
+            lambda: build_model({"name": "mlp", "hidden": [32]}, 30, 2, seed=0),
+            (30,),
+            16,
+            steps * 4,
+            ("auto", "ghost"),
+        ),
+        Case(
+            "MLP (30-128-128-2)",
+            lambda: build_model({"name": "mlp", "hidden": [128, 128]}, 30, 2, seed=0),
+            (30,),
+            64,
+            steps * 4,
+            ("auto", "hooks"),
+        ),
+        Case(
+            "logistic regression (13-2)",
+            lambda: build_model({"name": "logistic_regression"}, 13, 2, seed=0),
+            (13,),
+            64,
+            steps * 4,
+            ("auto", "ghost"),
+        ),
+        Case(
+            "small_cnn [16,32] 32x32",
+            lambda: build_model(
+                {"name": "small_cnn", "channels": [16, 32], "groups": 8}, 1, 2, seed=0
+            ),
+            (1, 32, 32),
+            16,
+            steps,
+            ("auto", "ghost"),
+        ),
+    ]
+    if not quick:
+        out.append(
+            Case(
+                "DenseNet121 1x64x64",
+                lambda: build_model({"name": "densenet121", "groups": 8}, 1, 2, seed=0),
+                (1, 64, 64),
+                8,
+                max(steps // 4, 3),
+                ("auto",),
+            )
+        )
+    return out
+
+
+def _batches(case: Case, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(case.batch, *case.shape, generator=gen), torch.randint(0, 2, (case.batch,)))
+        for _ in range(n_batches)
+    ]
+
+
+def _time_plain(model: nn.Module, batches) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def _private(model: nn.Module, case: Case, mode: str):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ds = TensorDataset(torch.zeros(case.batch * 8, *case.shape), torch.zeros(case.batch * 8))
+    loader = DataLoader(ds, batch_size=case.batch)
+    return make_private(
+        model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode
+    )
+
+
+def _time_private(pt, batches) -> float:
+    pt.model.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        pt.optimizer.zero_grad()
+        pt.criterion(pt.model(x), y).backward()
+        pt.optimizer.step()
+    return time.perf_counter() - t0
+
+
+def measure(case: Case, reps: int) -> list[tuple[str, str, float, float, float]]:
+    """(model, path, plain ex/s, DP ex/s, slowdown) per DP path, medians over ``reps``."""
+    batches = _batches(case, case.steps)
+    plain_model = case.build()
+    privates = {}
+    for mode in case.modes:
+        pt = _private(case.build(), case, mode)
+        privates[mode] = pt
+    _time_plain(plain_model, batches[:2])  # warm-up
+    for pt in privates.values():
+        _time_private(pt, batches[:2])
+    plain, dp = [], {m: [] for m in privates}
+    for _ in range(reps):  # interleaved: every repetition times every variant
+        plain.append(_time_plain(plain_model, batches))
+        for mode, pt in privates.items():
+            dp[mode].append(_time_private(pt, batches))
+    n = case.batch * case.steps
+    plain_rate = n / statistics.median(plain)
+    rows = []
+    for mode, pt in privates.items():
+        rate = n / statistics.median(dp[mode])
+        label = f"{mode} -> {pt.grad_sample_mode}" if mode == "auto" else mode
+        rows.append((case.name, label, plain_rate, rate, plain_rate / rate))
+    return rows
+
+
+def main() -> None:
+    """Print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (median)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per repetition (CNNs)")
+    parser.add_argument("--quick", action="store_true", help="skip DenseNet121")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, 1 thread, median of {args.reps} interleaved repetitions")
+    head = (
+        f"{'model':28} {'DP path':16} {'batch':>5} {'plain ex/s':>11} {'DP ex/s':>9} "
+        f"{'DP slower':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for case in cases(args.quick, args.steps):
+        for model, path, plain, dp, ratio in measure(case, args.reps):
+            print(f"{model:28} {path:16} {case.batch:>5} {plain:>11.0f} {dp:>9.0f} {ratio:>8.2f}x")
+    print("Goal: at most 3x slower (Opacus's published range: 2.6-8x).")
+
+
+if __name__ == "__main__":
+    main()
