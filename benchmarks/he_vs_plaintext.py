@@ -123,6 +123,7 @@ def _run(path: Path, uri: str) -> dict[str, Any]:
     }
     return {
         "accuracy": summary.global_metrics.get("accuracy", float("nan")),
+        "n_test": summary.global_metrics.get("num-examples", 0),
         "round_s": round_s,
         "train_s": train_s,
         "up": metrics.get("he/bytes_per_param_per_site"),
@@ -253,6 +254,14 @@ def _report(name: str, n_params: int, runs: dict[bool, list[dict]]) -> None:
         f"  {'final test accuracy':<34} {acc[False]:>10.4f} {acc[True]:>10.4f} "
         f"{(acc[True] - acc[False]) * 100:>+8.2f}pt"
     )
+    lo = {he: min(r["accuracy"] for r in rs) for he, rs in runs.items()}
+    hi = {he: max(r["accuracy"] for r in rs) for he, rs in runs.items()}
+    n_test = int(off[0]["n_test"])
+    print(
+        f"  {'  range over runs':<34} {lo[False]:.4f}-{hi[False]:.4f} "
+        f"{lo[True]:.4f}-{hi[True]:.4f}   ({n_test} test examples: one is "
+        f"{100 / max(n_test, 1):.2f} pt)"
+    )
     print(
         f"  {'round wall time (s)':<34} {rnd[False]:>10.2f} {rnd[True]:>10.2f} "
         f"{rnd[True] / rnd[False]:>8.2f}x"
@@ -260,6 +269,12 @@ def _report(name: str, n_params: int, runs: dict[bool, list[dict]]) -> None:
     print(
         f"  {'  of which training phase (s)':<34} {trn[False]:>10.2f} {trn[True]:>10.2f} "
         f"{trn[True] / trn[False]:>8.2f}x"
+    )
+    # Flower polls for replies every 100 ms, so single round times are coarse: means too.
+    mean = {he: statistics.fmean([t for r in rs for t in r["round_s"]]) for he, rs in runs.items()}
+    print(
+        f"  {'round wall time, mean (s)':<34} {mean[False]:>10.2f} {mean[True]:>10.2f} "
+        f"{mean[True] / mean[False]:>8.2f}x"
     )
     print(f"  {'upload B/param/site':<34} {4.0:>10.2f} {up:>10.2f} {up / 4:>8.2f}x")
     print(f"  {'download B/param (decrypting site)':<34} {'':>10} {down:>10.2f}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +175,8 @@ def test_phantoms_are_learnable_by_a_small_cnn(tmp_path, one_thread):
 # --- everything ---------------------------------------------------------------
 
 
-def test_write_demo_data_layout_non_iid_and_fast(tmp_path):
-    start = time.perf_counter()
+def test_write_demo_data_layout_and_non_iid(tmp_path):
     out = write_demo_data(tmp_path, SITES, seed=0)
-    assert time.perf_counter() - start < 5.0
     counts, shares = [], []
     for site in SITES:
         paths = out[site]
