@@ -346,6 +346,24 @@ def consortium(tmp_path):
     os.chdir(old)
 
 
+def test_preflight_warns_which_site_will_refuse_and_from_which_round(consortium):
+    from fedhealth.cli.privacy_preflight import privacy_outlook
+    from fedhealth.privacy.dp.accounting import epsilon_spent
+
+    root, sites = consortium
+    exp = write_experiment(root, sites, rounds=8, dp={"noise_multiplier": 3.0})
+    cfg, profiles = load_experiment_with_sites(exp)
+    sizes = {p.name: n_train(exp, i) for i, p in enumerate(profiles)}
+    outlook = {o.site: o for o in privacy_outlook(cfg, profiles, sizes)}
+    assert outlook["h1"].refusal is None and outlook["h2"].refusal is None
+    with PrivacyLedger(root / "workspace" / "h3" / "privacy-ledger.sqlite") as ledger:
+        spent = ledger.spent("table")
+    q, per_round = sample_rate(75, 16), steps_per_epoch(75, 16)
+    first = next(r for r in range(1, 9) if spent + epsilon_spent(3.0, q, r * per_round, 1e-3) > 1.2)
+    assert 1 < first <= 8
+    assert f"site 'h3' refuses round {first} of experiment 'dp-study'" in outlook["h3"].refusal
+
+
 @pytest.mark.slow
 def test_federation_continues_without_a_refusing_site_and_logs_epsilon(consortium):
     import mlflow

@@ -52,6 +52,60 @@ def _history(site: SiteProfile, dataset: str, experiment: str, kind: str):
     return history, before, lifetime
 
 
+@dataclass
+class _Projection:
+    """What a site would know about an experiment before its first round."""
+
+    cfg: ExperimentConfig
+    site: str
+    policy: PrivacyPolicy
+    plan: DPPlan | None
+    accountant: PrivacyAccountant | None
+    before: float  # the experiment's ε at this site so far (earlier runs)
+    other: float  # the dataset's lifetime ε in other experiments
+
+    def verdict(self, round_: int) -> tuple[float, str | None]:
+        """The experiment's ε after ``round_`` rounds, and the site's refusal (or None)."""
+        plan, cfg = self.plan, self.cfg
+        projected = math.inf
+        if plan is not None and self.accountant is not None:
+            steps = plan.steps_per_round * round_
+            sigma, q = plan.noise_multiplier, plan.sample_rate
+            projected = max(self.accountant.project(sigma, q, steps, plan.delta), self.before)
+        request = PolicyRequest(
+            site=self.site,
+            dataset=cfg.task.dataset,
+            experiment=cfg.name,
+            round=round_,
+            model=cfg.model.name,
+            dp_enabled=plan is not None,
+            noise_multiplier=plan.noise_multiplier if plan else 0.0,
+            delta=plan.delta if plan else 0.0,
+            projected_epsilon_experiment=projected,
+            spent_lifetime_other_experiments=self.other,
+            he_enabled=cfg.privacy.he.enabled,
+        )
+        try:
+            if self.policy.applies_to(cfg.task.dataset):
+                check_request(self.policy, request)
+            else:
+                check_participation(self.policy, self.site, cfg.name, cfg.model.name, "requests")
+        except PolicyViolation as exc:
+            return projected, str(exc)
+        return projected, None
+
+    def first_refusal(self, rounds: int) -> tuple[float, str | None]:
+        """ε after all ``rounds``, and the refusal of the first round the site refuses."""
+        projected, refusal = self.verdict(rounds)
+        if refusal is None:
+            return projected, None
+        lo, hi = 0, rounds  # spend only grows with rounds: bisect for the first refusal
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.verdict(mid)[1] else (mid, hi)
+        return projected, self.verdict(hi)[1]
+
+
 def privacy_outlook(
     cfg: ExperimentConfig, sites: list[SiteProfile], sizes: dict[str, int]
 ) -> list[SitePrivacyOutlook]:
@@ -80,40 +134,14 @@ def privacy_outlook(
     dp, rounds = spec["dp"], cfg.experiment.rounds
     out = []
     for site in sites:
-        policy = PrivacyPolicy.from_mapping(site.privacy)
-        plan = None
-        projected, other = math.inf, 0.0
+        plan, acc, before, other = None, None, 0.0, 0.0
         if dp["enabled"]:
             plan = plan_for_site(dp, spec["training"], rounds, sizes[site.name], site.name)
             history, before, lifetime = _history(site, cfg.task.dataset, cfg.name, plan.mode)
             acc = PrivacyAccountant(site.name, cfg.task.dataset, cfg.name, plan.accountant, history)
-            projected = max(
-                acc.project(
-                    plan.noise_multiplier, plan.sample_rate, plan.planned_steps, plan.delta
-                ),
-                before,
-            )
             other = lifetime - before
-        request = PolicyRequest(
-            site=site.name,
-            dataset=cfg.task.dataset,
-            experiment=cfg.name,
-            round=rounds,
-            model=cfg.model.name,
-            dp_enabled=plan is not None,
-            noise_multiplier=plan.noise_multiplier if plan else 0.0,
-            delta=plan.delta if plan else 0.0,
-            projected_epsilon_experiment=projected,
-            spent_lifetime_other_experiments=other,
-            he_enabled=cfg.privacy.he.enabled,
-        )
-        refusal = None
-        try:
-            if policy.applies_to(cfg.task.dataset):
-                check_request(policy, request)
-            else:
-                check_participation(policy, site.name, cfg.name, cfg.model.name, "requests")
-        except PolicyViolation as exc:
-            refusal = str(exc)
+        policy = PrivacyPolicy.from_mapping(site.privacy)
+        projection = _Projection(cfg, site.name, policy, plan, acc, before, other)
+        projected, refusal = projection.first_refusal(rounds)
         out.append(SitePrivacyOutlook(site.name, plan, projected, refusal))
     return out
