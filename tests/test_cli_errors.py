@@ -44,7 +44,7 @@ def patch(path: Path, old: str, new: str) -> None:
 
 def test_unknown_key(project):
     exp = project / "experiments" / "quickstart.toml"
-    patch(exp, "local_epochs = 2", "local_epochs = 2\nlocal_epoch = 3")
+    patch(exp, "batch_size = 16", "batch_size = 16\nlocal_epoch = 3")
     code, out = run(str(exp))
     assert code == 2
     assert "quickstart.toml" in out and "`training.local_epoch`: unknown key" in out

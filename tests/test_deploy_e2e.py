@@ -89,7 +89,8 @@ def _run_node(dep: Deployment, argv: list[str], name: str) -> tuple[int, str]:
     with log.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=dep.env)
     try:
-        code = proc.wait(timeout=60)
+        # Generous: a loaded 2-core machine makes Flower's retries slow to give up.
+        code = proc.wait(timeout=240)
     finally:
         kill_tree(proc.pid, timeout=5)
     return code, log.read_text(errors="replace")

@@ -323,8 +323,8 @@ class DPSection(_Strict):
             extra = [k for k, v in site_keys.items() if v is not None]
             if extra:
                 raise ValueError(
-                    f"{', '.join(f'`privacy.dp.{k}`' for k in extra)} apply to mode = \"site\" "
-                    "only; remove them or set mode = \"site\""
+                    f'{", ".join(f"`privacy.dp.{k}`" for k in extra)} apply to mode = "site" '
+                    'only; remove them or set mode = "site"'
                 )
         else:
             missing = [k for k in ("clip_norm", "site_noise_multiplier") if site_keys[k] is None]
@@ -335,7 +335,7 @@ class DPSection(_Strict):
             extra = [k for k, v in record_keys.items() if v is not None]
             if extra:
                 raise ValueError(
-                    f"{', '.join(f'`privacy.dp.{k}`' for k in extra)} apply to mode = \"record\" "
+                    f'{", ".join(f"`privacy.dp.{k}`" for k in extra)} apply to mode = "record" '
                     "only; site-level noise is `privacy.dp.site_noise_multiplier`"
                 )
         return self

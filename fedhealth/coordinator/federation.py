@@ -349,14 +349,12 @@ class Federation:
             "fedhealth_version": __version__,
             "global_metrics": glob,
             "site_metrics": per_site,
-            "dp": self.privacy.summary()["mode"],
-            "dp_report": self.privacy.summary(),
-            "dp_tags": self.privacy.tags(),
             "statistics": "consortium normalisation: exact per-feature sums, sums of squares and "
             "counts left the sites (outside the DP guarantee)"
             if self.norm_stats is not None
             else "none shared",
         }
+        provenance.update(self.privacy.provenance())  # DP mode, accountant, δ, each site's ε
         provenance.update(self.encryption.provenance() if self.encryption else {"he": "off"})
         return self.recorder.register(model, example, provenance)
 

@@ -153,6 +153,11 @@ class PrivacyReport:
             "site_level_epsilon": self.site_level_epsilon,
         }
 
+    def provenance(self) -> dict[str, Any]:
+        """Provenance entries of the registered model version (tags and model card)."""
+        summary = self.summary()
+        return {"dp": summary["mode"], "dp_report": summary, "dp_tags": self.tags()}
+
     def tags(self) -> dict[str, str]:
         """Registered-model-version tags: DP mode, accountant, δ, noise, each site's ε."""
         s = self.summary()

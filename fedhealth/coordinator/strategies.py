@@ -103,7 +103,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     site_level = dp.enabled and dp.mode == "site"
     if site_level and not works_under_encryption(cls):
         raise ConfigError(
-            f"key `strategy.name`: site-level DP (`privacy.dp.mode = \"site\"`) calibrates its "
+            f'key `strategy.name`: site-level DP (`privacy.dp.mode = "site"`) calibrates its '
             f"noise for the plain mean of the sites' clipped updates, but {cls.__name__} "
             f"aggregates otherwise. Use one of {', '.join(sorted(WEIGHTED_MEAN - {'fedprox'}))}"
         )
