@@ -51,7 +51,7 @@ class SiteData:
         """Number of test records."""
         return len(self.y_test)
 
-    def train_moments(self, numeric_mask: np.ndarray | None = None) -> Moments:
+    def train_moments(self) -> Moments:
         """Per-feature (or per-channel) sums and counts of the training split."""
         return local_moments(self.x_train)
 
