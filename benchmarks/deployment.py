@@ -30,7 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.deploy_harness import SITES, Deployment, write_experiment, write_site  # noqa: E402
+from tests.deploy_harness import (  # noqa: E402
+    SITES,
+    provisioned_consortium,
+    write_experiment,
+)
 
 
 def _round_times(tracking_uri: str, experiment: str) -> tuple[list[float], float]:
@@ -79,17 +83,9 @@ def _summary(label: str, times: list[float], handlers: dict[int, float]) -> str:
 
 def deployed_vs_simulated(rounds: int) -> None:
     """Part 1: print per-round wall time, handler time and the rest, both engines."""
-    from fedhealth.data.demo import write_demo_data
-    from fedhealth.deploy.processes import free_port
 
     root = Path(tempfile.mkdtemp(prefix="fh-bench-deploy-"))
-    data = root / "data"
-    write_demo_data(data, SITES, seed=0, images_per_site=4)
-    dep = Deployment(root)
-    res = dep.cli("consortium", "init", *SITES, "--dir", str(root / "consortium"), "--no-he")
-    assert res.returncode == 0, res.stdout + res.stderr
-    for site in SITES:
-        write_site(root, site, data, free_port(), dep.superlink, tls=True)
+    dep = provisioned_consortium(root, SITES)
     exp = write_experiment(root, "bench-deploy", SITES, rounds=rounds, round_timeout=120)
     try:
         dep.start_coordinator()

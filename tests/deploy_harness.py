@@ -183,3 +183,17 @@ class Deployment:
         """Kill every process of the deployment, helpers included."""
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+
+
+def provisioned_consortium(root: Path, sites: list[str]) -> Deployment:
+    """Demo data, a TLS + SuperNode-auth consortium (no HE) and one profile per site."""
+    from fedhealth.data.demo import write_demo_data
+
+    data = root / "data"
+    write_demo_data(data, sites, seed=0, images_per_site=4)
+    dep = Deployment(root)
+    res = dep.cli("consortium", "init", *sites, "--dir", str(root / "consortium"), "--no-he")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for site in sites:
+        write_site(root, site, data, free_port(), dep.superlink, tls=True)
+    return dep

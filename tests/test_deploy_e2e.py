@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.data.demo import write_demo_data
 from fedhealth.deploy.audit import audit_path, read
 from fedhealth.deploy.pki import make_node_keypair, write_private, write_public
 from fedhealth.deploy.processes import free_port, kill_tree
-from tests.deploy_harness import SITES, Deployment, write_experiment, write_site
+from tests.deploy_harness import (
+    SITES,
+    Deployment,
+    provisioned_consortium,
+    write_experiment,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +32,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    data = root / "data"
-    write_demo_data(data, SITES, seed=0, images_per_site=4)
-    dep = Deployment(root)
-    res = dep.cli("consortium", "init", *SITES, "--dir", str(root / "consortium"), "--no-he")
-    assert res.returncode == 0, res.stdout + res.stderr
-    for site in SITES:
-        write_site(root, site, data, free_port(), dep.superlink, tls=True)
+    dep = provisioned_consortium(root, SITES)
     try:
         dep.start_coordinator()
         dep.start_sites(SITES)
