@@ -18,8 +18,23 @@ FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")
 SITES = ["st-olav", "karolinska", "charite"]
 
 
+def privacy_sections(root: Path, dp: bool = True, he: bool = True) -> str:
+    """``[privacy.dp]`` (record-level DP-SGD, ε = 1 per site) and ``[privacy.he]`` (the
+    consortium's keys under ``<root>/consortium``) for :func:`write_experiment`'s ``extra``."""
+    out = ""
+    if dp:
+        out += (
+            "\n[privacy.dp]\nenabled = true\ntarget_epsilon = 1.0\ndelta = 1e-3\n"
+            "max_grad_norm = 1.0\n"
+        )
+    if he:
+        out += f'\n[privacy.he]\nenabled = true\nkeys_dir = "{root / "consortium"}"\nquorum = 2\n'
+    return out
+
+
 def write_experiment(root: Path, name: str, sites: list[str], **over) -> Path:
-    """A small tabular experiment (breast cancer demo table) for the deployment tests."""
+    """A small tabular experiment (breast cancer demo table) for the deployment tests;
+    ``extra`` is appended (e.g. :func:`privacy_sections`)."""
     rounds = over.get("rounds", 3)
     extra = over.get("extra", "")
     text = f"""
@@ -70,6 +85,12 @@ def write_site(
     if tls:
         deploy += f'root_certificate = "{keys / "tls" / "ca.pem"}"\n'
         deploy += f'auth_key = "{keys / "supernode.key"}"\n'
+    if (keys / "identity.pem").is_file():  # the consortium was provisioned with HE keys
+        extra = (
+            f'[keys]\nidentity = "{keys / "identity.pem"}"\n'
+            f'he_secret = "{keys / "he-secret.wrapped"}"\n'
+            f'registry = "{root / "consortium" / "public" / "registry.json"}"\n\n{extra}'
+        )
     text = f"""
 [site]
 name = "{site}"
@@ -185,14 +206,16 @@ class Deployment:
             self.kill(name, signal.SIGTERM)
 
 
-def provisioned_consortium(root: Path, sites: list[str]) -> Deployment:
-    """Demo data, a TLS + SuperNode-auth consortium (no HE) and one profile per site."""
+def provisioned_consortium(root: Path, sites: list[str], he: bool = True) -> Deployment:
+    """Demo data, a TLS + SuperNode-auth consortium (with the HE key ceremony unless
+    ``he`` is false) and one profile per site."""
     from fedhealth.data.demo import write_demo_data
 
     data = root / "data"
     write_demo_data(data, sites, seed=0, images_per_site=4)
     dep = Deployment(root)
-    res = dep.cli("consortium", "init", *sites, "--dir", str(root / "consortium"), "--no-he")
+    flags = [] if he else ["--no-he"]
+    res = dep.cli("consortium", "init", *sites, "--dir", str(root / "consortium"), *flags)
     assert res.returncode == 0, res.stdout + res.stderr
     for site in sites:
         write_site(root, site, data, free_port(), dep.superlink, tls=True)

@@ -1,14 +1,16 @@
 """End to end on a real deployment: coordinator (SuperLink + MLflow server) and three sites
 as separate processes on 127.0.0.1 with TLS and SuperNode authentication.
 
-One run survives a site killed mid-round and a coordinator killed mid-run (resumed with
-``fedhealth run --resume``) and registers exactly one model version with full provenance.
+One run, with DP-SGD and encrypted aggregation on, survives a site killed mid-round and a
+coordinator killed mid-run (resumed with ``fedhealth run --resume``) and registers exactly
+one model version with full provenance.
 Also: an unregistered SuperNode key and a client without the consortium CA are refused,
 and a failed run makes ``fedhealth run`` exit non-zero.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from fedhealth.deploy.processes import free_port, kill_tree
 from tests.deploy_harness import (
     SITES,
     Deployment,
+    privacy_sections,
     provisioned_consortium,
     write_experiment,
 )
@@ -142,30 +145,58 @@ def _events(dep: Deployment, site: str) -> list[tuple[str, str, int]]:
     ]
 
 
+def _he_ledger(dep: Deployment, site: str) -> dict:
+    from fedhealth.config.site import load_site
+    from fedhealth.site.encrypted_reply import ledger_path
+
+    path = ledger_path(load_site(dep.root / "sites" / f"{site}.toml"))
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _round_key(ledger: dict, part: str, round_: int) -> str | None:
+    """The HE ledger's entry of ``round_`` in ``part`` (contributed/decrypted)."""
+    hits = [v for k, v in ledger.get(part, {}).items() if json.loads(k)[1] == round_]
+    return hits[0] if hits else None
+
+
 def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
+    """With DP-SGD (ε = 1 per site) and encrypted aggregation on."""
+    from fedhealth.config.site import load_site
+    from fedhealth.privacy.dp.ledger import PrivacyLedger
+
     dep = deployment
     name = "deploy-e2e"
-    exp = write_experiment(dep.root, name, SITES, rounds=2, round_timeout=30)
+    exp = write_experiment(
+        dep.root, name, SITES, rounds=2, round_timeout=30, extra=privacy_sections(dep.root)
+    )
     dep.spawn("run", "run", str(exp), "--federation", "test")
 
-    # A site dies in the middle of round 2's training ...
-    victim = SITES[2]
-    _wait(lambda: _received(dep, victim, "train", 2), 150, f"{victim} training round 2", 0.1)
+    # A site dies in the middle of round 1's training ...
+    victim, witness = SITES[2], SITES[0]
+    _wait(lambda: _received(dep, victim, "train", 1), 150, f"{victim} training round 1", 0.1)
     dep.kill(f"site-{victim}")
     run_id = _wait(lambda: _mlflow_run(dep, name), 30, "the MLflow run")
-    # ... and the round completes with the other two within round_timeout: they evaluate.
-    _wait(lambda: _received(dep, SITES[0], "evaluate", 2), 120, "round 2 to complete")
-    assert ("sent", "train", 2) not in _events(dep, victim)
+    # ... and the round completes with the other two within round_timeout (the quorum
+    # decrypts their sum): they evaluate.
+    _wait(lambda: _received(dep, witness, "evaluate", 1), 120, "round 1 to complete")
+    assert ("sent", "train", 1) not in _events(dep, victim)
 
-    # The coordinator dies mid-run (round 2's evaluation); the site and it restart, and the
-    # run resumes from round 1's checkpoint.
+    # The coordinator dies mid-round 2, after a site sent its encrypted update.
+    _wait(lambda: ("sent", "train", 2) in _events(dep, witness), 120, "a round-2 update", 0.1)
     dep.kill("coordinator")
     dep.kill("run")
+    first_token = _round_key(_he_ledger(dep, witness), "contributed", 2)
+    assert first_token and _round_key(_he_ledger(dep, witness), "decrypted", 2) is None
+
+    # Coordinator and the dead site restart; the run resumes from round 1's checkpoint and
+    # re-runs round 2 under the same HE binding with a fresh nonce, with all three sites.
     dep.start_coordinator()
     dep.start_sites([victim])
     res = dep.cli("run", str(exp), "--federation", "test", "--resume", run_id, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert ("sent", "train", 2) in _events(dep, victim)  # it rejoined
+    ledger = _he_ledger(dep, witness)
+    assert _round_key(ledger, "contributed", 2) not in (None, first_token)
 
     import mlflow
 
@@ -176,9 +207,25 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     for key in ("sites", "rounds", "strategy", "config_hash", "fedhealth_version", "accuracy"):
         assert tags.get(key), (key, tags)
     assert tags["rounds"] == "2" and tags["sites"] == ",".join(sorted(SITES)), tags
+    assert tags["he"] == "on" and tags["dp"] == "record", tags
     assert versions[0].run_id == run_id
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "global/accuracy"))
-    assert set(steps) == {1, 2}, steps
+    for metric in ("global/accuracy", f"site/{witness}/epsilon"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
+        assert steps == [1, 2], (metric, steps)
+    run = client.get_run(run_id)
+    assert run.data.params["he.experiment_id"].startswith(f"{name}:{run_id}:")
+    assert run.data.tags["fedhealth.resumed"] == "true"
     assert sorted(_checkpoints(dep, run_id))[-1].endswith("round-0002.npz")
-    sent = [r for r in read(audit_path(_site_ws(dep, SITES[0]))) if r["event"] == "sent"]
+
+    # ε is the accountant's over every step the witness ran, the crashed attempt included:
+    # its ledger holds three charges (round 1, round 2 twice) and the version says that ε
+    # (above the planned 1.0: the lost attempt's update left the site, so it is counted).
+    profile = load_site(dep.root / "sites" / f"{witness}.toml")
+    with PrivacyLedger(profile.ledger_path) as led:
+        charges = [e for e in led.entries("breast-cancer") if e.experiment == name]
+        spent = led.spent_in_experiment("breast-cancer", name)
+    assert [e.round for e in charges] == [1, 2, 2], [e.round for e in charges]
+    assert spent > 1.0
+    assert float(tags[f"epsilon/{witness}"]) == pytest.approx(spent, rel=1e-3)
+    sent = [r for r in read(audit_path(_site_ws(dep, witness))) if r["event"] == "sent"]
     assert sent and all(len(r["sha256"]) == 64 and r["bytes"] > 0 for r in sent)

@@ -545,3 +545,38 @@ def test_hidden_tags_stop_slot_selective_attack_that_breaks_fixed_slot_tags(
     forged, _ = _selective_attack(coord, request, replies["beta"][0])
     with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
         _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
+
+
+# ------------------------------------------------------------------ a round re-run after a crash
+
+
+def test_round_rerun_accepted_before_any_decryption(keys, coord) -> None:
+    """A coordinator that crashed mid-round re-runs it under a new nonce; the sites accept
+    because nothing of that round was decrypted, and only the new sum is decryptable."""
+    first = _contribute(keys)
+    lost = _sum(coord, first).decryption_request()
+    rerun = _contribute(keys, nonce="nonce-4-rerun")
+    request = _sum(coord, rerun, nonce="nonce-4-rerun").decryption_request()
+    out = _decrypt(request, keys["alpha"], nonce="nonce-4-rerun")
+    expected = sum(COUNTS[s] * UPDATES[s] for s in SITES) / WS
+    np.testing.assert_allclose(out[:-1], expected, atol=1e-5)
+    # the superseded sum is dead: a site decrypts only under the nonce it contributed last
+    with pytest.raises(CryptoError):
+        _decrypt(lost, keys["beta"], nonce="nonce-4-rerun")
+
+
+def test_round_rerun_refused_after_a_decryption(keys, coord) -> None:
+    _, request = _legit(keys, coord)
+    _decrypt(request, keys["alpha"])
+    with pytest.raises(CryptoError, match="already decrypted"):
+        _contribute(keys, sites=["alpha"], nonce="nonce-4-rerun")
+    # a site that did not decrypt may re-contribute, but the decryptor's refusal means the
+    # re-run sum never reaches min_sites with a site that could difference it
+    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")
+
+
+def test_round_rerun_under_cohort_binding_keeps_the_cohort(keys, coord) -> None:
+    _contribute(keys, cohort=SITES)
+    with pytest.raises(CryptoError, match=r"without \['gamma'\]"):
+        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["alpha", "beta"])
+    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=SITES)

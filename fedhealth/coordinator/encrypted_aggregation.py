@@ -167,6 +167,10 @@ class EncryptedAggregation:
         self._nodes: dict[str, int] = {}
         self._costs: dict[str, Any] = {}
         self._site_of_node: dict[int, str] = {}  # for cohort binding
+        # Bookkeeping that survives a coordinator restart (state_dict): which sites'
+        # contributions each aggregated round summed, and which sites decrypted it.
+        self.history: dict[int, dict[str, list[str]]] = {}
+        self.attempt = 1  # 1 + the number of times this run was resumed
 
     @classmethod
     def for_experiment(
@@ -189,7 +193,28 @@ class EncryptedAggregation:
             "he": "on",
             "he_params": self.describe(),
             "he_consortium": self.keys.registry.consortium_id,
+            "he_experiment_id": str(self.experiment_id),
+            "he_rounds": {str(r): dict(h) for r, h in sorted(self.history.items())},
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's HE bookkeeping, saved with every round checkpoint.
+
+        ``experiment_id`` is the binding every contribution and decryption of the run is
+        signed under; a resumed run keeps it, so the sites' ledgers keep refusing a second
+        decryption of any round they already decrypted.
+        """
+        return {
+            "experiment_id": self.experiment_id,
+            "attempt": self.attempt,
+            "history": {str(r): dict(h) for r, h in self.history.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run after a coordinator restart (:meth:`state_dict`)."""
+        self.experiment_id = state.get("experiment_id") or None
+        self.attempt = int(state.get("attempt", 1)) + 1
+        self.history = {int(r): dict(h) for r, h in state.get("history", {}).items()}
 
     def _log_setup(self) -> None:
         run_id = self.recorder.run_id
@@ -206,9 +231,9 @@ class EncryptedAggregation:
     def announce(self, round_: int, arrays: ArrayRecord, config: ConfigRecord) -> None:
         """Start round ``round_``: fresh nonce and running sum; add the binding to ``config``."""
         if self.experiment_id is None:
-            # Unique per attempt: a run resumed after a crash re-runs its unfinished round
-            # under a new binding, which the sites' ledgers accept (a new nonce for the
-            # same binding would be refused).
+            # Unique per run; a resumed run restores it from its checkpoint. A round the
+            # crash interrupted is re-run under a fresh nonce, which a site accepts only if
+            # it released no decryption for that round (SiteLedger.check_contribution).
             run = self.recorder.run_id or "no-run"
             self.experiment_id = f"{self.cfg.name}:{run}:{secrets.token_hex(4)}"
             self._log_setup()
@@ -406,6 +431,7 @@ class EncryptedAggregation:
         examples = sum(float(m.content["metrics"].get("num-examples", 0)) for m in replies)
         metrics = {self.weight_key: total, "num-examples": examples}
         self._log_costs(round_, replies, answered, roundtrip, request.sum_chunks)
+        self.history[round_] = {"contributors": sorted(sites), "decrypted_by": chosen}
         content = RecordDict({"arrays": new, "metrics": MetricRecord(metrics)})
         return [Message(content=content, metadata=copy.deepcopy(replies[0].metadata))]
 

@@ -30,7 +30,7 @@ from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.deploy.checkpoint import resume_point, save_round
+from fedhealth.deploy.checkpoint import resume_point, save_evaluation, save_round
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize
@@ -278,7 +278,8 @@ class Federation:
             run_id = self.recorder.reopen(self.resume_from)
         else:
             run_id = self.recorder.start(self.run_tags)
-        first, arrays, glob, per_site = resume_point(self, arrays)
+        start = resume_point(self, arrays)
+        arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
         publish(
             "run-started",
             0,
@@ -291,12 +292,18 @@ class Federation:
         try:
             if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
-            for r in range(first, cfg.experiment.rounds + 1):
+            if start.evaluate is not None and cfg.experiment.fraction_evaluate > 0:
+                # The crash came after aggregating this round, before its evaluation.
+                glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
+                save_evaluation(self, start.evaluate, glob, per_site)
+            for r in range(start.first, cfg.experiment.rounds + 1):
                 publish("round-started", r)
                 arrays = self.train_round(grid, r, arrays)
+                # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
+                save_round(self, r, arrays, glob, per_site)
                 if cfg.experiment.fraction_evaluate > 0:
                     glob, per_site = self.evaluate_round(grid, r, arrays)
-                save_round(self, r, arrays, glob, per_site)
+                    save_evaluation(self, r, glob, per_site)
             version = self.register(arrays, glob, per_site)
             status = "FINISHED"
         except FedHealthError as exc:

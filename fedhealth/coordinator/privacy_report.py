@@ -104,6 +104,36 @@ class PrivacyReport:
             out["global/site_level_epsilon"] = self.site_level_epsilon
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: each site's reported spend and the site-level history.
+
+        JSON-serialisable; saved with every round checkpoint
+        (:mod:`fedhealth.deploy.checkpoint`).
+        """
+        return {
+            "sites": {k: dict(v) for k, v in self.sites.items()},
+            "site_level_history": [list(h) for h in self.site_level_history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` and recompute the site-level ε from the history.
+
+        The site-level ε is recomputed by the accountant over the restored history rather
+        than read back, so a resumed run reports what the accountant says of the rounds
+        that were released, not a stored number.
+        """
+        self.sites = {k: dict(v) for k, v in state.get("sites", {}).items()}
+        self.site_level_history = [
+            (float(s), float(q), int(n)) for s, q, n in state.get("site_level_history", [])
+        ]
+        self.site_level_epsilon = (
+            epsilon_for_history(
+                self.site_level_history, float(self.dp["delta"]), str(self.dp["accountant"])
+            )
+            if self.site_level_history
+            else None
+        )
+
     def describe(self) -> str:
         """One line for model cards and summaries."""
         if not self.enabled:

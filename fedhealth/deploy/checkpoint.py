@@ -1,14 +1,23 @@
 """Round checkpoints of a federated run, as MLflow artifacts of the run itself.
 
-After every completed round the coordinator logs ``checkpoints/round-NNNN.npz``: the
+As soon as a round is aggregated the coordinator logs ``checkpoints/round-NNNN.npz``: the
 global arrays, the strategy's state (server-optimiser moments such as FedAdam's
-``m_t``/``v_t``, FedAvgM's momentum) and a JSON header (round, consortium statistics,
-the sampler's random state). ``fedhealth run --resume RUN_ID`` restores the newest one
-and continues with the next round in the same MLflow run.
+``m_t``/``v_t``, FedAvgM's momentum) and a JSON header (round, consortium statistics, the
+sampler's random state, the privacy layers' state: each site's reported ε and the
+site-level accountant's history, the encrypted aggregation's binding and per-round
+bookkeeping, and the refusals so far). When the sites have evaluated the new model it logs
+``checkpoints/round-NNNN.eval.json`` with their metrics.
+
+``fedhealth run --resume RUN_ID`` restores the newest ``.npz``; if its evaluation is
+missing it evaluates that round first, then continues with the next round in the same
+MLflow run. Checkpointing right after aggregation (not after evaluation) matters under
+encrypted aggregation: a site decrypts one aggregate per round, so a round whose sum was
+already decrypted cannot be run again (:class:`~fedhealth.privacy.he.contributions.SiteLedger`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -19,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhealth.errors import FederationError
+from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import retrying
 
 ARTIFACT_DIR = "checkpoints"
@@ -133,12 +142,16 @@ def set_random_state(state: list) -> None:
 
 
 def save_round(fed: Any, round_: int, arrays: Any, glob: dict, per_site: dict) -> None:
-    """Checkpoint a completed round of federation ``fed`` (a coordinator ``Federation``)."""
+    """Checkpoint an aggregated round of federation ``fed`` (a coordinator ``Federation``).
+
+    ``glob`` and ``per_site`` are the latest evaluation metrics (of the previous round).
+    """
     meta: dict[str, Any] = {
         "norm_stats": fed.norm_stats,
         "random_state": random_state(),
         "global_metrics": glob,
         "site_metrics": per_site,
+        "refusals": [dataclasses.asdict(r) for r in getattr(fed, "refusals", [])],
     }
     for part in ("privacy", "encryption"):  # optional state of the privacy layers
         obj = getattr(fed, part, None)
@@ -149,22 +162,62 @@ def save_round(fed: Any, round_: int, arrays: Any, glob: dict, per_site: dict) -
     save_checkpoint(fed.recorder.client, fed.recorder.run_id, ck)
 
 
-def resume_point(fed: Any, arrays: Any) -> tuple[int, Any, dict, dict]:
-    """Where federation ``fed`` starts: round 1 with ``arrays``, or after its last checkpoint.
+def save_evaluation(fed: Any, round_: int, glob: dict, per_site: dict) -> None:
+    """Record that round ``round_`` was evaluated, with its metrics
+    (``checkpoints/round-NNNN.eval.json``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"round-{round_:04d}.eval.json"
+        path.write_text(json.dumps({"global_metrics": glob, "site_metrics": per_site}))
+        retrying(
+            fed.recorder.client.log_artifact, fed.recorder.run_id, str(path), ARTIFACT_DIR,
+            what="log evaluation checkpoint",
+        )  # fmt: skip
 
-    Returns
-    -------
-    tuple
-        The first round to run, the global arrays, and the last global and per-site
-        evaluation metrics (empty for a fresh run).
+
+def _evaluation(client: Any, run_id: str, round_: int) -> dict[str, Any] | None:
+    name = f"{ARTIFACT_DIR}/round-{round_:04d}.eval.json"
+    files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
+    if name not in {f.path for f in files}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = retrying(client.download_artifacts, run_id, name, tmp, what="download evaluation")
+        return json.loads(Path(local).read_text())
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: round ``first`` with ``arrays``.
+
+    ``evaluate`` names a restored round whose evaluation the crash interrupted (run it
+    before round ``first``); ``global_metrics``/``site_metrics`` are the latest evaluation.
     """
+
+    first: int
+    arrays: Any
+    global_metrics: dict[str, Any]
+    site_metrics: dict[str, Any]
+    evaluate: int | None = None
+
+
+def resume_point(fed: Any, arrays: Any) -> ResumePoint:
+    """Where federation ``fed`` starts: round 1 with ``arrays``, or after its last checkpoint,
+    with the strategy's, the privacy layers' and the sampler's state restored."""
     if not getattr(fed, "resume_from", None):
-        return 1, arrays, {}, {}
+        return ResumePoint(1, arrays, {}, {})
     from flwr.app import Array, ArrayRecord
 
-    ck = load_latest(fed.recorder.client, fed.recorder.run_id)
+    client, run_id = fed.recorder.client, fed.recorder.run_id
+    run = retrying(client.get_run, run_id, what=f"read run {run_id}")
+    ran = run.data.tags.get("fedhealth.config_hash")
+    if ran and ran != fed.cfg.config_hash():
+        raise ConfigError(
+            f"--resume {run_id}: that MLflow run ran another configuration of "
+            f"{run.info.run_name or 'the experiment'!r} (config hash {ran}, "
+            f"this file {fed.cfg.config_hash()}); resume with the file it ran, or start a new run"
+        )
+    ck = load_latest(client, run_id)
     if ck is None:
-        return 1, arrays, {}, {}
+        return ResumePoint(1, arrays, {}, {})
     restore_strategy(fed.strategy, ck.strategy_state)
     fed.norm_stats = ck.meta.get("norm_stats")
     set_random_state(ck.meta["random_state"])
@@ -172,10 +225,15 @@ def resume_point(fed: Any, arrays: Any) -> tuple[int, Any, dict, dict]:
         obj = getattr(fed, part, None)
         if obj is not None and part in ck.meta and hasattr(obj, "load_state_dict"):
             obj.load_state_dict(ck.meta[part])
+    if hasattr(fed, "refusals"):
+        from fedhealth.coordinator.federation import Refusal
+
+        fed.refusals = [Refusal(**r) for r in ck.meta.get("refusals", [])]
     restored = ArrayRecord({k: Array(v) for k, v in ck.arrays.items()})
-    return (
-        ck.round + 1,
-        restored,
-        ck.meta.get("global_metrics", {}),
-        ck.meta.get("site_metrics", {}),
+    evaluated = _evaluation(client, run_id, ck.round)
+    if evaluated is None:
+        glob, per_site = ck.meta.get("global_metrics", {}), ck.meta.get("site_metrics", {})
+        return ResumePoint(ck.round + 1, restored, glob, per_site, evaluate=ck.round)
+    return ResumePoint(
+        ck.round + 1, restored, evaluated["global_metrics"], evaluated["site_metrics"]
     )

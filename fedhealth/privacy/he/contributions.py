@@ -397,20 +397,45 @@ class SiteLedger:
             write_private_file(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def check_contribution(self, experiment_id: str, round_: int, token: str) -> None:
-        """Refuse contributing to a round under another (nonce, cohort) token."""
-        prev = self.contributed.get(self.key(experiment_id, round_))
-        if prev is not None and prev != token:
+        """Refuse contributing to a round under another (nonce, cohort) token once this site
+        decrypted an aggregate of that round (or locked it).
+
+        Before any decryption a new token is accepted and replaces the old one: that is a
+        coordinator re-running a round it lost in a crash. The site only ever decrypts sums
+        bound to its *current* token, so the superseded ciphertexts can never be decrypted,
+        and one decryption per round still holds. After a decryption, a re-run could pair
+        two different sums of the same round (a differencing attack), so it is refused.
+        Under cohort binding the new cohort must also keep every site of the old one: the
+        sites that decrypted the old sum are among them and refuse, so no re-run cohort
+        that could be differenced against the old sum can ever be completed.
+        """
+        k = self.key(experiment_id, round_)
+        prev = self.contributed.get(k)
+        if prev is None or prev == token:
+            return
+        if k in self.decrypted or k in self.locked:
             raise CryptoError(
                 f"refusing to contribute again to {_where(experiment_id, round_)} under a "
-                "different nonce or cohort (this site already contributed to that round); "
-                "the coordinator must start a new round"
+                "different nonce or cohort: this site already decrypted (or refused) an "
+                "aggregate of that round, and one aggregate per round blocks differencing "
+                "attacks; the round cannot be re-run - start a new run"
+            )
+        old_cohort, new_cohort = json.loads(prev)[1], json.loads(token)[1]
+        if old_cohort is not None and not set(old_cohort) <= set(new_cohort or ()):
+            dropped = sorted(set(old_cohort) - set(new_cohort or ()))
+            raise CryptoError(
+                f"refusing to contribute again to {_where(experiment_id, round_)} under a "
+                f"cohort without {dropped}: a re-run round keeps every site of its first "
+                "cohort (cohort binding blocks differencing attacks); restart those sites or "
+                "start a new run"
             )
 
     def record_contribution(self, experiment_id: str, round_: int, token: str) -> None:
-        """Remember the (nonce, cohort) token a site contributed under; refuse another."""
+        """Remember the (nonce, cohort) token a site contributes under (see
+        :meth:`check_contribution` for when a new one replaces it)."""
         self.check_contribution(experiment_id, round_, token)
         k = self.key(experiment_id, round_)
-        if k not in self.contributed:
+        if self.contributed.get(k) != token:
             self.contributed[k] = token
             self._save()
 
