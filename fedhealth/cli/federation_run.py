@@ -26,8 +26,6 @@ def run_on_federation(
     """Submit each experiment in turn and watch it to the end."""
     from fedhealth.deploy.submit import known_tracking_uri, stop_stale_run, submit, watch
 
-    if not federation:
-        raise ConfigError("--resume needs --federation NAME: the federation the run was on")
     if resume and len(experiments) != 1:
         raise ConfigError("--resume continues one run: give exactly one experiment")
     for path in experiments:

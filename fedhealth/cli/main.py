@@ -62,18 +62,21 @@ def run(
         help="Run on this real federation (a flwr SuperLink connection) instead of simulating.",
     ),
     resume: str = typer.Option(
-        None, "--resume", help="Continue the interrupted MLflow run RUN_ID (with --federation)."
+        None,
+        "--resume",
+        help="Continue the interrupted MLflow run RUN_ID from its last checkpoint "
+        "(on --federation NAME if it ran there, else in simulation).",
     ),
 ) -> None:
     """Run experiment(s) on a simulated consortium, or on a real one with --federation."""
     from fedhealth.cli.run_cmd import run_experiments
 
-    if federation or resume:
+    if federation:
         from fedhealth.cli.federation_run import run_on_federation
 
         run_on_federation(console, experiments, federation, tracking_uri, resume)
         return
-    run_experiments(console, experiments, tracking_uri, verbose)
+    run_experiments(console, experiments, tracking_uri, verbose, resume)
 
 
 @app.command()

@@ -16,7 +16,7 @@ from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
 from fedhealth.coordinator.progress import subscribe
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.errors import FederationError
+from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.store import default_tracking_uri
 
 
@@ -62,9 +62,16 @@ def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePr
 
 
 def run_experiments(
-    console: Console, paths: list[Path], tracking_uri: str | None, verbose: bool
+    console: Console,
+    paths: list[Path],
+    tracking_uri: str | None,
+    verbose: bool,
+    resume: str | None = None,
 ) -> list[RunSummary]:
-    """Run each experiment in turn on the simulation engine."""
+    """Run each experiment in turn on the simulation engine; ``resume`` continues the
+    interrupted MLflow run of the one experiment given from its last checkpoint."""
+    if resume and len(paths) != 1:
+        raise ConfigError("--resume continues one run: give exactly one experiment")
     loaded = [(p, *load_experiment_with_sites(p)) for p in paths]  # all configs first
     summaries = []
     for path, cfg, sites in loaded:
@@ -78,12 +85,19 @@ def run_experiments(
         )
         _print_outlook(console, cfg, privacy_outlook(cfg, sites, sizes))
         console.print(f"  {he_outlook(cfg, sites)}", highlight=False, soft_wrap=True)
-        summaries.append(_simulate(console, path, cfg, uri, verbose))
+        if resume:
+            console.print(f"  resuming MLflow run {resume} from its last checkpoint")
+        summaries.append(_simulate(console, path, cfg, uri, verbose, resume))
     return summaries
 
 
 def _simulate(
-    console: Console, path: Path, cfg: ExperimentConfig, uri: str, verbose: bool
+    console: Console,
+    path: Path,
+    cfg: ExperimentConfig,
+    uri: str,
+    verbose: bool,
+    resume: str | None = None,
 ) -> RunSummary:
     from fedhealth.engines.simulation import run_simulation
 
@@ -98,12 +112,12 @@ def _simulate(
     unsub_grab = subscribe(grab)
     try:
         if verbose:
-            run_simulation(path, cfg, uri, verbose=True)
+            run_simulation(path, cfg, uri, verbose=True, resume_run_id=resume)
         else:
             with LiveRun(console, cfg.name, cfg.experiment.rounds) as live:
                 unsub = subscribe(live)
                 try:
-                    run_simulation(path, cfg, uri, verbose=False)
+                    run_simulation(path, cfg, uri, verbose=False, resume_run_id=resume)
                 finally:
                     unsub()
     finally:

@@ -41,6 +41,7 @@ def run_simulation(
     tracking_uri: str,
     verbose: bool = False,
     cpus_per_site: float = 1.0,
+    resume_run_id: str | None = None,
 ) -> None:
     """Run ``cfg`` with one simulated SuperNode per site.
 
@@ -56,6 +57,8 @@ def run_simulation(
         Show Flower's and Ray's own logs.
     cpus_per_site : float
         CPU share of each simulated site; with 2 cores, two sites train at once.
+    resume_run_id : str, optional
+        MLflow run to continue from its last checkpoint (``fedhealth run --resume``).
     """
     _quiet(verbose)
     from flwr.app import Context, RecordDict
@@ -73,6 +76,7 @@ def run_simulation(
         "experiment": str(Path(experiment_path).resolve()),
         "tracking-uri": tracking_uri,
         "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
+        "resume-run-id": resume_run_id or "",
     }
     # Flower's public run_simulation() has no run config; build the Run it would build,
     # with ours, so that every simulated site reads it from its Context like `flwr run`.

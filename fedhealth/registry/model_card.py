@@ -125,4 +125,24 @@ def _encryption_section(p: dict[str, Any]) -> list[str]:
         "least `min_sites` sites' updates. No single site's update was ever seen in plaintext "
         "outside that site. See docs/security.md.",
         "",
+        *_he_rounds_table(p),
     ]
+
+
+def _he_rounds_table(p: dict[str, Any]) -> list[str]:
+    """Per round: whose encrypted updates the decrypted sum held, and who decrypted it."""
+    rounds = p.get("he_rounds") or {}
+    if not rounds:
+        return []
+    lines = [
+        f"Round binding `{p.get('he_experiment_id', '?')}`.",
+        "",
+        "| round | sum of the encrypted updates of | decrypted by |",
+        "|---|---|---|",
+    ]
+    for r, h in sorted(rounds.items(), key=lambda kv: int(kv[0])):
+        lines.append(
+            f"| {r} | {', '.join(h.get('contributors', []))} | "
+            f"{', '.join(h.get('decrypted_by', []))} |"
+        )
+    return [*lines, ""]
