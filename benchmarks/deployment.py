@@ -1,18 +1,55 @@
-"""Deployment overhead and coordinator scale.
+"""Deployment overhead, coordinator scale, and what a ClientApp process imports.
 
-Part 1 — the deployed consortium (coordinator + 3 sites as separate processes on
-127.0.0.1, TLS and SuperNode authentication, via ``tests/deploy_harness.py``) against the
-same experiment in simulation. Per round: wall time (between the round metrics MLflow
-recorded), the time the sites spent inside their handlers (from each site's audit log:
-``received`` to ``sent``; data loading, training, serialising the reply), and the rest
-(process start and imports of the per-message ClientApp, polling, transport, the
-coordinator's own work). Medians over rounds.
+Part 1 — the deployed consortium (coordinator + 3 sites as separate processes on 127.0.0.1,
+TLS and SuperNode authentication, via ``tests/deploy_harness.py``) against the same
+experiment in simulation (Flower's engine, Ray): logistic regression on the breast-cancer
+table with DP-SGD (ε = 1 per site) and encrypted aggregation (the consortium's CKKS keys;
+the simulated sites use the same profiles, keys and experiment, with fresh workspaces).
+A round is three message exchanges: train, decrypt (the HE quorum) and evaluate. Every
+column is a median over rounds, in seconds; each round's value is derived as follows.
+
+* **round** (wall): between the coordinator's MLflow timestamps of ``global/accuracy`` of
+  the previous round (the run's start for round 1) and of this round.
+* For each exchange, the **slowest site** is the one with the largest process start +
+  handler time, from its audit log's ``timing`` (``fedhealth.site.timing``; ``sent`` or
+  ``refused`` line). The site columns add up that site's parts over the round's exchanges:
+  **process start** = ``process_start_s`` (the ClientApp process's creation to the handler's
+  start: Python, Flower's startup, importing ``fedhealth.site.client_app``; 0 for a simulated
+  site's long-lived worker after its first message) + ``import_s`` (what the handler
+  imports for the message); **serialisation** = ``serialise_s`` (building the reply's
+  records, reading the request's arrays); **encryption** = ``encrypt_s`` + ``decrypt_s``
+  (HE keys, flatten, encrypt, sign; checking and decrypting the sum); **training** =
+  ``train_s`` + ``evaluate_s`` (local steps; the evaluation pass); **data loading** =
+  ``load_s``; **DP accounting** = ``privacy_s`` (plan, policy, ledger); **site other** =
+  ``other_s`` (profile, audit log, policy checks).
+* **coordinator work**: what the coordinator's own clock shows it doing between exchanges:
+  for each exchange, from the first MLflow metric timestamp at or after the end of the
+  previous exchange (the run's start for round 1; the sites' last ``sent``) to the
+  creation of the exchange's requests (``created_at`` of the request, recorded by the
+  sites as ``queued_s``), when that timestamp precedes it; plus the HE sum the coordinator
+  reports (``he/aggregate_seconds``). It holds checkpointing, MLflow logging, aggregation
+  and preparing the next requests; work with no timestamp before it (receiving the
+  decryption answers and averaging them, for instance) stays in polling/transport.
+* **polling/transport** = round − the slowest sites' (process start + handler) summed over
+  the exchanges − coordinator work: the SuperLink, the SuperNodes' and the ServerApp's
+  polling, Flower's own (de)serialisation and transport, the SuperNode spawning the
+  process. The line below the table splits off its first part, request created → the
+  slowest site's process created.
 
 Part 2 — coordinator scale in simulation: 10, 50 and 100 sites with the tabular model on
 small CSVs (the breast-cancer table resampled), round time and the peak RSS (VmHWM) of
 the process that runs the ServerApp (the simulation driver).
 
-Run: ``/work/venv/bin/python benchmarks/deployment.py [--rounds 3] [--sites 10 50 100]``.
+Part 3 — what a ClientApp process imports per message, before and after the site runtime
+imported lazily: in fresh processes that first import Flower (as ``flwr-clientapp`` does),
+the time to import ``fedhealth.site.client_app`` and what the message needs; "eager" is
+what every message imported before (the site runtime and the encrypted-reply code at
+module level) and ``torch.optim.SGD``'s first build and step (which imports
+``torch._dynamo``) against ``fedhealth.site.optim.SGD``'s. Medians of ``--import-reps``
+interleaved runs.
+
+Run: ``/work/venv/bin/python benchmarks/deployment.py [--rounds 3] [--sites 10 50 100]
+[--skip-deploy] [--skip-imports] [--import-reps 5]``.
 """
 
 from __future__ import annotations
@@ -25,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +70,15 @@ sys.path.insert(0, str(ROOT))
 
 from tests.deploy_harness import (  # noqa: E402
     SITES,
+    privacy_sections,
     provisioned_consortium,
     write_experiment,
 )
+
+COLUMNS = (
+    "process start", "polling/transport", "serialisation", "encryption", "training",
+    "data loading", "DP accounting", "site other", "coordinator work",
+)  # fmt: skip
 
 
 def _round_times(tracking_uri: str, experiment: str) -> tuple[list[float], float]:
@@ -50,43 +94,117 @@ def _round_times(tracking_uri: str, experiment: str) -> tuple[list[float], float
     return [b - a for a, b in itertools.pairwise(stamps)], stamps[0]
 
 
-def _handler_seconds(site_ws: Path, experiment: str) -> dict[int, float]:
-    """Per round: the slowest site's train + evaluate handler time (audit log)."""
+@dataclass
+class CoordinatorClock:
+    """What the coordinator's MLflow run says about time (epoch seconds)."""
+
+    start: float  # the run's creation
+    round_end: dict[int, float]  # round -> timestamp of global/accuracy
+    stamps: list[float]  # every metric timestamp (and the start), sorted
+    he_sum: dict[int, float]  # round -> he/aggregate_seconds
+
+
+def _coordinator_clock(tracking_uri: str, experiment: str) -> CoordinatorClock:
+    """Every metric timestamp of the experiment's run (read before the server stops)."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = client.search_runs([exp.experiment_id])[0]
+    start = run.info.start_time / 1000
+    stamps, ends, he_sum = [start], {}, {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run.info.run_id, key):
+            stamps.append(m.timestamp / 1000)
+            if key == "global/accuracy":
+                ends[m.step] = m.timestamp / 1000
+            elif key == "he/aggregate_seconds":
+                he_sum[m.step] = m.value
+    return CoordinatorClock(start, ends, sorted(stamps), he_sum)
+
+
+@dataclass
+class SiteCall:
+    """One handler invocation at one site, from its audit log (epoch seconds)."""
+
+    site: str
+    handler: str
+    round: int
+    created: float  # the coordinator created the request
+    process: float  # the ClientApp process was created (handler start for a reused one)
+    end: float  # the handler finished
+    timing: dict[str, float]
+
+
+def _site_calls(site_ws: Path, experiment: str) -> list[SiteCall]:
+    """Every audited handler call of ``experiment`` with its timing, all sites."""
     from fedhealth.deploy.audit import audit_path, read
 
-    per: dict[tuple[str, int, str], float] = {}
-    for ws in site_ws.iterdir():
-        start: dict[tuple[str, int], float] = {}
+    calls = []
+    for ws in sorted(p for p in site_ws.iterdir() if p.is_dir()):
         for r in read(audit_path(ws)):
-            if r.get("experiment") != experiment:
+            t = r.get("timing")
+            if r.get("experiment") != experiment or r["event"] == "received" or not t:
                 continue
-            key = (r.get("handler", ""), int(r.get("round", 0)))
-            if r["event"] == "received":
-                start[key] = r["ts"]
-            elif r["event"] == "sent" and key in start:
-                per[(ws.name, key[1], key[0])] = r["ts"] - start[key]
-    rounds: dict[int, float] = {}
-    for site in {s for s, _, _ in per}:
-        for rnd in {r for _, r, _ in per}:
-            t = sum(v for (s, r, _), v in per.items() if s == site and r == rnd)
-            rounds[rnd] = max(rounds.get(rnd, 0.0), t)
-    return rounds
+            end = float(r["ts"])
+            process = end - t["handler_s"] - t["process_start_s"]
+            created = process - t["queued_s"] if "queued_s" in t else process
+            calls.append(SiteCall(ws.name, r["handler"], int(r["round"]), created, process,
+                                  end, t))  # fmt: skip
+    return calls
 
 
-def _summary(label: str, times: list[float], handlers: dict[int, float]) -> str:
-    inside = [handlers.get(i + 1, float("nan")) for i in range(len(times))]
-    rest = [t - h for t, h in zip(times, inside, strict=True)]
-    med = statistics.median
-    return (f"{label:<12} {med(times):>8.1f} s {med(inside):>10.2f} s {med(rest):>10.1f} s "
-            f"{med(rest) / med(times):>8.0%}")  # fmt: skip
+def _breakdown(calls: list[SiteCall], clock: CoordinatorClock) -> list[dict[str, float]]:
+    """Per round: wall time and the columns (see the module docstring)."""
+    rows = []
+    for rnd in sorted(clock.round_end):
+        begin = clock.round_end.get(rnd - 1, clock.start)
+        row = dict.fromkeys(COLUMNS, 0.0)
+        row["round"] = clock.round_end[rnd] - begin
+        row["request to process"] = row["imports"] = 0.0
+        exchanges: dict[str, list[SiteCall]] = {}
+        for c in calls:
+            if c.round == rnd:
+                exchanges.setdefault(c.handler, []).append(c)
+        prev_end, on_sites = begin, 0.0
+        for ex in sorted(exchanges.values(), key=lambda cs: min(c.created for c in cs)):
+            slow = max(ex, key=lambda c: c.end - c.process)
+            t = slow.timing
+            on_sites += slow.end - slow.process
+            row["process start"] += t["process_start_s"] + t["import_s"]
+            row["imports"] += t["import_s"]
+            row["serialisation"] += t["serialise_s"]
+            row["encryption"] += t["encrypt_s"] + t["decrypt_s"]
+            row["training"] += t["train_s"] + t["evaluate_s"]
+            row["data loading"] += t["load_s"]
+            row["DP accounting"] += t["privacy_s"]
+            row["site other"] += t["other_s"]
+            created = min(c.created for c in ex)
+            row["request to process"] += slow.process - created
+            marker = next((s for s in clock.stamps if s >= prev_end), None)
+            if marker is not None and marker <= created:
+                row["coordinator work"] += created - marker
+            prev_end = max(c.end for c in ex)
+        row["coordinator work"] += clock.he_sum.get(rnd, 0.0)
+        row["polling/transport"] = row["round"] - on_sites - row["coordinator work"]
+        row["exchanges"] = float(len(exchanges))
+        rows.append(row)
+    return rows
+
+
+def _table_line(label: str, rows: list[dict[str, float]]) -> str:
+    med = {k: statistics.median(r[k] for r in rows) for k in ("round", *COLUMNS)}
+    cells = [f"{med['round']:>6.2f}"] + [f"{med[c]:>{max(len(c), 6)}.3f}" for c in COLUMNS]
+    return f"{label:<11} " + " ".join(cells)
 
 
 def deployed_vs_simulated(rounds: int) -> None:
-    """Part 1: print per-round wall time, handler time and the rest, both engines."""
+    """Part 1: per-round wall time and where it went, deployed and simulated."""
 
     root = Path(tempfile.mkdtemp(prefix="fh-bench-deploy-"))
-    dep = provisioned_consortium(root, SITES)
-    exp = write_experiment(root, "bench-deploy", SITES, rounds=rounds, round_timeout=120)
+    dep = provisioned_consortium(root, SITES)  # with the HE key ceremony
+    exp = write_experiment(root, "bench-deploy", SITES, rounds=rounds, round_timeout=120,
+                           extra=privacy_sections(root))  # fmt: skip
     try:
         dep.start_coordinator()
         dep.start_sites(SITES)
@@ -94,12 +212,13 @@ def deployed_vs_simulated(rounds: int) -> None:
         res = dep.cli("run", str(exp), "--federation", "test", timeout=900)
         assert res.returncode == 0, res.stdout + res.stderr
         deployed_total = time.time() - t0
-        d_times, _ = _round_times(dep.tracking_uri, "bench-deploy")
+        d_clock = _coordinator_clock(dep.tracking_uri, "bench-deploy")
     finally:
         dep.teardown()
-    d_handlers = _handler_seconds(root / "site-ws", "bench-deploy")
+    deployed = _breakdown(_site_calls(root / "site-ws", "bench-deploy"), d_clock)
 
-    # The same experiment in simulation (separate site workspaces and MLflow store).
+    # The same experiment in simulation: same profiles and keys, fresh site workspaces
+    # (privacy and HE ledgers) and MLflow store.
     sim_exp = exp.with_name("bench-sim.toml")
     sim_exp.write_text(exp.read_text().replace('"bench-deploy"', '"bench-sim"'))
     for site in SITES:
@@ -112,18 +231,27 @@ def deployed_vs_simulated(rounds: int) -> None:
                          timeout=900)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     sim_total = time.time() - t0
-    s_times, _ = _round_times(uri, "bench-sim")
-    s_handlers = _handler_seconds(root / "sim-ws", "bench-sim")
+    s_clock = _coordinator_clock(uri, "bench-sim")
+    simulated = _breakdown(_site_calls(root / "sim-ws", "bench-sim"), s_clock)
 
-    print(f"\n== Deployed (3 sites, TLS + SuperNode auth, 127.0.0.1) vs simulation: "
-          f"{rounds} rounds, logistic regression, breast-cancer table ==")  # fmt: skip
-    print(f"{'engine':<12} {'round':>10} {'in handlers':>12} {'not training':>12} {'share':>8}")
-    print(_summary("deployed", d_times, d_handlers))
-    print(_summary("simulation", s_times, s_handlers))
+    print(f"\n== Deployed (3 sites, TLS + SuperNode auth, 127.0.0.1) vs simulation: {rounds} "
+          "rounds, DP-SGD (ε = 1) + encrypted aggregation, logistic regression, breast-cancer "
+          "table; seconds, medians over rounds ==")  # fmt: skip
+    head = [f"{'round':>6}"] + [f"{c:>{max(len(c), 6)}}" for c in COLUMNS]
+    print(f"{'engine':<11} " + " ".join(head))
+    print(_table_line("deployed", deployed))
+    print(_table_line("simulation", simulated))
+    med = statistics.median
+    for label, rows in (("deployed", deployed), ("simulated", simulated)):
+        walls = ", ".join(f"{r['round']:.2f}" for r in rows)
+        print(f"{label}: rounds {walls} s; {med(r['exchanges'] for r in rows):.0f} exchanges "
+              f"per round; process start {med(r['process start'] for r in rows):.2f} s, of "
+              f"which the handlers' imports {med(r['imports'] for r in rows):.2f} s; "
+              f"polling/transport {med(r['polling/transport'] for r in rows):.2f} s, of which "
+              f"request created -> slowest site's process "
+              f"{med(r['request to process'] for r in rows):.2f} s")  # fmt: skip
     print(f"whole command: deployed {deployed_total:.1f} s, simulation {sim_total:.1f} s "
           f"(simulation includes Ray start)")  # fmt: skip
-    print(f"deployed rounds: {', '.join(f'{t:.1f}' for t in d_times)} s; "
-          f"simulated rounds: {', '.join(f'{t:.1f}' for t in s_times)} s")  # fmt: skip
 
 
 SCALE_DRIVER = """
@@ -193,14 +321,108 @@ def coordinator_scale(sizes: list[int], rounds: int) -> None:
               f"{out['vmhwm_kb'] / 1024:>15.0f} MB")  # fmt: skip
 
 
+IMPORT_PROBE = """
+import json, sys, time
+import flwr.app, flwr.clientapp  # a flwr-clientapp process has these before loading the app
+print("-- the ClientApp's imports --", file=sys.stderr, flush=True)
+t0 = time.perf_counter()
+for name in json.loads(sys.argv[1]):
+    __import__(name)  # unlike importlib.import_module, logged by -X importtime
+imports = time.perf_counter() - t0
+optimiser = 0.0
+if sys.argv[2] != "none":
+    import torch
+    if sys.argv[2] == "torch":
+        make = torch.optim.SGD
+    else:
+        from fedhealth.site.optim import SGD as make
+    t0 = time.perf_counter()
+    model = torch.nn.Linear(5, 2)
+    opt = make(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    model(torch.zeros(4, 5)).sum().backward()
+    opt.step()
+    optimiser = time.perf_counter() - t0
+heavy = ["torch", "pandas", "opacus", "tenseal", "mlflow", "torch._dynamo", "sympy", "scipy"]
+print(json.dumps({"imports": imports, "optimiser": optimiser,
+                  "loaded": [m for m in heavy if m in sys.modules]}))
+"""
+
+APP = "fedhealth.site.client_app"
+EAGER = [APP, "fedhealth.site.runtime", "fedhealth.site.encrypted_reply"]  # as before
+#: message -> (before: modules, optimiser), (after: modules, optimiser)
+IMPORT_CASES = {
+    "module import only": ((EAGER, "none"), ([APP], "none")),
+    "train (DP + HE)": (
+        ([*EAGER, "opacus"], "torch"),
+        ([APP, "fedhealth.site.runtime", "opacus", "fedhealth.site.encrypted_reply"], "site"),
+    ),
+    "train (plaintext)": ((EAGER, "torch"), ([APP, "fedhealth.site.runtime"], "site")),
+    "evaluate": ((EAGER, "none"), ([APP, "fedhealth.site.runtime"], "none")),
+    "decrypt (HE quorum)": ((EAGER, "none"), ([APP, "fedhealth.site.encrypted_reply"], "none")),
+}
+
+
+def _probe(modules: list[str], optimiser: str, importtime: bool = False) -> dict:
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", IMPORT_PROBE,
+           json.dumps(modules), optimiser]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if importtime:
+        out["importtime"] = res.stderr
+    return out
+
+
+def _packages(importtime: str, floor_s: float = 0.05) -> list[tuple[str, float]]:
+    """Packages a probe's ``-X importtime`` log shows after Flower's, with cumulative cost."""
+    lines = importtime.splitlines()
+    after = lines.index("-- the ClientApp's imports --")
+    found = []
+    for line in lines[after + 1 :]:
+        parts = line.split("|")
+        name = parts[2].strip() if len(parts) == 3 else ""
+        if name and "." not in name and parts[1].strip().isdigit():
+            found.append((name, int(parts[1]) / 1e6))
+    return sorted((f for f in found if f[1] >= floor_s), key=lambda f: -f[1])
+
+
+def clientapp_imports(reps: int) -> None:
+    """Part 3: a ClientApp process's imports per message, eager (before) vs lazy (after)."""
+    seconds: dict[tuple[str, str], list[float]] = {}
+    loaded: dict[tuple[str, str], list[str]] = {}
+    for _ in range(reps):  # interleaved, so load from other jobs hits both sides alike
+        for case, variants in IMPORT_CASES.items():
+            for side, (mods, opt) in zip(("before", "after"), variants, strict=True):
+                out = _probe(mods, opt)
+                seconds.setdefault((case, side), []).append(out["imports"] + out["optimiser"])
+                loaded[(case, side)] = out["loaded"]
+    print(f"\n== A ClientApp process's imports per message (after Flower's own), seconds, "
+          f"median of {reps} fresh processes ==")  # fmt: skip
+    print(f"{'message':<22} {'before':>7} {'after':>7} {'ratio':>6}  heavy modules after")
+    for case in IMPORT_CASES:
+        b = statistics.median(seconds[(case, "before")])
+        a = statistics.median(seconds[(case, "after")])
+        mods = ", ".join(loaded[(case, "after")]) or "-"
+        print(f"{case:<22} {b:>7.2f} {a:>7.2f} {a / b:>6.2f}  {mods}")
+    first = _probe(*IMPORT_CASES["train (DP + HE)"][1], importtime=True)
+    top = _packages(first["importtime"])
+    print("packages a DP + HE training message imports (-X importtime, one run, cumulative; "
+          "nested ones count in their importer too): "
+          + ", ".join(f"{name} {s:.2f} s" for name, s in top))  # fmt: skip
+
+
 def main() -> None:
-    """Parse arguments and run both parts."""
+    """Parse arguments and run the parts."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale-rounds", type=int, default=2)
     ap.add_argument("--sites", type=int, nargs="*", default=[10, 50, 100])
     ap.add_argument("--skip-deploy", action="store_true")
+    ap.add_argument("--skip-imports", action="store_true")
+    ap.add_argument("--import-reps", type=int, default=5)
     args = ap.parse_args()
+    if not args.skip_imports:
+        clientapp_imports(args.import_reps)
     if not args.skip_deploy:
         deployed_vs_simulated(args.rounds)
     if args.sites:

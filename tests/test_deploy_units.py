@@ -122,3 +122,228 @@ def test_guarded_grid_never_waits_forever() -> None:
     assert time.monotonic() - t0 < 5
     with pytest.raises(FederationError, match="min_sites"):
         GuardedGrid(Grid([1]), 2, 3, wait=1, first_wait=1).get_node_ids()
+
+
+# -- where a site handler's time goes, and what the ClientApp process imports ---------------
+
+
+def _audited_handler(tmp_path: Path, fail: bool = False):
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+
+    from fedhealth.deploy.audit import audited
+    from fedhealth.site.timing import phase
+
+    @audited(lambda context: ("h1", tmp_path))
+    def train(msg: Message, context: object) -> Message:
+        with phase("load"):
+            time.sleep(0.02)
+        with phase("train"):
+            time.sleep(0.03)
+            with phase("encrypt"):  # nested: counts for itself only
+                time.sleep(0.02)
+        if fail:
+            reason = '{"site": "h1", "rule": "max_epsilon", "message": "no"}'
+            return Message(Error(code=4100, reason=reason), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord({"n": 1})}), reply_to=msg)
+
+    return train
+
+
+def _request(round_: int = 2):
+    import json
+
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    spec = json.dumps({"experiment": "e1", "model": {"name": "logistic_regression"}})
+    config = ConfigRecord({"spec": spec, "server-round": round_})
+    return Message(RecordDict({"config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_audit_outcome_carries_the_handler_timing(tmp_path: Path, fail: bool) -> None:
+    from fedhealth.site.timing import PHASES
+
+    _audited_handler(tmp_path, fail)(_request(), None)
+    received, outcome = list(read(audit_path(tmp_path)))
+    assert received["event"] == "received" and "timing" not in received
+    assert outcome["event"] == ("refused" if fail else "sent") and outcome["round"] == 2
+    t = outcome["timing"]
+    assert set(t) == {f"{p}_s" for p in PHASES} | {
+        "process_start_s", "queued_s", "handler_s", "other_s",
+    }  # fmt: skip
+    assert all(isinstance(v, float) for v in t.values())
+    assert t["load_s"] >= 0.0199 and t["encrypt_s"] >= 0.0199  # sleeps last at least that
+    assert t["train_s"] >= 0.0299 and t["train_s"] < t["handler_s"] - t["encrypt_s"]  # own time
+    assert t["handler_s"] >= t["load_s"] + t["train_s"] + t["encrypt_s"]
+    claimed = sum(t[f"{p}_s"] for p in PHASES) + t["other_s"]
+    assert claimed == pytest.approx(t["handler_s"], abs=1e-3)
+
+
+def test_process_start_counts_once_per_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fedhealth.site.timing import HandlerTiming, process_created_at
+
+    code = (
+        "import time; t = time.time()\n"
+        "from fedhealth.site.timing import HandlerTiming, process_created_at\n"
+        "a, b = HandlerTiming(), HandlerTiming()\n"
+        "print(t - process_created_at(), a.process_start, b.process_start)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before_main, first, second = map(float, out.stdout.split())
+    assert -0.05 <= before_main < 10  # interpreter start, 10 ms clock ticks
+    assert first >= before_main - 0.05 and second == 0.0
+    assert process_created_at() <= time.time()
+    HandlerTiming()
+    assert HandlerTiming().process_start == 0.0  # not the process's first handler
+
+
+def test_a_decryption_query_is_audited_under_its_round(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedhealth.deploy.audit import _request_info
+
+    record = ConfigRecord({"experiment_id": "study:run1:ab12", "round": 3, "nonce": "n"})
+    msg = Message(RecordDict({"he-request": record}), dst_node_id=1, message_type="query.decrypt")
+    info = _request_info(msg)
+    assert info["round"] == 3 and info["experiment"] == "study"
+
+
+def test_audit_view_summarises_the_timing() -> None:
+    from fedhealth.cli.audit_view import timing_summary
+
+    t = {"process_start_s": 0.5, "handler_s": 1.5, "import_s": 1.2, "load_s": 0.1,
+         "train_s": 0.15, "serialise_s": 0.001, "other_s": 0.05}  # fmt: skip
+    assert timing_summary(t) == "2.00 s: start 0.50, imports 1.20, training 0.15, data 0.10"
+    assert timing_summary(None) == ""
+
+
+def test_client_app_wire_names_match_the_he_wire() -> None:
+    from fedhealth.privacy.he import wire
+    from fedhealth.site import client_app
+
+    for name in ("DECRYPT_ACTION", "IDENTIFY_ACTION", "CONTRIBUTION_RECORD", "REQUEST_RECORD",
+                 "ANSWER_RECORD", "ANSWER_ARRAY"):  # fmt: skip
+        assert getattr(client_app, name) == getattr(wire, name), name
+    assert f"query.{client_app.DECRYPT_ACTION}" == wire.DECRYPT_MESSAGE_TYPE
+
+
+def test_each_message_imports_only_what_it_needs(tmp_path: Path) -> None:
+    from fedhealth.config.site import load_site
+    from fedhealth.site.client_app import modules_for
+    from fedhealth.site.request import RoundRequest
+
+    (tmp_path / "site.toml").write_text(
+        '[site]\nname = "h1"\nworkspace = "ws"\n\n'
+        '[datasets.table]\nkind = "tabular"\npath = "t.csv"\n\n'
+        '[datasets.ct]\nkind = "dicom"\npath = "ct"\n'
+    )
+    profile = load_site(tmp_path / "site.toml")
+
+    def request(dataset: str, dp: bool, he: bool) -> RoundRequest:
+        spec = {"experiment": "e", "task": {"dataset": dataset}, "dp": {"enabled": dp}}
+        return RoundRequest("e", 1, spec, he_enabled=he)
+
+    runtime = "fedhealth.site.runtime"
+    assert modules_for(profile, request("table", False, False), training=True) == [runtime]
+    assert modules_for(profile, request("table", True, True), training=True) == [
+        runtime, "opacus", "fedhealth.site.encrypted_reply",
+    ]  # fmt: skip
+    assert modules_for(profile, request("table", True, True), training=False) == [runtime]
+    assert "pydicom" in modules_for(profile, request("ct", False, False), training=False)
+
+
+_HANDLER_PROCESS = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+d = json.loads(Path(sys.argv[1]).read_text())
+import fedhealth.site.client_app as ca
+heavy = ["torch", "pandas", "opacus", "tenseal", "mlflow", "pydicom", "PIL", "torch._dynamo"]
+loaded = {"import": [m for m in heavy if m in sys.modules]}
+config = ConfigRecord({"spec": json.dumps(d["spec"]), "norm-stats": "", "server-round": 1})
+arrays = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in d["arrays"].items()})
+msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
+              message_type=MessageType.TRAIN)
+ctx = Context(run_id=1, node_id=1, node_config={"profile": d["profile"], "site-index": 0},
+              state=RecordDict(), run_config={})
+reply = ca.train(msg, ctx)
+assert not reply.has_error(), reply.error.reason
+loaded["train"] = [m for m in heavy if m in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def test_a_clientapp_process_imports_only_what_its_message_needs(tmp_path: Path) -> None:
+    """In a fresh process, as in a deployment: importing the ClientApp loads none of torch,
+    pandas, Opacus, TenSEAL or MLflow; a DP training message then loads torch, pandas and
+    Opacus, never TenSEAL (plaintext round), MLflow or torch._dynamo (fedhealth.site.optim).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from dp_consortium import write_experiment, write_site
+
+    from fedhealth.config.experiment import load_experiment
+    from fedhealth.models import build_model
+
+    site = write_site(tmp_path, "h1", n=60, seed=0)
+    exp = write_experiment(tmp_path, [site], min_sites=1, dp={"noise_multiplier": 1.0})
+    cfg = load_experiment(exp)
+    spec = cfg.task_spec()
+    model = build_model(spec["model"], 5, 2, 1)
+    arrays = {k: v.tolist() for k, v in model.state_dict().items()}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"spec": spec, "profile": str(site), "arrays": arrays}))
+    out = subprocess.run(
+        [sys.executable, "-c", _HANDLER_PROCESS, str(job)], capture_output=True, text=True,
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["import"] == []
+    assert loaded["train"] == ["torch", "pandas", "opacus"]
+    entry = [r for r in read(audit_path(tmp_path / "workspace" / "h1")) if r["event"] == "sent"]
+    t = entry[-1]["timing"]
+    assert t["import_s"] > 0 and t["process_start_s"] > 0 and t["privacy_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("sgd", {"lr": 0.1}),
+        ("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+        ("adam", {"lr": 0.01}),
+        ("adam", {"lr": 0.003, "weight_decay": 0.01}),
+    ],
+)
+def test_site_optimisers_update_exactly_like_torch_optim(name: str, kwargs: dict) -> None:
+    import torch
+    from torch import nn
+
+    from fedhealth.site.optim import SGD, Adam
+
+    ours_cls, torch_cls = {"sgd": (SGD, torch.optim.SGD), "adam": (Adam, torch.optim.Adam)}[name]
+
+    def train(make) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+        opt = make(model.parameters(), **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            x, y = torch.randn(16, 7, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(ours_cls), train(torch_cls), strict=True):
+        assert torch.equal(a, b)

@@ -142,6 +142,10 @@ class Federation:
                 "spec": json.dumps(self.cfg.task_spec()),
                 "norm-stats": json.dumps(self.norm_stats) if self.norm_stats else "",
                 "server-round": round_,
+                # So each site's audit log can name the run, and through it the model
+                # version, its round contributed to (`fedhealth site audit`).
+                "mlflow-run-id": self.recorder.run_id or "",
+                "registered-model": self.cfg.registered_model or "",
             }
         )
 

@@ -5,6 +5,10 @@ One line per request the site receives (``received``), and one per outcome: eith
 content, its SHA-256 digest, the ε charged (when the site reports one), the round and
 the experiment. :func:`audited` wraps a ClientApp handler; the site's privacy ledger
 holds the matching charge (same experiment and round).
+
+Both outcome lines carry ``timing``: where the handler's time went (process start, imports,
+data loading, training, encryption, serialising the reply; durations in seconds, see
+:mod:`fedhealth.site.timing`). Durations only, nothing derived from the data.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from fedhealth.site import timing as handler_timing
 
 AUDIT_FILE = "audit.log"
 
@@ -85,7 +91,21 @@ def _request_info(msg: Any) -> dict[str, Any]:
         info["model"] = (spec.get("model") or {}).get("name")
     except (KeyError, TypeError, ValueError):
         pass
+    try:  # a decryption query names its round and experiment in its "he-request" record
+        request = msg.content["he-request"]
+        info["round"] = int(request["round"])
+        info["experiment"] = str(request["experiment_id"]).split(":", 1)[0]
+    except (KeyError, TypeError, ValueError):
+        pass
     return info
+
+
+def _created_at(msg: Any) -> float | None:
+    try:
+        created = float(msg.metadata.created_at)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return created if created > 0 else None
 
 
 def _epsilon(content: Any) -> float | None:
@@ -109,29 +129,37 @@ def audited(resolve_workspace: Callable[[Any], tuple[str, Path]]) -> Callable:
     def wrap(handler: Callable) -> Callable:
         @functools.wraps(handler)
         def inner(msg: Any, context: Any) -> Any:
+            timing, token = handler_timing.start(_created_at(msg))
             try:
-                site, workspace = resolve_workspace(context)
-            except Exception:  # noqa: BLE001 - the handler reports a bad profile itself
-                return handler(msg, context)
-            path = audit_path(workspace)
-            base = {"site": site, "handler": handler.__name__, **_request_info(msg)}
-            append(path, {"ts": time.time(), "event": "received", **base})
-            reply = handler(msg, context)
-            if reply.has_error():
-                try:
-                    why = json.loads(reply.error.reason or "{}")
-                except json.JSONDecodeError:
-                    why = {"message": reply.error.reason}
-                append(path, {"ts": time.time(), "event": "refused", **base,
-                              "rule": why.get("rule", "error"),
-                              "message": why.get("message", "")})  # fmt: skip
-            else:
-                size, digest, names = content_digest(reply.content)
-                append(path, {"ts": time.time(), "event": "sent", **base, "bytes": size,
-                              "sha256": digest, "records": names,
-                              "epsilon": _epsilon(reply.content)})  # fmt: skip
-            return reply
+                return _run(handler, msg, context, timing)
+            finally:
+                handler_timing.stop(token)
 
         return inner
+
+    def _run(handler: Callable, msg: Any, context: Any, timing: Any) -> Any:
+        try:
+            site, workspace = resolve_workspace(context)
+        except Exception:  # noqa: BLE001 - the handler reports a bad profile itself
+            return handler(msg, context)
+        path = audit_path(workspace)
+        base = {"site": site, "handler": handler.__name__, **_request_info(msg)}
+        append(path, {"ts": time.time(), "event": "received", **base})
+        reply = handler(msg, context)
+        if reply.has_error():
+            try:
+                why = json.loads(reply.error.reason or "{}")
+            except json.JSONDecodeError:
+                why = {"message": reply.error.reason}
+            append(path, {"ts": time.time(), "event": "refused", **base,
+                          "rule": why.get("rule", "error"), "message": why.get("message", ""),
+                          "timing": timing.record()})  # fmt: skip
+        else:
+            size, digest, names = content_digest(reply.content)
+            took = timing.record()
+            append(path, {"ts": time.time(), "event": "sent", **base, "bytes": size,
+                          "sha256": digest, "records": names,
+                          "epsilon": _epsilon(reply.content), "timing": took})  # fmt: skip
+        return reply
 
     return wrap

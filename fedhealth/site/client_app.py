@@ -7,14 +7,22 @@ run config's list of site profiles indexed by the node's partition id.
 A refusal or a data problem is answered with an error reply whose reason is a
 JSON object ``{"site", "rule", "message"}``: the coordinator reports it and
 carries on with the other sites; the site process never crashes on bad input.
+
+In a real deployment every message starts a new ClientApp process, so this module
+imports only Flower, the site profile and the audit log; each handler imports what its
+message needs, timed as its ``import`` phase in the audit log: torch and the dataset's
+reader for training, evaluation and statistics, Opacus only when the experiment uses DP,
+TenSEAL only for an encrypted round or a decryption query. The site never imports MLflow.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import (
     Array,
@@ -31,21 +39,34 @@ from flwr.clientapp import ClientApp
 from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.deploy.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
-from fedhealth.privacy.he.wire import (
-    ANSWER_ARRAY,
-    ANSWER_RECORD,
-    CONTRIBUTION_RECORD,
-    DECRYPT_ACTION,
-    IDENTIFY_ACTION,
-    REQUEST_RECORD,
-)
-from fedhealth.site.encrypted_reply import decrypt_aggregate, seal_update
-from fedhealth.site.runtime import RoundRequest, SiteRuntime
+from fedhealth.site.request import RoundRequest
+from fedhealth.site.timing import phase
+
+if TYPE_CHECKING:
+    from fedhealth.site.runtime import SiteRuntime
 
 app = ClientApp()
 
 SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
 REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
+
+# The names encrypted aggregation uses on the wire (fedhealth.privacy.he.wire), repeated
+# here because importing that module imports TenSEAL; tests/test_deploy_units.py checks
+# that they agree.
+DECRYPT_ACTION = "decrypt"
+IDENTIFY_ACTION = "identify"
+CONTRIBUTION_RECORD = "he-contribution"
+REQUEST_RECORD = "he-request"
+ANSWER_RECORD = "he-aggregate"
+ANSWER_ARRAY = "aggregate"
+
+#: What reading a dataset of each kind imports beyond the site runtime (pandas, numpy).
+READER_MODULES: dict[str, tuple[str, ...]] = {
+    "tabular": (),
+    "npz": (),
+    "dicom": ("pydicom", "pydicom.pixels"),
+    "images": ("PIL.Image",),
+}
 
 
 @lru_cache(maxsize=64)
@@ -81,7 +102,45 @@ def _refuse(msg: Message, site: str, exc: Exception) -> Message:
 
 
 def _arrays(msg: Message) -> dict:
-    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    with phase("serialise"):
+        return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+
+
+def modules_for(profile: SiteProfile, request: RoundRequest, training: bool) -> list[str]:
+    """The modules a train, evaluate or statistics request needs.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        The site's profile (which kind of dataset the task reads).
+    request : RoundRequest
+        The request (DP on, round encrypted).
+    training : bool
+        A training request (the others need neither Opacus nor TenSEAL).
+
+    Returns
+    -------
+    list of str
+        The site runtime (torch, the models, the data readers), the dataset's image
+        reader, Opacus when a training request uses DP, and the encrypted-reply code
+        (TenSEAL) when the round is encrypted.
+    """
+    mods = ["fedhealth.site.runtime"]
+    source = profile.datasets.get(str(request.spec["task"]["dataset"]))
+    if source is not None:
+        mods += READER_MODULES.get(source.kind, ())
+    if training and request.dp_enabled:
+        mods.append("opacus")
+    if training and request.he_enabled:
+        mods.append("fedhealth.site.encrypted_reply")
+    return mods
+
+
+def _import(modules: list[str]) -> None:
+    """Import ``modules`` (what this message needs), timed as the handler's imports."""
+    with phase("import"):
+        for name in modules:
+            importlib.import_module(name)
 
 
 def _site_record(profile: SiteProfile, runtime: SiteRuntime | None = None) -> ConfigRecord:
@@ -103,32 +162,42 @@ def train(msg: Message, context: Context) -> Message:
     profile, idx = site_profile(context)
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
+        _import(modules_for(profile, request, training=True))
+        from fedhealth.site.runtime import SiteRuntime
+
         runtime = SiteRuntime(profile, request)
-        arrays, metrics = runtime.train(_arrays(msg), idx)
-        # An encrypted round: the update leaves the site only as signed CKKS ciphertexts.
-        sealed = seal_update(
-            msg.content["config"],
-            profile,
-            experiment=request.experiment,
-            round_=request.round,
-            global_arrays=_arrays(msg),
-            new_arrays=arrays,
-            metrics=metrics,
-        )
+        global_arrays = _arrays(msg)
+        arrays, metrics = runtime.train(global_arrays, idx)
+        sealed = None
+        if request.he_enabled:
+            from fedhealth.site.encrypted_reply import seal_update
+
+            # An encrypted round: the update leaves the site only as signed CKKS ciphertexts.
+            with phase("encrypt"):
+                sealed = seal_update(
+                    msg.content["config"],
+                    profile,
+                    experiment=request.experiment,
+                    round_=request.round,
+                    global_arrays=global_arrays,
+                    new_arrays=arrays,
+                    metrics=metrics,
+                )
     except (FedHealthError, PolicyError) as exc:
         return _refuse(msg, profile.name, exc)
-    update = (
-        {CONTRIBUTION_RECORD: sealed}
-        if sealed is not None
-        else {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})}
-    )
-    content = RecordDict(
-        {
-            **update,
-            "metrics": MetricRecord(metrics),
-            "site": _site_record(profile, runtime),
-        }
-    )
+    with phase("serialise"):
+        update = (
+            {CONTRIBUTION_RECORD: sealed}
+            if sealed is not None
+            else {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})}
+        )
+        content = RecordDict(
+            {
+                **update,
+                "metrics": MetricRecord(metrics),
+                "site": _site_record(profile, runtime),
+            }
+        )
     return Message(content, reply_to=msg)
 
 
@@ -139,10 +208,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     profile, _ = site_profile(context)
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
+        _import(modules_for(profile, request, training=False))
+        from fedhealth.site.runtime import SiteRuntime
+
         metrics = SiteRuntime(profile, request).evaluate(_arrays(msg))
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})
+    with phase("serialise"):
+        content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})
     return Message(content, reply_to=msg)
 
 
@@ -153,18 +226,23 @@ def query(msg: Message, context: Context) -> Message:
     profile, _ = site_profile(context)
     try:
         request = RoundRequest.from_config(dict(msg.content["config"]))
+        _import(modules_for(profile, request, training=False))
+        from fedhealth.site.runtime import SiteRuntime
+
         runtime = SiteRuntime(profile, request)
-        stats = runtime.moments()
-        counts = runtime.data.counts()
+        with phase("load"):
+            stats = runtime.moments()
+            counts = runtime.data.counts()
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
-    content = RecordDict(
-        {
-            "stats": ConfigRecord({"moments": json.dumps(stats)}),
-            "metrics": MetricRecord(counts),
-            "site": _site_record(profile),
-        }
-    )
+    with phase("serialise"):
+        content = RecordDict(
+            {
+                "stats": ConfigRecord({"moments": json.dumps(stats)}),
+                "metrics": MetricRecord(counts),
+                "site": _site_record(profile),
+            }
+        )
     return Message(content, reply_to=msg)
 
 
@@ -178,18 +256,23 @@ def decrypt(msg: Message, context: Context) -> Message:
     """
     profile, _ = site_profile(context)
     try:
-        aggregate, seconds = decrypt_aggregate(
-            profile, msg.content.get(REQUEST_RECORD), msg.content.get("config")
-        )
+        _import(["fedhealth.site.encrypted_reply"])
+        from fedhealth.site.encrypted_reply import decrypt_aggregate
+
+        with phase("decrypt"):
+            aggregate, seconds = decrypt_aggregate(
+                profile, msg.content.get(REQUEST_RECORD), msg.content.get("config")
+            )
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
-    content = RecordDict(
-        {
-            ANSWER_RECORD: ArrayRecord({ANSWER_ARRAY: Array(aggregate)}),
-            "metrics": MetricRecord({"he-decrypt-seconds": seconds}),
-            "site": _site_record(profile),
-        }
-    )
+    with phase("serialise"):
+        content = RecordDict(
+            {
+                ANSWER_RECORD: ArrayRecord({ANSWER_ARRAY: Array(aggregate)}),
+                "metrics": MetricRecord({"he-decrypt-seconds": seconds}),
+                "site": _site_record(profile),
+            }
+        )
     return Message(content, reply_to=msg)
 
 

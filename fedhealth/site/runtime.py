@@ -9,8 +9,6 @@ before the reply is built; encryption comes later.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,35 +20,11 @@ from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
 from fedhealth.site.privacy_guard import PrivacyGuard
+from fedhealth.site.request import RoundRequest
+from fedhealth.site.timing import phase
 from fedhealth.site.trainer import evaluate, train_local
 
-
-@dataclass
-class RoundRequest:
-    """What the coordinator asks of a site in one round."""
-
-    experiment: str
-    round: int
-    spec: dict[str, Any]
-    proximal_mu: float = 0.0
-    norm_stats: dict[str, Any] | None = None
-    weight_exponent: float = 1.0
-    he_enabled: bool = False  # the update must leave encrypted (privacy.he; policy require_he)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> RoundRequest:
-        """Parse the ConfigRecord a strategy sent."""
-        spec = json.loads(str(config["spec"]))
-        stats = config.get("norm-stats")
-        return cls(
-            experiment=spec["experiment"],
-            round=int(config.get("server-round", 0)),
-            spec=spec,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            norm_stats=json.loads(str(stats)) if stats else None,
-            weight_exponent=float(config.get("weight-exponent", 1.0)),
-            he_enabled=bool(config.get("he-enabled", False)),
-        )
+__all__ = ["RoundRequest", "SiteRuntime"]
 
 
 class SiteRuntime:
@@ -72,7 +46,8 @@ class SiteRuntime:
             profile, request.experiment, request.round, request.spec, he_enabled=request.he_enabled
         )
         self.guard.check_participation("requests")  # before its data is even read
-        self.data: SiteData = load_site_data(profile, self.task)
+        with phase("load"):
+            self.data: SiteData = load_site_data(profile, self.task)
         self._norm: Standardizer | None = None
         torch.set_num_threads(1)  # sites share cores in simulation; avoid oversubscription
 
@@ -82,14 +57,16 @@ class SiteRuntime:
     def norm(self) -> Standardizer | None:
         """The site's normaliser (built on first use: a statistics query needs none)."""
         if self._norm is None and self.task["normalisation"] != "none":
-            self._norm = standardizer_for(
-                self.data, self.task["normalisation"], self.request.norm_stats
-            )
+            with phase("load"):
+                self._norm = standardizer_for(
+                    self.data, self.task["normalisation"], self.request.norm_stats
+                )
         return self._norm
 
     def _x(self, x: np.ndarray) -> np.ndarray:
         norm = self.norm
-        return norm.transform(x).astype(np.float32) if norm else x
+        with phase("load"):
+            return norm.transform(x).astype(np.float32) if norm else x
 
     def build_model(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """The experiment's model, loaded with the global weights ``arrays`` (by name)."""
@@ -120,26 +97,30 @@ class SiteRuntime:
         its ε is charged to the ledger (committed and fsynced) before this returns.
         """
         guard = self.guard
-        admission = guard.admit(self.data.n_train, self.request.proximal_mu)
-        model = self.build_model(arrays)
-        context = (
-            guard.release_context(arrays, self.data.x_train, self.data.y_train)
-            if guard.enabled
-            else {}
-        )
+        with phase("privacy"):
+            admission = guard.admit(self.data.n_train, self.request.proximal_mu)
+            context = (
+                guard.release_context(arrays, self.data.x_train, self.data.y_train)
+                if guard.enabled
+                else {}
+            )
         seed = int(self.request.spec["seed"]) * 100_003 + self.request.round * 1_009 + site_index
-        result = train_local(
-            model,
-            self._x(self.data.x_train),
-            self.data.y_train,
-            self.request.spec["training"],
-            seed=seed,
-            proximal_mu=self.request.proximal_mu,
-            wrap=guard.dp_sgd(admission, context) if guard.mode == "record" else None,
-        )
-        new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        x = self._x(self.data.x_train)
+        with phase("train"):
+            model = self.build_model(arrays)
+            result = train_local(
+                model,
+                x,
+                self.data.y_train,
+                self.request.spec["training"],
+                seed=seed,
+                proximal_mu=self.request.proximal_mu,
+                wrap=guard.dp_sgd(admission, context) if guard.mode == "record" else None,
+            )
+            new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         if guard.mode == "site":
-            new = guard.privatise_update(new, arrays, context)
+            with phase("privacy"):
+                new = guard.privatise_update(new, arrays, context)
         metrics = {
             "num-examples": self.data.n_train,
             # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg. Site-level
@@ -150,13 +131,16 @@ class SiteRuntime:
             "train-loss": result.loss,
             "local-steps": result.steps,
         }
-        metrics.update(guard.charge(admission, result.steps))  # durable before any reply
+        with phase("privacy"):
+            metrics.update(guard.charge(admission, result.steps))  # durable before any reply
         return new, metrics
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """Evaluate the global weights on the site's test split."""
-        model = self.build_model(arrays)
-        return evaluate(model, self._x(self.data.x_test), self.data.y_test)
+        x = self._x(self.data.x_test)
+        with phase("evaluate"):
+            model = self.build_model(arrays)
+            return evaluate(model, x, self.data.y_test)
 
     def moments(self) -> dict[str, Any]:
         """Per-feature sums and counts of the training split (consortium normalisation)."""
