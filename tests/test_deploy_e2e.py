@@ -227,5 +227,20 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     assert [e.round for e in charges] == [1, 2, 2], [e.round for e in charges]
     assert spent > 1.0
     assert float(tags[f"epsilon/{witness}"]) == pytest.approx(spent, rel=1e-3)
-    sent = [r for r in read(audit_path(_site_ws(dep, witness))) if r["event"] == "sent"]
+    records = list(read(audit_path(_site_ws(dep, witness))))
+    sent = [r for r in records if r["event"] == "sent"]
     assert sent and all(len(r["sha256"]) == 64 and r["bytes"] > 0 for r in sent)
+
+    # The audit log links each update to its ledger charge and to the model version.
+    from fedhealth.cli.audit_view import ledger_links, model_versions
+
+    links = ledger_links(profile.ledger_path, records)
+    trained = [i for i, r in enumerate(records) if r["event"] == "sent" and r["handler"] == "train"]
+    assert sorted(links[i] for i in trained) == sorted(f"#{e.id}" for e in charges)
+    assert {records[i]["mlflow_run"] for i in trained} == {run_id}
+    assert model_versions(dep.tracking_uri, {run_id}) == {run_id: f"{name} v{versions[0].version}"}
+    res = dep.cli(
+        "site", "audit", str(dep.root / "sites" / f"{witness}.toml"),
+        "--tracking-uri", dep.tracking_uri,
+    )  # fmt: skip
+    assert res.returncode == 0 and "ledger #" in res.stdout, res.stdout + res.stderr

@@ -40,8 +40,55 @@ def timing_summary(timing: dict | None, top: int = 3) -> str:
     return f"{total:.2f} s: " + ", ".join(f"{name} {v:.2f}" for name, v in parts)
 
 
-def print_audit(console: Console, profile_path: Path, as_json: bool = False) -> None:
-    """Print every audit record of the site, oldest first."""
+def ledger_links(ledger_path: Path, records: list[dict]) -> dict[int, str]:
+    """For each ``sent`` record that reported an ε: ``"#<id>"`` of the privacy-ledger charge
+    it spent (same dataset, experiment and round; the newest charge committed before the
+    update left). Keyed by the record's index in ``records``."""
+    from fedhealth.privacy.dp.ledger import PrivacyLedger
+
+    if not ledger_path.is_file():
+        return {}
+    with PrivacyLedger(ledger_path) as ledger:
+        entries = ledger.entries()
+    stamps = [dt.datetime.fromisoformat(e.timestamp).timestamp() for e in entries]
+    out: dict[int, str] = {}
+    for i, r in enumerate(records):
+        if r.get("event") != "sent" or r.get("epsilon") is None:
+            continue
+        match = [
+            e.id
+            for e, t in zip(entries, stamps, strict=True)
+            if e.experiment == r.get("experiment")
+            and e.round == r.get("round")
+            and (r.get("dataset") in (None, e.dataset))
+            and t <= float(r.get("ts", 0)) + 1.0
+        ]
+        if match:
+            out[i] = f"#{match[-1]}"
+    return out
+
+
+def model_versions(tracking_uri: str, runs: set[str]) -> dict[str, str]:
+    """``run id -> "<registered model> v<version>"`` for the runs that registered one."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    out: dict[str, str] = {}
+    for run in sorted(runs):
+        found = client.search_model_versions(f"run_id = '{run}'")
+        if found:
+            out[run] = ", ".join(f"{v.name} v{v.version}" for v in found)
+    return out
+
+
+def print_audit(
+    console: Console,
+    profile_path: Path,
+    as_json: bool = False,
+    tracking_uri: str | None = None,
+) -> None:
+    """Print every audit record of the site, oldest first, each round linked to its
+    privacy-ledger charge and (with ``tracking_uri``) the model version it contributed to."""
     profile = load_site(profile_path)
     path = audit_path(profile.workspace)
     records = list(read(path))
@@ -52,11 +99,15 @@ def print_audit(console: Console, profile_path: Path, as_json: bool = False) -> 
     if not records:
         console.print(f"site {profile.name}: the audit log {path} is empty (no request yet)")
         return
+    charges = ledger_links(profile.ledger_path, records)
+    runs = {str(r["mlflow_run"]) for r in records if r.get("mlflow_run")}
+    versions = model_versions(tracking_uri, runs) if tracking_uri and runs else {}
     table = Table(title=f"site {profile.name}: audit log {path}")
     for col in ("time", "event", "request", "experiment", "round", "what left / why refused"):
         table.add_column(col)
+    table.add_column("ledger charge · model version")
     table.add_column("site time (process start + handler)")
-    for r in records:
+    for i, r in enumerate(records):
         when = dt.datetime.fromtimestamp(r.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
         event = r.get("event", "?")
         if event == "sent":
@@ -72,6 +123,23 @@ def print_audit(console: Console, profile_path: Path, as_json: bool = False) -> 
             detail = ""
         table.add_row(
             when, event, str(r.get("message_type", "")), str(r.get("experiment") or ""),
-            str(r.get("round", "")), detail, timing_summary(r.get("timing")),
+            str(r.get("round", "")), detail, _link(r, charges.get(i), versions),
+            timing_summary(r.get("timing")),
         )  # fmt: skip
     console.print(table)
+    if runs and not tracking_uri:
+        console.print(
+            "model versions: add --tracking-uri URI (the consortium's MLflow server) to name "
+            "the version each run registered",
+            highlight=False,
+        )
+
+
+def _link(record: dict, charge: str | None, versions: dict[str, str]) -> str:
+    if record.get("event") != "sent":
+        return ""
+    run = record.get("mlflow_run")
+    parts = [f"ledger {charge}"] if charge else []
+    if run:
+        parts.append(versions.get(str(run), f"run {str(run)[:8]}"))
+    return " · ".join(parts)

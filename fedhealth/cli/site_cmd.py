@@ -74,8 +74,15 @@ def start(
 def audit(
     profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON lines."),
+    tracking_uri: str = typer.Option(
+        None,
+        "--tracking-uri",
+        help="The consortium's MLflow server: also name the model version each round "
+        "contributed to.",
+    ),
 ) -> None:
-    """Print the site's audit log: requests received, refused, and what left the site."""
+    """Print the site's audit log: requests received, refused, and what left the site,
+    linked to the privacy ledger's charge and the model version it contributed to."""
     from fedhealth.cli.audit_view import print_audit
 
-    print_audit(console, profile, as_json)
+    print_audit(console, profile, as_json, tracking_uri)

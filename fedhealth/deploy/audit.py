@@ -89,15 +89,23 @@ def _request_info(msg: Any) -> dict[str, Any]:
         spec = json.loads(str(config.get("spec", "{}")) or "{}")
         info["experiment"] = spec.get("experiment")
         info["model"] = (spec.get("model") or {}).get("name")
+        info["dataset"] = (spec.get("task") or {}).get("dataset")
+        # The MLflow run, and through it the model version, this round contributes to.
+        info["mlflow_run"] = str(config.get("mlflow-run-id", "")) or None
+        info["registered_model"] = str(config.get("registered-model", "")) or None
     except (KeyError, TypeError, ValueError):
         pass
     try:  # a decryption query names its round and experiment in its "he-request" record
         request = msg.content["he-request"]
         info["round"] = int(request["round"])
-        info["experiment"] = str(request["experiment_id"]).split(":", 1)[0]
+        # HE binding: "<experiment>:<MLflow run id>:<random>"
+        parts = str(request["experiment_id"]).split(":")
+        info["experiment"] = parts[0]
+        if len(parts) == 3 and parts[1] != "no-run":
+            info["mlflow_run"] = parts[1]
     except (KeyError, TypeError, ValueError):
         pass
-    return info
+    return {k: v for k, v in info.items() if v is not None}
 
 
 def _created_at(msg: Any) -> float | None:
