@@ -453,3 +453,31 @@ def test_cli_turns_a_failed_run_into_one_message(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", str(exp)], terminal_width=200)
     assert result.exit_code == 6 and "Traceback" not in result.output
     assert f"experiment 'dp-study' stopped: {failure}" in " ".join(result.output.split())
+
+
+def test_calibration_cache_is_reused_and_never_trusted_blindly(tmp_path):
+    """A deployed site starts a process per message: the calibrated σ is cached in its
+    workspace, and a cached σ that would overspend the target is recomputed, not used."""
+    import json as _json
+
+    from fedhealth.privacy.dp import plan as plan_mod
+    from fedhealth.privacy.dp.accounting import epsilon_spent
+
+    dp = {"mode": "record", "delta": 1e-3, "accountant": "rdp", "target_epsilon": 1.0,
+          "noise_multiplier": None}  # fmt: skip
+    training = {"local_epochs": 1, "batch_size": 32}
+    cache = tmp_path / "dp-calibration.json"
+    first = plan_mod.plan_for_site(dp, training, 5, 400, "st-olav", cache=cache)
+    assert cache.is_file() and oct(cache.stat().st_mode & 0o777) == "0o600"
+    plan_mod._calibrated_sigma.cache_clear()  # as in a fresh process
+    again = plan_mod.plan_for_site(dp, training, 5, 400, "st-olav", cache=cache)
+    assert again.noise_multiplier == first.noise_multiplier
+    assert plan_mod._calibrated_sigma.cache_info().misses == 0, "the cache was not used"
+    # A tampered cache (too little noise) is caught by the accountant and recomputed.
+    (key,) = _json.loads(cache.read_text())
+    cache.write_text(_json.dumps({key: 0.3}))
+    plan_mod._calibrated_sigma.cache_clear()
+    fixed = plan_mod.plan_for_site(dp, training, 5, 400, "st-olav", cache=cache)
+    assert fixed.noise_multiplier == first.noise_multiplier
+    steps = fixed.steps_per_round * fixed.rounds
+    assert epsilon_spent(fixed.noise_multiplier, fixed.sample_rate, steps, 1e-3, "rdp") <= 1.0

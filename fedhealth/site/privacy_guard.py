@@ -52,6 +52,9 @@ from fedhealth.privacy.dp.randomness import derive_seed, digest_arrays, load_or_
 from fedhealth.privacy.dp.site_level import add_noise_share, clip_update
 from fedhealth.site.trainer import Wrap
 
+#: Calibrated noise multipliers remembered across the per-message processes of a site.
+CALIBRATION_CACHE = "dp-calibration.json"
+
 #: Models whose per-sample gradients only work on PyTorch's expanded-weights path
 #: (in-place tensor ops in ``forward``; see fedhealth.privacy.dp.local).
 EW_ONLY_MODELS = ("resnet18",)
@@ -158,8 +161,9 @@ class PrivacyGuard:
         """This site's DP plan for the experiment (ConfigError names key and site)."""
         try:
             return plan_for_site(
-                self.dp, self.spec["training"], int(self.spec["rounds"]), n_train, self.site
-            )
+                self.dp, self.spec["training"], int(self.spec["rounds"]), n_train, self.site,
+                cache=self.profile.workspace / CALIBRATION_CACHE,
+            )  # fmt: skip
         except ConfigError as exc:
             raise _with_rule(exc, "dp_plan") from None
 

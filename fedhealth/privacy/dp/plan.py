@@ -23,9 +23,12 @@ Site mode (site-level DP)
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from fedhealth.errors import ConfigError
@@ -113,8 +116,52 @@ def _calibrated_sigma(target: float, delta: float, q: float, steps: int, account
     return noise_for_target(target, delta, q, steps, accountant)
 
 
+def _cached_sigma(
+    target: float, delta: float, q: float, steps: int, accountant: str, cache: Path | None
+) -> float:
+    """:func:`_calibrated_sigma`, remembered in ``cache`` (a JSON file) across processes.
+
+    A deployed site starts a process per message, and the calibration's search costs about
+    a second each time. A cached σ is used only if the accountant confirms it still meets
+    ``target`` (one evaluation), so an edited cache can never make a plan spend more than
+    its target; anything unreadable is recomputed.
+    """
+    if cache is None:
+        return _calibrated_sigma(target, delta, q, steps, accountant)
+    key = json.dumps([target, delta, q, steps, accountant])
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    sigma = known.get(key) if isinstance(known, dict) else None
+    if (
+        isinstance(sigma, (int, float))
+        and 0 < sigma <= MAX_NOISE_MULTIPLIER
+        and epsilon_spent(float(sigma), q, steps, delta, accountant) <= target * (1 + 1e-9)
+    ):
+        return float(sigma)
+    sigma = _calibrated_sigma(target, delta, q, steps, accountant)
+    known = known if isinstance(known, dict) else {}
+    known[key] = sigma
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(known, fh)
+        os.replace(tmp, cache)  # atomic: concurrent handlers never see half a file
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return sigma
+
+
 def plan_for_site(
-    dp: dict[str, Any], training: dict[str, Any], rounds: int, n_records: int, site: str
+    dp: dict[str, Any],
+    training: dict[str, Any],
+    rounds: int,
+    n_records: int,
+    site: str,
+    cache: Path | None = None,
 ) -> DPPlan:
     """The site's DP plan, or a ConfigError naming the key, the site and what to change.
 
@@ -131,6 +178,9 @@ def plan_for_site(
         The site's training records.
     site : str
         The site's name, for messages.
+    cache : Path, optional
+        JSON file remembering calibrated noise multipliers across processes (the site's
+        workspace); each cached value is re-checked by the accountant before use.
 
     Returns
     -------
@@ -163,7 +213,7 @@ def plan_for_site(
         )
     target = float(dp["target_epsilon"])
     try:
-        sigma = _calibrated_sigma(target, delta, q, steps, accountant)
+        sigma = _cached_sigma(target, delta, q, steps, accountant, cache)
     except ConfigError as exc:
         floor = epsilon_spent(MAX_NOISE_MULTIPLIER, q, max(steps, 1), delta, accountant)
         raise ConfigError(
