@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from mlflow.entities import Param
 
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, send_and_receive
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.ceremony import CoordinatorKeys, load_coordinator_keys
 from fedhealth.privacy.he.ckks import FlatSpec, HEParams, flatten_state, unflatten
@@ -77,23 +78,14 @@ def _site(msg: Message) -> str:
     return str(msg.content["site"]["name"])
 
 
-#: Poll interval of the decryption exchange: a site answers it in milliseconds, so the
-#: coordinator looks for the answers more often than Flower's default 100 ms.
-DECRYPT_POLL_SECONDS = 0.01
+#: Longest poll interval of the decryption exchange: a site answers it in milliseconds
+#: once its process runs.
+DECRYPT_POLL_SECONDS = 0.05
 
 
 def _exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
-    """Send ``msgs`` and collect their replies (like ``Grid.send_and_receive``, faster poll)."""
-    pending = set(grid.push_messages(msgs))
-    end = time.time() + timeout
-    out: list[Message] = []
-    while pending and time.time() < end:
-        got = list(grid.pull_messages(list(pending)))
-        out += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(DECRYPT_POLL_SECONDS)
-    return out
+    """Send the decryption requests and collect the answers."""
+    return send_and_receive(grid, msgs, timeout, max_poll=DECRYPT_POLL_SECONDS)
 
 
 def _answer(round_: int, msg: Message) -> np.ndarray:
@@ -273,7 +265,7 @@ class EncryptedAggregation:
             self._bind_cohort(grid, round_, msgs)
         pending = list(grid.push_messages(msgs))
         end = time.time() + timeout
-        interval = float(getattr(grid, "pull_interval", 0.1))
+        pause = FIRST_POLL
         while pending and time.time() < end:
             arrived = False
             for mid in list(pending):
@@ -281,8 +273,9 @@ class EncryptedAggregation:
                     pending.remove(mid)
                     arrived = True
                     yield self._take(round_, reply)
-            if pending and not arrived:
-                time.sleep(interval)
+            if pending:  # poll soon after a reply, back off while sites train
+                pause = FIRST_POLL if arrived else min(pause * 2, MAX_POLL)
+                time.sleep(min(pause, max(end - time.time(), 0.0)))
 
     def _bind_cohort(self, grid: Grid, round_: int, msgs: list[Message]) -> None:
         """Announce the names of the sampled sites in the round's (shared) config."""

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
+from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
 from fedhealth.coordinator.strategies import build_strategy
@@ -180,7 +181,7 @@ class Federation:
         """
         timeout = self.cfg.experiment.round_timeout
         if self.encryption is None:
-            return grid.send_and_receive(msgs, timeout=timeout)
+            return send_and_receive(grid, msgs, timeout)
         return self.encryption.receive(grid, round_, msgs, timeout)
 
     def prepare_for_aggregation(
@@ -216,7 +217,7 @@ class Federation:
             )
             for n in node_ids
         ]
-        ok = self._split(0, grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout))
+        ok = self._split(0, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
         self._require(0, ok, "consortium statistics")
         count, s, ss = 0, None, None
         for msg in ok:
@@ -253,9 +254,7 @@ class Federation:
     def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> tuple[dict, dict]:
         """Sites evaluate the global model on their test splits."""
         msgs = self.strategy.configure_evaluate(round_, arrays, self._config(round_), grid)
-        ok = self._split(
-            round_, grid.send_and_receive(msgs, timeout=self.cfg.experiment.round_timeout)
-        )
+        ok = self._split(round_, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
         per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
