@@ -36,10 +36,18 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="No TLS, no SuperNode authentication (testing only)."
     ),
+    mlflow_max_restarts: int = typer.Option(
+        5,
+        "--mlflow-max-restarts",
+        min=0,
+        help="Restart the MLflow server if it exits, at most this often in 10 minutes.",
+    ),
 ) -> None:
     """Start the SuperLink (TLS, SuperNode auth, persistent state) and the MLflow server.
 
-    Runs until Ctrl-C or SIGTERM, then stops both cleanly.
+    Runs until Ctrl-C or SIGTERM, then stops both cleanly. If the MLflow server exits, it
+    is restarted on the same port with the same store (runs retry their MLflow calls
+    meanwhile); the SuperLink keeps running.
     """
     from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
     from fedhealth.deploy.runconfig import TRACKING_ENV
@@ -55,6 +63,7 @@ def start(
         backend_store_uri=backend_store_uri,
         artifact_root=artifact_root,
         federation=federation,
+        mlflow_max_restarts=mlflow_max_restarts,
     )
     s.extra_env[TRACKING_ENV] = s.tracking_uri
     coord = start_coordinator(s)
@@ -78,12 +87,21 @@ def start(
             soft_wrap=True,
         )
         console.print("Ctrl-C stops the coordinator.")
-        dead = coord.group.supervise()
+        dead = coord.supervise(
+            say=lambda line: console.print(line, highlight=False, soft_wrap=True)
+        )
         if dead is not None:
+            why = f"{dead.name} exited (code {dead.proc.returncode})"
+            if dead is coord.mlflow:
+                budget = coord.mlflow_restarts
+                why += (
+                    f" and was restarted {budget.recent()} time(s) in the last "
+                    f"{budget.window / 60:.0f} minutes (at most {budget.limit})"
+                )
             console.print(
-                f"[red]{dead.name} exited (code {dead.proc.returncode}); stopping. "
-                f"Its log: {dead.log}[/]\n{dead.tail()}",
+                f"[red]{why}; stopping the coordinator. Its log: {dead.log}[/]\n{dead.tail()}",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1)
     finally:

@@ -7,15 +7,22 @@ Everything lives in one workspace folder::
     <workspace>/mlflow/artifacts/         MLflow's artifact root (models, checkpoints)
     <workspace>/logs/superlink.log        logs of each process
     <workspace>/logs/mlflow.log
+
+While it runs, :meth:`Coordinator.supervise` restarts the MLflow server if it exits (same
+port, same store), at most ``mlflow_max_restarts`` times in ten minutes with a growing
+pause; the SuperLink keeps running meanwhile, and the ServerApp's MLflow calls wait for
+the server (:mod:`fedhealth.registry.retry`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.deploy.connection import register_node, write_connection
-from fedhealth.deploy.processes import Child, ProcessGroup, venv_bin
+from fedhealth.deploy.processes import Child, ProcessError, ProcessGroup, venv_bin
 from fedhealth.deploy.provision import TLSLayout
 
 DEFAULT_FEDERATION = "fedhealth"
@@ -46,6 +53,9 @@ class CoordinatorSettings:
         Name of the flwr SuperLink connection written for ``flwr run``/``fedhealth run``.
     connect_host : str
         Host name clients on this machine use to reach the SuperLink.
+    mlflow_max_restarts : int
+        How often the MLflow server is restarted within ten minutes before the coordinator
+        gives up and stops.
     """
 
     workspace: Path
@@ -59,6 +69,7 @@ class CoordinatorSettings:
     federation: str = DEFAULT_FEDERATION
     connect_host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
+    mlflow_max_restarts: int = 5
 
     @property
     def state_db(self) -> Path:
@@ -73,8 +84,7 @@ class CoordinatorSettings:
     @property
     def tracking_uri(self) -> str:
         """The MLflow server's URI, as the ServerApp should use it."""
-        host = "127.0.0.1" if self.mlflow_host in ("0.0.0.0", "::") else self.mlflow_host
-        return f"http://{host}:{self.mlflow_port}"
+        return f"http://{self.mlflow_connect_host}:{self.mlflow_port}"
 
     @property
     def address(self) -> str:
@@ -89,6 +99,11 @@ class CoordinatorSettings:
     def artifacts(self) -> str:
         """The MLflow artifact destination."""
         return str(self.artifact_root or (self.workspace / "mlflow" / "artifacts").resolve())
+
+    @property
+    def mlflow_connect_host(self) -> str:
+        """Where this machine reaches the MLflow server."""
+        return "127.0.0.1" if self.mlflow_host in ("0.0.0.0", "::") else self.mlflow_host
 
 
 def superlink_argv(s: CoordinatorSettings) -> list[str]:
@@ -126,6 +141,37 @@ def mlflow_argv(s: CoordinatorSettings) -> list[str]:
 
 
 @dataclass
+class RestartBudget:
+    """At most ``limit`` restarts within ``window`` seconds; before each one a pause that
+    doubles with every recent restart (1, 2, 4, 8, ... s, at most ``max_pause``)."""
+
+    limit: int = 5
+    window: float = 600.0
+    first_pause: float = 1.0
+    max_pause: float = 30.0
+    times: list[float] = field(default_factory=list)
+
+    def recent(self, now: float | None = None) -> int:
+        """Restarts within the window before ``now`` (``time.monotonic()`` seconds)."""
+        now = time.monotonic() if now is None else now
+        self.times = [t for t in self.times if now - t < self.window]
+        return len(self.times)
+
+    def allows(self, now: float | None = None) -> bool:
+        """Whether one more restart is within the budget."""
+        return self.recent(now) < self.limit
+
+    def pause(self, now: float | None = None) -> float:
+        """Seconds to wait before the next restart."""
+        return min(self.first_pause * 2 ** self.recent(now), self.max_pause)
+
+    def record(self, now: float | None = None) -> int:
+        """Count a restart; returns how many the window now holds."""
+        self.times.append(time.monotonic() if now is None else now)
+        return self.recent(now)
+
+
+@dataclass
 class Coordinator:
     """The running coordinator: its process group and where things are."""
 
@@ -134,6 +180,52 @@ class Coordinator:
     superlink: Child
     mlflow: Child
     registered: dict[str, str]
+    mlflow_restarts: RestartBudget = field(default_factory=RestartBudget)
+
+    def __post_init__(self) -> None:
+        self.mlflow_restarts.limit = self.settings.mlflow_max_restarts
+
+    def supervise(self, say: Callable[[str], None] = print) -> Child | None:
+        """Run until SIGINT/SIGTERM (returns ``None``) or a child exits for good (returns it).
+
+        The MLflow server is restarted when it exits, within :attr:`mlflow_restarts`;
+        ``say`` reports each restart. The SuperLink exiting ends the supervision.
+        """
+        return self.group.supervise(restart=lambda dead: self._restart_mlflow(dead, say))
+
+    def _restart_mlflow(self, dead: Child, say: Callable[[str], None]) -> bool:
+        s = self.settings
+        budget = self.mlflow_restarts
+        if dead is not self.mlflow or not budget.allows():
+            return False
+        code = dead.proc.returncode
+        pause = budget.pause()
+        say(
+            f"MLflow server exited unexpectedly (code {code}); restarting it in {pause:.0f} s "
+            f"(log: {dead.log})"
+        )
+        if not self.group.pause(pause):
+            return False
+        n = budget.record()
+        with dead.log.open("a") as fh:
+            fh.write(
+                f"\n--- fedhealth {time.strftime('%Y-%m-%d %H:%M:%S')}: the MLflow server "
+                f"exited with code {code}; restarting it (restart {n} in "
+                f"{budget.window / 60:.0f} minutes) ---\n"
+            )
+        self.mlflow = self.group.restart(dead)
+        try:
+            self.group.wait_port(self.mlflow, s.mlflow_connect_host, s.mlflow_port, timeout=120)
+        except ProcessError as exc:
+            if not self.group.stopping:
+                say(f"the restarted MLflow server did not come up: {exc}")
+            return True  # a restart that died is seen (and counted) on the next check
+        say(
+            f"restarted the MLflow server at {s.tracking_uri} with the same store (pid "
+            f"{self.mlflow.pid}; restart {n} of at most {budget.limit} in "
+            f"{budget.window / 60:.0f} minutes); the SuperLink kept running"
+        )
+        return True
 
 
 def start_coordinator(s: CoordinatorSettings, timeout: float = 90.0) -> Coordinator:
@@ -150,8 +242,7 @@ def start_coordinator(s: CoordinatorSettings, timeout: float = 90.0) -> Coordina
         ml = group.start("mlflow server", mlflow_argv(s), s.logs / "mlflow.log", s.extra_env)
         link = group.start("SuperLink", superlink_argv(s), s.logs / "superlink.log", s.extra_env)
         group.wait_port(link, s.connect_host, s.port, timeout)
-        group.wait_port(ml, "127.0.0.1" if s.mlflow_host == "0.0.0.0" else s.mlflow_host,
-                        s.mlflow_port, timeout)  # fmt: skip
+        group.wait_port(ml, s.mlflow_connect_host, s.mlflow_port, timeout)
         root_cert = TLSLayout.load(s.consortium).ca_cert if s.consortium else None
         write_connection(s.federation, s.address, root_cert)
         registered = {}

@@ -2,26 +2,52 @@
 
 Reads as plainly as MLflow's fluent API: ``start``, ``log_round``, ``register``,
 ``finish``. The coordinator is the only writer; sites never talk to MLflow.
+
+Every MLflow call survives the tracking server restarting mid-run
+(:mod:`fedhealth.registry.retry`): calls that can be repeated are retried as they are
+(:attr:`RunRecorder.client`), and calls that create something first look for what a lost
+attempt created. A run is created once (found again by a token tag), a metric point once
+(each point carries its own timestamp; a retry sends only the points the run lacks), the
+logged model once per run and the registered model version once per run.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import infer_signature
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+from mlflow.tracking.context.registry import resolve_tags
 
 import fedhealth
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.registry.model_card import render_model_card
-from fedhealth.registry.retry import retrying
+from fedhealth.registry.retry import (
+    RetryingClient,
+    TrackingUnavailable,
+    create_once,
+    find_or_create,
+    retrying,
+)
 from fedhealth.registry.store import ensure_experiment, use_store
+
+T = TypeVar("T")
+
+RUN_TOKEN_TAG = "fedhealth.start_token"  # finds the run again if "create run" lost its answer
+REGISTERED_TAG = "fedhealth.registered_version"
+GLOBAL_MODEL_TAG = "fedhealth.global_model"  # on the run's logged model (at most one per run)
+FINISH_DEADLINE_AFTER_FAILURE = 5.0  # seconds: closing a run once the server stayed down
 
 
 def _requirements(model: torch.nn.Module) -> list[str]:
@@ -39,6 +65,15 @@ def _clean(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
+def _quote(value: str) -> str:
+    """A string literal for an MLflow search filter."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
 class RunRecorder:
     """One MLflow run for one federated experiment.
 
@@ -48,82 +83,154 @@ class RunRecorder:
         The validated experiment.
     tracking_uri : str
         Where to record.
+
+    Attributes
+    ----------
+    client : RetryingClient
+        The MLflow client for calls that can be repeated (each is retried while the
+        server is unreachable); other coordinator code (checkpoints, encrypted
+        aggregation) logs through it too.
+    run_id : str or None
+        The MLflow run, once started or reopened.
+    round : int
+        The latest round whose metrics were logged (named in error messages).
     """
 
     def __init__(self, cfg: ExperimentConfig, tracking_uri: str) -> None:
         self.cfg = cfg
         self.tracking_uri = tracking_uri
-        self.client = use_store(tracking_uri)
+        self._mlflow = use_store(tracking_uri)  # raw client: only inside idempotent calls
+        self.client = RetryingClient(
+            self._mlflow, tracking_uri, scope=self._scope, hint=self._resume_hint
+        )
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.round = 0
+        self._gave_up = False
+        self._before_resume: set[tuple[str, int]] = set()  # (key, step) logged before --resume
+
+    # -- retrying -----------------------------------------------------------------------------
+
+    def _scope(self) -> str:
+        return f"round {self.round}" if self.round else ""
+
+    def _resume_hint(self) -> str:
+        if self.run_id is None:
+            return "No MLflow run was created; run the experiment again once the server is back."
+        return (
+            f"Every completed round is checkpointed in MLflow run {self.run_id}: once the "
+            f"server answers again, continue with `fedhealth run EXPERIMENT --resume "
+            f"{self.run_id}` (add `--federation NAME` on a deployment)."
+        )
+
+    def _call(
+        self, fn: Callable[..., T], *args: Any, what: str, deadline: float | None = None
+    ) -> T:
+        """``fn(*args)`` retried while the server is unreachable (``fn`` must be idempotent)."""
+        try:
+            return retrying(
+                fn, *args, what=what, deadline=deadline, uri=self.tracking_uri,
+                hint=self._resume_hint(),
+            )  # fmt: skip
+        except TrackingUnavailable:
+            self._gave_up = True
+            raise
+
+    @property
+    def gave_up(self) -> bool:
+        """Whether an MLflow call failed after waiting the whole retry deadline."""
+        return self._gave_up or self.client.gave_up
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        try:
+            return ensure_experiment(self._mlflow, self.cfg.name, self.tracking_uri)
+        except MlflowException as exc:
+            # Created meanwhile: by another run, or by our own attempt whose answer was lost.
+            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = self._mlflow.get_experiment_by_name(self.cfg.name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start(self, extra_tags: dict[str, str] | None = None) -> str:
         """Open the run and log the flattened config as params; returns the run id."""
-        exp_id = retrying(
-            ensure_experiment,
-            self.client,
-            self.cfg.name,
-            self.tracking_uri,
-            what="MLflow experiment",
+        exp_id = self._call(
+            self._experiment, what=f"finding or creating the MLflow experiment {self.cfg.name!r}"
         )
+        self.experiment_id = exp_id
+        token = uuid.uuid4().hex
         tags = {
             "fedhealth.version": __version__,
             "fedhealth.config_hash": self.cfg.config_hash(),
             "fedhealth.strategy": self.cfg.strategy.name,
+            RUN_TOKEN_TAG: token,
         }
         tags.update(extra_tags or {})
-        run = retrying(
-            self.client.create_run,
-            exp_id,
-            tags=tags,
-            run_name=f"{self.cfg.name}",
-            what="create run",
-        )
-        self.run_id = run.info.run_id
-        params = self.cfg.flat_params()
-        items = list(params.items())
-        for i in range(0, len(items), 90):  # MLflow's batch limit is 100 params
-            retrying(
-                mlflow.tracking.MlflowClient(self.tracking_uri).log_batch,
-                self.run_id,
-                what="log params",
-                params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 90]],
+
+        def find() -> str | None:
+            runs = self._mlflow.search_runs(
+                [exp_id], f"tags.`{RUN_TOKEN_TAG}` = {_quote(token)}", max_results=1
             )
+            return runs[0].info.run_id if runs else None
+
+        def create() -> str:
+            run = self._mlflow.create_run(exp_id, tags=tags, run_name=self.cfg.name)
+            return run.info.run_id
+
+        self.run_id = self._call(
+            create_once(find, create), what=f"creating the MLflow run of {self.cfg.name!r}"
+        )
+        items = list(self.cfg.flat_params().items())
+        for i in range(0, len(items), 90):  # MLflow's batch limit is 100 params
+            # A param's value never changes, so sending a batch twice is harmless.
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log numeric metrics for ``step`` (the round)."""
+        """Log numeric metrics for ``step`` (the round), each point exactly once.
+
+        The points carry their timestamp from the first attempt. If an attempt fails, the
+        next one first reads the run's history of these keys and sends only the points
+        (same key, step and timestamp) the server does not have: a batch that reached the
+        server although its answer was lost is not logged twice. In a resumed run, a point
+        whose key and step were logged before the interruption is not logged again (the
+        first value stays).
+        """
+        self.round = max(self.round, step)
+        now = int(mlflow.utils.time.get_current_time_millis())
         ms = [
-            mlflow.entities.Metric(
-                _clean(k), float(v), int(mlflow.utils.time.get_current_time_millis()), step
-            )
+            Metric(_clean(k), float(v), now, step)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and np.isfinite(v)
         ]
-        if ms:
-            retrying(self.client.log_batch, self.run_id, metrics=ms, what=f"log round {step}")
+        # A resumed run repeats the work the crash interrupted (the round after its last
+        # checkpoint, or that round's evaluation); points it logged before are kept.
+        ms = [m for m in ms if (m.key, m.step) not in self._before_resume]
+        if not ms:
+            return
+        run_id = self.run_id
+        tried = False
 
-    def reopen(self, run_id: str) -> str:
-        """Continue an interrupted run (``fedhealth run --resume``): mark it running again."""
-        run = retrying(self.client.get_run, run_id, what=f"find run {run_id}")
-        self.run_id = run.info.run_id
-        retrying(self.client.update_run, self.run_id, status="RUNNING", what="reopen run")
-        retrying(self.client.set_tag, self.run_id, "fedhealth.resumed", "true", what="tag run")
-        return self.run_id
+        def send() -> None:
+            nonlocal tried
+            todo = self._not_logged(run_id, ms) if tried else ms
+            tried = True
+            if todo:
+                self._mlflow.log_batch(run_id, metrics=todo)
 
-    def registered_version(self) -> str | None:
-        """The model version this run already registered (a resumed run never registers twice)."""
-        if not self.run_id:
-            return None
-        run = retrying(self.client.get_run, self.run_id, what="read run tags")
-        tag = run.data.tags.get("fedhealth.registered_version")
-        if tag:
-            return tag.rsplit("/", 1)[-1]
-        found = retrying(
-            self.client.search_model_versions,
-            f"run_id = '{self.run_id}'",
-            what="search model versions",
-        )
-        return str(found[0].version) if found else None
+        self._call(send, what=f"logging round {step}'s metrics ({len(ms)} values)")
+
+    def _not_logged(self, run_id: str, ms: list[Metric]) -> list[Metric]:
+        """The points of ``ms`` that the run's history does not hold yet."""
+        have: set[tuple[str, int, int]] = set()
+        for key in {m.key for m in ms}:
+            have.update(
+                (key, h.step, h.timestamp) for h in self._mlflow.get_metric_history(run_id, key)
+            )
+        return [m for m in ms if (m.key, m.step, m.timestamp) not in have]
 
     def log_round(self, round_: int, global_m: dict, per_site: dict[str, dict]) -> None:
         """Log a round's global metrics and every site's metrics (``site/<name>/<metric>``)."""
@@ -131,6 +238,62 @@ class RunRecorder:
         for site, m in per_site.items():
             flat.update({f"site/{site}/{k}": v for k, v in m.items()})
         self.log_metrics(flat, round_)
+
+    def reopen(self, run_id: str) -> str:
+        """Continue an interrupted run (``fedhealth run --resume``): mark it running again."""
+        run = self.client.get_run(run_id)
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "fedhealth.resumed", "true")
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._before_resume.update((key, h.step) for h in history)
+        return self.run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run (``FINISHED`` or ``FAILED``).
+
+        After a call already waited the whole retry deadline in vain, this tries only
+        briefly and never raises, so that the error the user sees is the first one.
+        """
+        if not self.run_id:
+            return
+        what = f"marking MLflow run {self.run_id} {status}"
+        if not self.gave_up:
+            self._call(self._mlflow.set_terminated, self.run_id, status, what=what)
+            return
+        try:
+            retrying(
+                self._mlflow.set_terminated, self.run_id, status, what=what,
+                deadline=FINISH_DEADLINE_AFTER_FAILURE, uri=self.tracking_uri,
+            )  # fmt: skip
+        except (TrackingUnavailable, MlflowException, OSError):  # `--resume` reopens it
+            logging.getLogger("fedhealth.registry").warning(
+                "MLflow run %s stays marked RUNNING (the server is unreachable)", self.run_id
+            )
+
+    # -- the registered model -----------------------------------------------------------------
+
+    def _versions_of_run(self) -> list[str]:
+        """This run's versions of the registered model (at most one, by construction)."""
+        found = self._mlflow.search_model_versions(
+            f"name = {_quote(self.cfg.registered_model)} and run_id = {_quote(self.run_id or '')}"
+        )
+        return sorted((str(v.version) for v in found), key=int)
+
+    def registered_version(self) -> str | None:
+        """The model version this run already registered (a resumed run never registers twice)."""
+        if not self.run_id:
+            return None
+        run = self.client.get_run(self.run_id)
+        tag = run.data.tags.get(REGISTERED_TAG)
+        if tag:
+            return tag.rsplit("/", 1)[-1]
+        found = self._call(
+            self._versions_of_run, what=f"looking up the model versions of run {self.run_id}"
+        )
+        return found[0] if found else None
 
     def register(
         self,
@@ -140,56 +303,62 @@ class RunRecorder:
     ) -> str | None:
         """Log the global model, its signature, input example and model card; register it.
 
+        Each step can be repeated: after a retry, or in a resumed run, it completes what an
+        earlier attempt left unfinished and never creates a second logged model or version.
+
         Returns
         -------
         str or None
-            The new registered model version, or ``None`` when registration is off.
+            The registered model version, or ``None`` when registration is off.
         """
         name = self.cfg.registered_model
-        existing = self.registered_version()
-        if existing is not None:
-            return existing
         provenance = dict(provenance, registered_model=name, run_id=self.run_id)
+        tags = self._version_tags(provenance)
+        existing = self.registered_version()
+        if existing is not None:  # an earlier attempt may have stopped before tagging
+            self._tag_version(name, existing, tags)
+            self.client.set_tag(self.run_id, REGISTERED_TAG, f"{name}/{existing}")
+            return existing
         model.eval()
         with torch.no_grad():
             out = model(torch.as_tensor(input_example)).numpy()
         signature = infer_signature(input_example, out)
         card = render_model_card(provenance)
-        # MLflow warns that pickles can run code on load; our consumers load what their own
-        # consortium registered, and the warning would only alarm the data scientist.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with retrying(mlflow.start_run, run_id=self.run_id, what="open run"):
-            info = retrying(
-                mlflow.pytorch.log_model,
-                model,
-                name="model",
-                signature=signature,
-                input_example=input_example,
-                # A pickled nn.Module (not MLflow's default torch.export program) so that
-                # consumers get a model that supports .eval(), any batch size and fine-tuning;
-                # fedhealth's own layers travel with it as code.
-                serialization_format="pickle",
-                code_paths=[str(Path(fedhealth.__file__).parent)],
-                pip_requirements=_requirements(model),
-                what="log model",
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model_card.md"
-                path.write_text(card)
-                retrying(mlflow.log_artifact, str(path), what="log model card")
+        model_id = self._log_model(model, input_example, signature)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model_card.md"
+            path.write_text(card)
+            self.client.log_artifact(self.run_id, str(path))
         if not self.cfg.tracking.register_model:
             return None
-        try:
-            retrying(self.client.get_registered_model, name, what="find registered model")
-        except mlflow.exceptions.MlflowException:
-            retrying(
-                self.client.create_registered_model,
+        self._call(self._ensure_registered_model, what=f"creating registered model {name!r}")
+        token = uuid.uuid4().hex
+
+        def find() -> str | None:
+            found = self._versions_of_run()
+            return found[0] if found else None
+
+        def create() -> str:
+            mv = self._mlflow.create_model_version(
                 name,
-                description=f"Global models of fedhealth experiment {self.cfg.name!r}.",
-                what="create registered model",
+                source=f"models:/{model_id}",
+                run_id=self.run_id,
+                tags={"fedhealth.run_id": str(self.run_id), "fedhealth.registration_token": token},
+                description=card,
+                model_id=model_id,
             )
-        version = self._create_version(name, info.model_uri, card, info.model_id)
+            return str(mv.version)
+
+        version = self._call(
+            find_or_create(find, create),
+            what=f"registering a version of model {name!r} from MLflow run {self.run_id}",
+        )
+        self._tag_version(name, version, tags)
+        self.client.set_tag(self.run_id, REGISTERED_TAG, f"{name}/{version}")
+        return version
+
+    def _version_tags(self, provenance: dict[str, Any]) -> dict[str, str]:
+        """The provenance tags of the registered version."""
         tags = {
             "sites": ",".join(provenance["sites"]),
             "rounds": str(provenance["rounds"]),
@@ -209,34 +378,101 @@ class RunRecorder:
         # HE parameters and the consortium whose keys encrypted the updates.
         he_keys = ("he_params", "he_consortium")
         tags.update({k: str(provenance[k]) for k in he_keys if k in provenance})
+        return tags
+
+    def _tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """Set the provenance tags the version does not have yet."""
+        have = self.client.get_model_version(name, version).tags
         for k, v in tags.items():
-            retrying(self.client.set_model_version_tag, name, version, k, v, what="tag version")
-        retrying(
-            self.client.set_tag,
-            self.run_id,
-            "fedhealth.registered_version",
-            f"{name}/{version}",
-            what="tag run",
-        )
-        return version
+            if k not in have:
+                self.client.set_model_version_tag(name, version, k, v)
 
-    def _create_version(
-        self, name: str, source: str, card: str, model_id: str | None = None
-    ) -> str:
-        """Create the model version once, even if a retried request had already succeeded."""
-
-        def create() -> str:
-            existing = self.registered_version()
-            if existing is not None:
-                return existing
-            mv = self.client.create_model_version(
-                name, source=source, run_id=self.run_id, description=card, model_id=model_id
+    def _ensure_registered_model(self) -> None:
+        name = self.cfg.registered_model
+        try:
+            self._mlflow.get_registered_model(name)
+            return
+        except MlflowException as exc:
+            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        try:
+            self._mlflow.create_registered_model(
+                name, description=f"Global models of fedhealth experiment {self.cfg.name!r}."
             )
-            return str(mv.version)
+        except MlflowException as exc:
+            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":  # e.g. our lost first attempt
+                raise
 
-        return retrying(create, what="create model version")
+    def _log_model(self, model: torch.nn.Module, input_example: np.ndarray, signature: Any) -> str:
+        """Log ``model`` as the run's one logged model (MLflow 3); returns its model id.
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Close the run (``FINISHED`` or ``FAILED``)."""
-        if self.run_id:
-            retrying(self.client.set_terminated, self.run_id, status=status, what="finish run")
+        What ``mlflow.pytorch.log_model`` does, in steps that can each be repeated: find or
+        create the logged model, upload its files (an upload replaces them), link it to the
+        run as an output unless it is linked, mark it ready.
+        """
+        run_id = str(self.run_id)
+        if self.experiment_id is None:
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        exp_id = self.experiment_id
+        params = dict(self.cfg.flat_params())
+
+        def find() -> LoggedModel | None:
+            found = self._mlflow.search_logged_models(
+                [exp_id],
+                filter_string=f"source_run_id = {_quote(run_id)} "
+                f"AND tags.`{GLOBAL_MODEL_TAG}` = 'true'",
+                max_results=1,
+            )
+            return found[0] if found else None
+
+        def create() -> LoggedModel:
+            return self._mlflow.create_logged_model(
+                exp_id,
+                name="model",
+                source_run_id=run_id,
+                # With the user and source tags mlflow.pytorch.log_model would set.
+                tags=resolve_tags({GLOBAL_MODEL_TAG: "true", "fedhealth.run_id": run_id}),
+                params={k: str(v) for k, v in params.items()},
+            )
+
+        logged = self._call(
+            find_or_create(find, create), what=f"creating the logged model of MLflow run {run_id}"
+        )
+        # MLflow warns that pickles can run code on load; our consumers load what their own
+        # consortium registered, and the warning would only alarm the data scientist.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            meta = Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+            )
+            mlflow.pytorch.save_model(
+                model,
+                str(local),
+                mlflow_model=meta,
+                signature=signature,
+                input_example=input_example,
+                # A pickled nn.Module (not MLflow's default torch.export program) so that
+                # consumers get a model that supports .eval(), any batch size and fine-tuning;
+                # fedhealth's own layers travel with it as code.
+                serialization_format="pickle",
+                code_paths=[str(Path(fedhealth.__file__).parent)],
+                pip_requirements=_requirements(model),
+            )
+            for cache in list(local.rglob("__pycache__")):
+                shutil.rmtree(cache, ignore_errors=True)
+            self.client.log_model_artifacts(logged.model_id, str(local))
+
+        def link() -> None:
+            outputs = self._mlflow.get_run(run_id).outputs
+            linked = outputs.model_outputs if outputs and outputs.model_outputs else []
+            if all(o.model_id != logged.model_id for o in linked):
+                step = self.cfg.experiment.rounds
+                self._mlflow.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+
+        self._call(link, what=f"linking the logged model to MLflow run {run_id}")
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return logged.model_id
