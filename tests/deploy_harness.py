@@ -4,6 +4,7 @@ MLflow server) and sites as separate ``fedhealth`` processes, torn down without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedhealth.deploy.processes import free_port, kill_tree
+from fedhealth.deploy.processes import descendants, free_port, kill_tree
 
 FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")
 SITES = ["st-olav", "karolinska", "charite"]
@@ -199,6 +200,15 @@ class Deployment:
         if proc is not None:
             kill_tree(proc.pid, timeout=5, sig=sig)
             proc.wait(timeout=10)
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP a spawned command and everything it started: it can do nothing more,
+        so a crash lands exactly here (follow with :meth:`kill`)."""
+        proc = self.procs.get(name)
+        if proc is not None:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
 
     def teardown(self) -> None:
         """Kill every process of the deployment, helpers included."""

@@ -182,7 +182,8 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     assert ("sent", "train", 1) not in _events(dep, victim)
 
     # The coordinator dies mid-round 2, after a site sent its encrypted update.
-    _wait(lambda: ("sent", "train", 2) in _events(dep, witness), 120, "a round-2 update", 0.1)
+    _wait(lambda: ("sent", "train", 2) in _events(dep, witness), 120, "a round-2 update", 0.05)
+    dep.freeze("coordinator")  # at once: before it can ask a quorum to decrypt round 2
     dep.kill("coordinator")
     dep.kill("run")
     first_token = _round_key(_he_ledger(dep, witness), "contributed", 2)

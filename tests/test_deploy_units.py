@@ -92,6 +92,25 @@ def test_checkpoint_roundtrip_keeps_strategy_moments() -> None:
     np.testing.assert_array_equal(back.strategy_state["momentum_vector"][0], np.ones(2))
 
 
+def test_checkpoint_cut_short_by_a_crash_falls_back_to_the_previous(tmp_path) -> None:
+    import mlflow
+
+    from fedhealth.deploy.checkpoint import load_latest, save_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.create_experiment("ck", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    for r in (1, 2):
+        save_checkpoint(client, run_id, Checkpoint(r, {"w": np.full(3, float(r))}, {}, {}))
+    torn = tmp_path / "round-0003.npz"
+    torn.write_bytes(_pack(Checkpoint(3, {"w": np.zeros(3)}, {}, {}))[:100])
+    client.log_artifact(run_id, str(torn), "checkpoints")
+    ck = load_latest(client, run_id)
+    assert ck is not None and ck.round == 2
+    np.testing.assert_array_equal(ck.arrays["w"], np.full(3, 2.0))
+
+
 def test_retrying_retries_transient_errors_only() -> None:
     calls = {"n": 0}
 

@@ -1,7 +1,7 @@
 """A coordinator killed mid-run resumes with ``fedhealth run --resume RUN_ID``.
 
 The simulation here (the deployed variant is in test_deploy_e2e.py) runs the quickstart
-with DP-SGD and encrypted aggregation on, is killed with SIGKILL after round 2, and resumes:
+with DP-SGD and encrypted aggregation on, is killed with SIGKILL in round 3's training, and resumes:
 the global model, the strategy, each site's reported ε and the HE binding come back from
 the checkpoint, and exactly one model version is registered.
 """
@@ -22,6 +22,7 @@ import pytest
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.privacy_report import PrivacyReport
+from fedhealth.deploy.audit import read
 from fedhealth.deploy.processes import kill_tree
 
 FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")
@@ -69,8 +70,13 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _checkpoint_names(store: Path) -> list[str]:
-    return sorted(p.name for p in store.glob("artifacts/**/checkpoints/*"))
+def _training_started(project: Path, round_: int) -> bool:
+    """Whether any site's audit log shows it received round ``round_``'s training."""
+    return any(
+        r["event"] == "received" and r.get("handler") == "train" and r.get("round") == round_
+        for log in (project / "workspace" / "sites").glob("*/audit.log")
+        for r in read(log)
+    )
 
 
 @pytest.mark.slow
@@ -86,10 +92,13 @@ def test_simulation_killed_mid_run_resumes_with_privacy_state(project: Path) -> 
     )  # fmt: skip
     store = project / "workspace" / "mlflow"
     deadline = time.time() + 240
-    while "round-0002.eval.json" not in _checkpoint_names(store):
+    while not _training_started(project, 3):
         assert proc.poll() is None, (project / "run.out").read_text()[-3000:]
-        assert time.time() < deadline, "no round-2 checkpoint"
-        time.sleep(0.2)
+        assert time.time() < deadline, "round 3 never started"
+        time.sleep(0.02)
+    # Freeze the coordinator at once (the sites' DP-SGD takes far longer than this), so the
+    # crash lands inside round 3's training, before any decryption; then kill everything.
+    os.kill(proc.pid, signal.SIGSTOP)
     kill_tree(proc.pid, timeout=10, sig=signal.SIGKILL)
     proc.wait(timeout=30)
     out.close()
@@ -99,6 +108,8 @@ def test_simulation_killed_mid_run_resumes_with_privacy_state(project: Path) -> 
     cfg = load_experiment(project / exp)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     run_id = run.info.run_id
+    names = sorted(p.name for p in store.glob("artifacts/**/checkpoints/*"))
+    assert "round-0002.eval.json" in names and not any("0003" in n for n in names), names
     he_binding = run.data.params["he.experiment_id"]
     assert not client.search_model_versions(f"name = '{cfg.registered_model}'")
 

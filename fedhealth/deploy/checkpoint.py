@@ -22,6 +22,7 @@ import io
 import json
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,22 +113,29 @@ def save_checkpoint(client: Any, run_id: str, ck: Checkpoint) -> None:
 
 
 def load_latest(client: Any, run_id: str) -> Checkpoint | None:
-    """The newest checkpoint of MLflow run ``run_id`` (``None`` if it has none)."""
+    """The newest readable checkpoint of MLflow run ``run_id`` (``None`` if it has none).
+
+    A checkpoint whose upload a crash cut short is skipped for the one before it (the round
+    after it then runs again).
+    """
     files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
     names = sorted(f.path for f in files if f.path.endswith(".npz"))
-    if not names:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = retrying(
-            client.download_artifacts, run_id, names[-1], tmp, what="download checkpoint"
+    problems: list[str] = []
+    for name in reversed(names):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = retrying(
+                client.download_artifacts, run_id, name, tmp, what="download checkpoint"
+            )
+            try:
+                return _unpack(Path(local).read_bytes())
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                problems.append(f"{name}: {exc}")
+    if problems:
+        raise FederationError(
+            f"no checkpoint of MLflow run {run_id} is readable ({'; '.join(problems)}); "
+            "start a new run instead of resuming"
         )
-        try:
-            return _unpack(Path(local).read_bytes())
-        except (OSError, ValueError, KeyError) as exc:
-            raise FederationError(
-                f"checkpoint {names[-1]} of MLflow run {run_id} is unreadable ({exc}); "
-                "start a new run instead of resuming"
-            ) from exc
+    return None
 
 
 def random_state() -> list:
