@@ -85,7 +85,7 @@ def _round_times(tracking_uri: str, experiment: str) -> tuple[list[float], float
     """Per-round wall times from the MLflow metric timestamps, and the run's start."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id])[0]
     hist = sorted(client.get_metric_history(run.info.run_id, "global/accuracy"),
@@ -108,7 +108,7 @@ def _coordinator_clock(tracking_uri: str, experiment: str) -> CoordinatorClock:
     """Every metric timestamp of the experiment's run (read before the server stops)."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id])[0]
     start = run.info.start_time / 1000

@@ -114,8 +114,8 @@ def _run(path: Path, uri: str) -> dict[str, Any]:
     rounds = range(1, cfg.experiment.rounds + 1)
     round_s = [marks[("evaluate-done", r)] - marks[("round-started", r)] for r in rounds]
     train_s = [marks[("train-done", r)] - marks[("round-started", r)] for r in rounds]
-    metrics = mlflow.MlflowClient(uri).get_run(summary.run_id).data.metrics
-    history = mlflow.MlflowClient(uri).get_metric_history
+    metrics = mlflow.MlflowClient(uri, registry_uri=uri).get_run(summary.run_id).data.metrics
+    history = mlflow.MlflowClient(uri, registry_uri=uri).get_metric_history
     enc = [m.value for m in history(summary.run_id, "he/encrypt_seconds")]
     parts = {
         k: [m.value for m in history(summary.run_id, f"he/{k}")]

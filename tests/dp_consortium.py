@@ -9,6 +9,7 @@ handler (``fedhealth.site.client_app.train``) in this process.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,17 @@ class LocalGrid:
     def get_node_ids(self):
         return list(range(1, len(self.profiles) + 1))
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        """Run each message's ClientApp at once; its reply waits for :meth:`pull_messages`."""
         from flwr.app import Context, RecordDict
 
         from fedhealth.site.client_app import app
 
-        replies = []
+        self._replies = getattr(self, "_replies", {})
+        ids = []
         for msg in messages:
+            mid = uuid.uuid4().hex  # what a SuperLink assigns; the reply refers to it
+            msg.metadata.__dict__["_message_id"] = mid
             i = msg.metadata.dst_node_id - 1
             context = Context(
                 run_id=1,
@@ -184,5 +189,12 @@ class LocalGrid:
                 state=RecordDict(),
                 run_config={},
             )
-            replies.append(app(msg, context))
-        return replies
+            self._replies[mid] = app(msg, context)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))

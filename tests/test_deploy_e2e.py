@@ -68,7 +68,7 @@ def _received(dep: Deployment, site: str, handler: str, round_: int) -> bool:
 def _checkpoints(dep: Deployment, run_id: str) -> list[str]:
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(dep.tracking_uri)
+    client = mlflow.tracking.MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
     try:
         return [f.path for f in client.list_artifacts(run_id, "checkpoints")]
     except Exception:  # noqa: BLE001 - server restarting
@@ -78,7 +78,7 @@ def _checkpoints(dep: Deployment, run_id: str) -> list[str]:
 def _mlflow_run(dep: Deployment, experiment: str) -> str | None:
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(dep.tracking_uri)
+    client = mlflow.tracking.MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id]) if exp else []
     return runs[0].info.run_id if runs else None
@@ -201,7 +201,7 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
 
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(dep.tracking_uri)
+    client = mlflow.tracking.MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1, [v.version for v in versions]
     tags = versions[0].tags

@@ -109,7 +109,7 @@ def _final_globals(dep: Deployment, experiment: str) -> dict[str, np.ndarray]:
 
     from fedhealth.deploy.checkpoint import load_latest
 
-    client = mlflow.tracking.MlflowClient(dep.tracking_uri)
+    client = mlflow.tracking.MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id])[0]
     ck = load_latest(client, run.info.run_id)

@@ -98,7 +98,7 @@ def test_checkpoint_cut_short_by_a_crash_falls_back_to_the_previous(tmp_path) ->
     from fedhealth.deploy.checkpoint import load_latest, save_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.tracking.MlflowClient(uri)
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("ck", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id
     for r in (1, 2):

@@ -382,7 +382,7 @@ def test_federation_continues_without_a_refusing_site_and_logs_epsilon(consortiu
     assert result.exit_code == 0, result.output
     assert "site h3 refused (lifetime_epsilon_budget) in rounds 1, 2" in out
     uri = f"sqlite:///{root / 'workspace' / 'mlflow' / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     mv = client.get_model_version("dp-study", "1")
     assert mv.tags["dp"] == "record" and mv.tags["dp_accountant"] == "rdp"
     assert mv.tags["dp_delta"] == "0.001" and "epsilon/h3" not in mv.tags

@@ -72,7 +72,7 @@ def test_tabular_federation_registers_a_model_that_loads_and_predicts(project):
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/quickstart-breast-cancer/1")
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     mv = client.get_model_version("quickstart-breast-cancer", "1")
     assert set(mv.tags["sites"].split(",")) == {"st-olav", "karolinska", "charite"}
     assert mv.tags["rounds"] == "2" and mv.tags["strategy"] == "fedavg"
@@ -124,7 +124,7 @@ def test_imaging_federation_with_custom_strategy_on_dicom(project):
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/quickstart-phantoms/1")
     assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
-    mv = mlflow.MlflowClient(uri).get_model_version("quickstart-phantoms", "1")
+    mv = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version("quickstart-phantoms", "1")
     assert mv.tags["strategy"] == "balanced_fedavg.py:BalancedFedAvg"
 
 
@@ -136,7 +136,9 @@ def test_same_seed_gives_the_same_model(project):
     mlflow.set_tracking_uri(uri)
     versions = sorted(
         int(v.version)
-        for v in mlflow.MlflowClient(uri).search_model_versions("name='quickstart-breast-cancer'")
+        for v in mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions(
+            "name='quickstart-breast-cancer'"
+        )
     )
     a = mlflow.pytorch.load_model(f"models:/quickstart-breast-cancer/{versions[-2]}").state_dict()
     b = mlflow.pytorch.load_model(f"models:/quickstart-breast-cancer/{versions[-1]}").state_dict()

@@ -780,7 +780,7 @@ def test_simulated_federation_with_he_matches_plaintext_and_a_stopped_run_loses_
     finally:
         os.chdir(old)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     versions = client.search_model_versions("name='quickstart-breast-cancer'")
     assert sorted(int(v.version) for v in versions) == [1, 2]  # the stopped run added none
     he_v, plain_v = (client.get_model_version("quickstart-breast-cancer", v) for v in ("1", "2"))

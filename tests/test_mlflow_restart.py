@@ -364,7 +364,7 @@ def test_lost_answers_create_nothing_twice(project, server, monkeypatch) -> None
 
 def test_unreachable_server_fails_after_the_deadline_naming_it() -> None:
     port = free_port()
-    client = MlflowClient(f"http://127.0.0.1:{port}")
+    client = MlflowClient(f"http://127.0.0.1:{port}", registry_uri=f"http://127.0.0.1:{port}")
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable) as err:
         retrying(
@@ -550,7 +550,7 @@ def test_coordinator_restarts_its_mlflow_server(tmp_path) -> None:
     try:
         dep.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=120)
         first = _wait(lambda: len(_children(coord.pid)) == 2 and _children(coord.pid), 30, "kids")
-        client = MlflowClient(dep.tracking_uri)
+        client = MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
         exp_id = client.create_experiment("kept-across-restarts")
         helpers = descendants(first["mlflow"])
         assert helpers, "mlflow server runs its app in a worker process"

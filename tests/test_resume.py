@@ -104,7 +104,7 @@ def test_simulation_killed_mid_run_resumes_with_privacy_state(project: Path) -> 
     out.close()
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    client = mlflow.tracking.MlflowClient(uri)
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     cfg = load_experiment(project / exp)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     run_id = run.info.run_id

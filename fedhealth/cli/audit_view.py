@@ -72,7 +72,7 @@ def model_versions(tracking_uri: str, runs: set[str]) -> dict[str, str]:
     """``run id -> "<registered model> v<version>"`` for the runs that registered one."""
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     out: dict[str, str] = {}
     for run in sorted(runs):
         found = client.search_model_versions(f"run_id = '{run}'")

@@ -185,7 +185,7 @@ def _mlflow_progress(uri: str, experiment: str, flwr_run_id: int, seen: Progress
 
     from fedhealth.registry.retry import retrying
 
-    client = mlflow.tracking.MlflowClient(uri)
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     if seen.mlflow_run_id is None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -250,7 +250,8 @@ def stop_stale_run(federation: str, tracking_uri: str | None, mlflow_run_id: str
     try:
         import mlflow
 
-        run = mlflow.tracking.MlflowClient(tracking_uri).get_run(mlflow_run_id)
+        client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        run = client.get_run(mlflow_run_id)
         old = int(run.data.tags.get("fedhealth.flwr_run_id", "0"))
         if not old or run_state(federation, old).done:
             return None
