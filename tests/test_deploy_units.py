@@ -241,16 +241,6 @@ def test_audit_view_summarises_the_timing() -> None:
     assert timing_summary(None) == ""
 
 
-def test_client_app_wire_names_match_the_he_wire() -> None:
-    from fedhealth.privacy.he import wire
-    from fedhealth.site import client_app
-
-    for name in ("DECRYPT_ACTION", "IDENTIFY_ACTION", "CONTRIBUTION_RECORD", "REQUEST_RECORD",
-                 "ANSWER_RECORD", "ANSWER_ARRAY"):  # fmt: skip
-        assert getattr(client_app, name) == getattr(wire, name), name
-    assert f"query.{client_app.DECRYPT_ACTION}" == wire.DECRYPT_MESSAGE_TYPE
-
-
 def test_each_message_imports_only_what_it_needs(tmp_path: Path) -> None:
     from fedhealth.config.site import load_site
     from fedhealth.site.client_app import modules_for

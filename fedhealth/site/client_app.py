@@ -39,6 +39,14 @@ from flwr.clientapp import ClientApp
 from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.deploy.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
+from fedhealth.privacy.he.names import (
+    ANSWER_ARRAY,
+    ANSWER_RECORD,
+    CONTRIBUTION_RECORD,
+    DECRYPT_ACTION,
+    IDENTIFY_ACTION,
+    REQUEST_RECORD,
+)
 from fedhealth.site.request import RoundRequest
 from fedhealth.site.timing import phase
 
@@ -49,16 +57,6 @@ app = ClientApp()
 
 SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
 REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
-
-# The names encrypted aggregation uses on the wire (fedhealth.privacy.he.wire), repeated
-# here because importing that module imports TenSEAL; tests/test_deploy_units.py checks
-# that they agree.
-DECRYPT_ACTION = "decrypt"
-IDENTIFY_ACTION = "identify"
-CONTRIBUTION_RECORD = "he-contribution"
-REQUEST_RECORD = "he-request"
-ANSWER_RECORD = "he-aggregate"
-ANSWER_ARRAY = "aggregate"
 
 #: What reading a dataset of each kind imports beyond the site runtime (pandas, numpy).
 READER_MODULES: dict[str, tuple[str, ...]] = {

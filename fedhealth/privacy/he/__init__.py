@@ -8,42 +8,42 @@ is at the top of ``contributions``.
 
 from __future__ import annotations
 
-from fedhealth.privacy.he.ceremony import (
-    CoordinatorKeys,
-    Registry,
-    SiteKeys,
-    add_site,
-    init_consortium,
-    load_coordinator_keys,
-    load_site_keys,
-)
-from fedhealth.privacy.he.ckks import HEParams, flatten_state, unflatten
-from fedhealth.privacy.he.contributions import (
-    Contribution,
-    DecryptionRequest,
-    EncryptedSum,
-    answers_agree,
-    make_contribution,
-    split_aggregate,
-    verify_and_decrypt,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "Contribution",
-    "CoordinatorKeys",
-    "DecryptionRequest",
-    "EncryptedSum",
-    "HEParams",
-    "Registry",
-    "SiteKeys",
-    "add_site",
-    "answers_agree",
-    "flatten_state",
-    "init_consortium",
-    "load_coordinator_keys",
-    "load_site_keys",
-    "make_contribution",
-    "split_aggregate",
-    "unflatten",
-    "verify_and_decrypt",
-]
+# Loaded on first use, so that importing a light submodule (``names``) does not load
+# TenSEAL: a deployed site starts a process per message.
+_EXPORTS = {
+    "CoordinatorKeys": "ceremony",
+    "Registry": "ceremony",
+    "SiteKeys": "ceremony",
+    "add_site": "ceremony",
+    "init_consortium": "ceremony",
+    "load_coordinator_keys": "ceremony",
+    "load_site_keys": "ceremony",
+    "HEParams": "ckks",
+    "flatten_state": "ckks",
+    "unflatten": "ckks",
+    "Contribution": "contributions",
+    "DecryptionRequest": "contributions",
+    "EncryptedSum": "contributions",
+    "answers_agree": "contributions",
+    "make_contribution": "contributions",
+    "split_aggregate": "contributions",
+    "verify_and_decrypt": "contributions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -27,15 +27,16 @@ from flwr.app import ConfigRecord
 
 from fedhealth.errors import CryptoError
 from fedhealth.privacy.he.contributions import Contribution, DecryptionRequest
-
-DECRYPT_MESSAGE_TYPE = "query.decrypt"
-DECRYPT_ACTION = "decrypt"
-IDENTIFY_MESSAGE_TYPE = "query.identify"
-IDENTIFY_ACTION = "identify"
-CONTRIBUTION_RECORD = "he-contribution"
-REQUEST_RECORD = "he-request"
-ANSWER_RECORD = "he-aggregate"
-ANSWER_ARRAY = "aggregate"
+from fedhealth.privacy.he.names import (
+    ANSWER_ARRAY,
+    ANSWER_RECORD,
+    CONTRIBUTION_RECORD,
+    DECRYPT_ACTION,
+    DECRYPT_MESSAGE_TYPE,
+    IDENTIFY_ACTION,
+    IDENTIFY_MESSAGE_TYPE,
+    REQUEST_RECORD,
+)
 
 __all__ = [
     "ANSWER_ARRAY",
