@@ -112,14 +112,19 @@ def save_checkpoint(client: Any, run_id: str, ck: Checkpoint) -> None:
         retrying(client.log_artifact, run_id, str(path), ARTIFACT_DIR, what="log checkpoint")
 
 
-def load_latest(client: Any, run_id: str) -> Checkpoint | None:
+def _listed(client: Any, run_id: str) -> set[str]:
+    files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
+    return {f.path for f in files}
+
+
+def load_latest(client: Any, run_id: str, listed: set[str] | None = None) -> Checkpoint | None:
     """The newest readable checkpoint of MLflow run ``run_id`` (``None`` if it has none).
 
     A checkpoint whose upload a crash cut short is skipped for the one before it (the round
-    after it then runs again).
+    after it then runs again). ``listed``: the run's checkpoint artifacts, if already listed.
     """
-    files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
-    names = sorted(f.path for f in files if f.path.endswith(".npz"))
+    listed = _listed(client, run_id) if listed is None else listed
+    names = sorted(p for p in listed if p.endswith(".npz"))
     problems: list[str] = []
     for name in reversed(names):
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +187,9 @@ def save_evaluation(fed: Any, round_: int, glob: dict, per_site: dict) -> None:
         )  # fmt: skip
 
 
-def _evaluation(client: Any, run_id: str, round_: int) -> dict[str, Any] | None:
+def _evaluation(client: Any, run_id: str, round_: int, listed: set[str]) -> dict | None:
     name = f"{ARTIFACT_DIR}/round-{round_:04d}.eval.json"
-    files = retrying(client.list_artifacts, run_id, ARTIFACT_DIR, what="list checkpoints")
-    if name not in {f.path for f in files}:
+    if name not in listed:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         local = retrying(client.download_artifacts, run_id, name, tmp, what="download evaluation")
@@ -223,7 +227,8 @@ def resume_point(fed: Any, arrays: Any) -> ResumePoint:
             f"{run.info.run_name or 'the experiment'!r} (config hash {ran}, "
             f"this file {fed.cfg.config_hash()}); resume with the file it ran, or start a new run"
         )
-    ck = load_latest(client, run_id)
+    listed = _listed(client, run_id)
+    ck = load_latest(client, run_id, listed)
     if ck is None:
         return ResumePoint(1, arrays, {}, {})
     restore_strategy(fed.strategy, ck.strategy_state)
@@ -238,7 +243,7 @@ def resume_point(fed: Any, arrays: Any) -> ResumePoint:
 
         fed.refusals = [Refusal(**r) for r in ck.meta.get("refusals", [])]
     restored = ArrayRecord({k: Array(v) for k, v in ck.arrays.items()})
-    evaluated = _evaluation(client, run_id, ck.round)
+    evaluated = _evaluation(client, run_id, ck.round, listed)
     if evaluated is None:
         glob, per_site = ck.meta.get("global_metrics", {}), ck.meta.get("site_metrics", {})
         return ResumePoint(ck.round + 1, restored, glob, per_site, evaluate=ck.round)
