@@ -19,6 +19,17 @@ FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")
 SITES = ["st-olav", "karolinska", "charite"]
 
 
+def wait_for(cond, timeout: float, what: str, poll: float = 0.1):
+    """Poll ``cond()`` until it returns something truthy (returned); fail after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def privacy_sections(root: Path, dp: bool = True, he: bool = True) -> str:
     """``[privacy.dp]`` (record-level DP-SGD, ε = 1 per site) and ``[privacy.he]`` (the
     consortium's keys under ``<root>/consortium``) for :func:`write_experiment`'s ``extra``."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tests.deploy_harness import (
     Deployment,
     privacy_sections,
     provisioned_consortium,
+    wait_for,
     write_experiment,
 )
 
@@ -46,16 +46,6 @@ def deployment(tmp_path_factory):
 
 def _site_ws(dep: Deployment, site: str) -> Path:
     return dep.root / "site-ws" / site
-
-
-def _wait(cond, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _received(dep: Deployment, site: str, handler: str, round_: int) -> bool:
@@ -173,16 +163,16 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
 
     # A site dies in the middle of round 1's training ...
     victim, witness = SITES[2], SITES[0]
-    _wait(lambda: _received(dep, victim, "train", 1), 150, f"{victim} training round 1", 0.1)
+    wait_for(lambda: _received(dep, victim, "train", 1), 150, f"{victim} training round 1", 0.1)
     dep.kill(f"site-{victim}")
-    run_id = _wait(lambda: _mlflow_run(dep, name), 30, "the MLflow run")
+    run_id = wait_for(lambda: _mlflow_run(dep, name), 30, "the MLflow run")
     # ... and the round completes with the other two within round_timeout (the quorum
     # decrypts their sum): they evaluate.
-    _wait(lambda: _received(dep, witness, "evaluate", 1), 120, "round 1 to complete")
+    wait_for(lambda: _received(dep, witness, "evaluate", 1), 120, "round 1 to complete")
     assert ("sent", "train", 1) not in _events(dep, victim)
 
     # The coordinator dies mid-round 2, after a site sent its encrypted update.
-    _wait(lambda: ("sent", "train", 2) in _events(dep, witness), 120, "a round-2 update", 0.05)
+    wait_for(lambda: ("sent", "train", 2) in _events(dep, witness), 120, "a round-2 update", 0.05)
     dep.freeze("coordinator")  # at once: before it can ask a quorum to decrypt round 2
     dep.kill("coordinator")
     dep.kill("run")

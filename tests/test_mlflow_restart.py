@@ -48,7 +48,7 @@ from fedhealth.deploy.processes import (
     port_open,
 )
 from fedhealth.registry.retry import TrackingUnavailable, is_transient, retrying
-from tests.deploy_harness import FEDHEALTH, SITES, Deployment, write_experiment
+from tests.deploy_harness import FEDHEALTH, SITES, Deployment, wait_for, write_experiment
 
 VERSION_TAGS = {
     "sites", "rounds", "strategy", "config_hash", "fedhealth_version", "experiment", "task",
@@ -145,16 +145,6 @@ def _mlflow_client_fails_fast(monkeypatch) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _wait(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> object:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _quiet(fn: Callable[[], object]) -> object:
@@ -400,7 +390,27 @@ def _wait_output(out: Path, proc: subprocess.Popen, text: str, timeout: float) -
             raise AssertionError(f"run ended before printing {text!r}:\n{out.read_text()}")
         return text in out.read_text(errors="replace")
 
-    _wait(seen, timeout, f"{text!r} in the run's output", poll=0.2)
+    wait_for(seen, timeout, f"{text!r} in the run's output", poll=0.2)
+
+
+def _run_until_round(
+    project: Path, server, name: str, rounds: int, round_: int, retry_seconds: int
+) -> tuple[subprocess.Popen, Path, MlflowClient, str]:
+    """Start ``fedhealth run`` of a ``rounds``-round experiment against ``server`` and wait
+    until round ``round_``'s metrics are recorded; returns the process, its output file,
+    a client of the server and the run id."""
+    exp = write_experiment(project, name, SITES, rounds=rounds)
+    proc, out = _run_fedhealth(
+        project, str(exp), "--tracking-uri", server.uri, retry_seconds=retry_seconds
+    )
+    client = MlflowClient(server.uri, registry_uri=server.uri)
+    run_id = wait_for(lambda: _quiet(lambda: _the_run(client, name)), 120, "the MLflow run")
+    wait_for(
+        lambda: round_ in (_quiet(lambda: _steps(client, run_id, "global/accuracy")) or []),
+        120,
+        f"round {round_}'s metrics",
+    )
+    return proc, out, client, str(run_id)
 
 
 @pytest.mark.slow
@@ -409,17 +419,9 @@ def test_run_survives_mlflow_server_restart_mid_run(project, server) -> None:
     failed and retried a few times, restart it: the run completes with nothing lost or
     doubled and one model version."""
     rounds = 10
-    exp = write_experiment(project, "restart-mid-run", SITES, rounds=rounds)
-    proc, out = _run_fedhealth(project, str(exp), "--tracking-uri", server.uri, retry_seconds=120)
-    client = MlflowClient(server.uri, registry_uri=server.uri)
     try:
-        run_id = _wait(
-            lambda: _quiet(lambda: _the_run(client, "restart-mid-run")), 120, "the MLflow run"
-        )
-        _wait(
-            lambda: 1 in (_quiet(lambda: _steps(client, run_id, "global/accuracy")) or []),
-            120,
-            "round 1's metrics",
+        proc, out, client, run_id = _run_until_round(
+            project, server, "restart-mid-run", rounds, 1, retry_seconds=120
         )
         server.kill()
         _wait_output(out, proc, "is unreachable while", timeout=60)
@@ -440,19 +442,9 @@ def test_run_survives_mlflow_server_down_at_registration(project, server) -> Non
     """SIGKILL the server when the last round's metrics land (the coordinator goes on to
     register the model), restart it a few seconds later: still exactly one version."""
     rounds = 3
-    exp = write_experiment(project, "restart-at-registration", SITES, rounds=rounds)
-    proc, out = _run_fedhealth(project, str(exp), "--tracking-uri", server.uri, retry_seconds=120)
-    client = MlflowClient(server.uri, registry_uri=server.uri)
     try:
-        run_id = _wait(
-            lambda: _quiet(lambda: _the_run(client, "restart-at-registration")),
-            120,
-            "the MLflow run",
-        )
-        _wait(
-            lambda: rounds in (_quiet(lambda: _steps(client, run_id, "global/accuracy")) or []),
-            120,
-            "the last round's metrics",
+        proc, out, client, run_id = _run_until_round(
+            project, server, "restart-at-registration", rounds, rounds, retry_seconds=120
         )
         server.kill()
         _wait_output(out, proc, "is unreachable while", timeout=60)
@@ -472,17 +464,10 @@ def test_server_down_past_the_deadline_fails_clearly_and_resumes(project, server
     naming the server, the round and the run to resume; once the server is back,
     ``fedhealth run --resume RUN_ID`` completes the same run from its checkpoints."""
     rounds = 6
-    exp = write_experiment(project, "restart-too-late", SITES, rounds=rounds)
-    proc, out = _run_fedhealth(project, str(exp), "--tracking-uri", server.uri, retry_seconds=4)
-    client = MlflowClient(server.uri, registry_uri=server.uri)
+    exp = project / "restart-too-late.toml"
     try:
-        run_id = _wait(
-            lambda: _quiet(lambda: _the_run(client, "restart-too-late")), 120, "the MLflow run"
-        )
-        _wait(
-            lambda: 2 in (_quiet(lambda: _steps(client, run_id, "global/accuracy")) or []),
-            120,
-            "round 2's metrics",
+        proc, out, client, run_id = _run_until_round(
+            project, server, "restart-too-late", rounds, 2, retry_seconds=4
         )
         server.kill()
         code, text = _finish(proc, out, timeout=90)
@@ -549,7 +534,9 @@ def test_coordinator_restarts_its_mlflow_server(tmp_path) -> None:
     coord = dep.spawn("coordinator", *args)
     try:
         dep.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=120)
-        first = _wait(lambda: len(_children(coord.pid)) == 2 and _children(coord.pid), 30, "kids")
+        first = wait_for(
+            lambda: len(_children(coord.pid)) == 2 and _children(coord.pid), 30, "kids"
+        )
         client = MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
         exp_id = client.create_experiment("kept-across-restarts")
         helpers = descendants(first["mlflow"])
@@ -566,7 +553,7 @@ def test_coordinator_restarts_its_mlflow_server(tmp_path) -> None:
         assert coord.poll() is None
 
         kill_tree(second["mlflow"], timeout=5, sig=signal.SIGKILL)
-        _wait(
+        wait_for(
             lambda: dep.output("coordinator").count("restarted the MLflow server") == 2,
             120,
             "the second restart",
