@@ -138,7 +138,7 @@ class SiteCall:
 
 def _site_calls(site_ws: Path, experiment: str) -> list[SiteCall]:
     """Every audited handler call of ``experiment`` with its timing, all sites."""
-    from fedhealth.deploy.audit import audit_path, read
+    from fedhealth.site.audit import audit_path, read
 
     calls = []
     for ws in sorted(p for p in site_ws.iterdir() if p.is_dir()):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.deploy.audit import audit_path, read
+from fedhealth.site.audit import audit_path, read
 from fedhealth.deploy.pki import make_node_keypair, write_private, write_public
 from fedhealth.deploy.processes import free_port, kill_tree
 from tests.deploy_harness import (

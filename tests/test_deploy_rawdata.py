@@ -107,7 +107,7 @@ def _final_globals(dep: Deployment, experiment: str) -> dict[str, np.ndarray]:
     """The global arrays of the run's last checkpoint (round 1)."""
     import mlflow
 
-    from fedhealth.deploy.checkpoint import load_latest
+    from fedhealth.coordinator.checkpoint import load_latest
 
     client = mlflow.tracking.MlflowClient(dep.tracking_uri, registry_uri=dep.tracking_uri)
     exp = client.get_experiment_by_name(experiment)

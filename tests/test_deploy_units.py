@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedhealth.deploy.audit import append, audit_path, content_digest, read
-from fedhealth.deploy.checkpoint import Checkpoint, _pack, _unpack, strategy_state
-from fedhealth.deploy.guard import GuardedGrid
+from fedhealth.site.audit import append, audit_path, content_digest, read
+from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack, strategy_state
+from fedhealth.coordinator.guard import GuardedGrid
 from fedhealth.deploy.provision import TLSLayout, add_site_tls, init_tls
 from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import is_transient, retrying
@@ -95,7 +95,7 @@ def test_checkpoint_roundtrip_keeps_strategy_moments() -> None:
 def test_checkpoint_cut_short_by_a_crash_falls_back_to_the_previous(tmp_path) -> None:
     import mlflow
 
-    from fedhealth.deploy.checkpoint import load_latest, save_checkpoint
+    from fedhealth.coordinator.checkpoint import load_latest, save_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
@@ -149,7 +149,7 @@ def test_guarded_grid_never_waits_forever() -> None:
 def _audited_handler(tmp_path: Path, fail: bool = False):
     from flwr.app import Error, Message, MetricRecord, RecordDict
 
-    from fedhealth.deploy.audit import audited
+    from fedhealth.site.audit import audited
     from fedhealth.site.timing import phase
 
     @audited(lambda context: ("h1", tmp_path))
@@ -224,7 +224,7 @@ def test_process_start_counts_once_per_process(tmp_path: Path) -> None:
 def test_a_decryption_query_is_audited_under_its_round(tmp_path: Path) -> None:
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fedhealth.deploy.audit import _request_info
+    from fedhealth.site.audit import _request_info
 
     record = ConfigRecord({"experiment_id": "study:run1:ab12", "round": 3, "nonce": "n"})
     msg = Message(RecordDict({"he-request": record}), dst_node_id=1, message_type="query.decrypt")

@@ -22,7 +22,7 @@ import pytest
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.privacy_report import PrivacyReport
-from fedhealth.deploy.audit import read
+from fedhealth.site.audit import read
 from fedhealth.deploy.processes import kill_tree
 
 FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")

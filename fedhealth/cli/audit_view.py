@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedhealth.config.site import load_site
-from fedhealth.deploy.audit import audit_path, read
+from fedhealth.site.audit import audit_path, read
 
 #: Short names of the handler phases in the table (fedhealth.site.timing).
 PHASE_LABELS = {

@@ -50,7 +50,7 @@ def start(
     meanwhile); the SuperLink keeps running.
     """
     from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
-    from fedhealth.deploy.runconfig import TRACKING_ENV
+    from fedhealth.coordinator.runconfig import TRACKING_ENV
     from fedhealth.deploy.submit import remember_tracking_uri, write_app_dir
 
     s = CoordinatorSettings(

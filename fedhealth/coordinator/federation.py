@@ -31,7 +31,7 @@ from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.deploy.checkpoint import resume_point, save_evaluation, save_round
+from fedhealth.coordinator.checkpoint import resume_point, save_evaluation, save_round
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize

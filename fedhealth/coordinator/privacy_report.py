@@ -108,7 +108,7 @@ class PrivacyReport:
         """What a resumed run needs: each site's reported spend and the site-level history.
 
         JSON-serialisable; saved with every round checkpoint
-        (:mod:`fedhealth.deploy.checkpoint`).
+        (:mod:`fedhealth.coordinator.checkpoint`).
         """
         return {
             "sites": {k: dict(v) for k, v in self.sites.items()},

@@ -12,8 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.federation import Federation
-from fedhealth.deploy.guard import GuardedGrid
-from fedhealth.deploy.runconfig import experiment_path, resume_run, tracking_uri
+from fedhealth.coordinator.guard import GuardedGrid
+from fedhealth.coordinator.runconfig import experiment_path, resume_run, tracking_uri
 from fedhealth.registry.store import default_tracking_uri
 
 app = ServerApp()
@@ -28,6 +28,6 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(cfg, uri)
     federation.run_tags = {"fedhealth.flwr_run_id": str(context.run_id)}
     federation.resume_from = resume_run(rc)
-    # Never wait forever for sites: Flower's sampler would (see fedhealth.deploy.guard).
+    # Never wait forever for sites: Flower's sampler would (see fedhealth.coordinator.guard).
     exp = cfg.experiment
     federation.run(GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout))

@@ -37,7 +37,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedhealth.config.site import SiteProfile, load_site
-from fedhealth.deploy.audit import audited
+from fedhealth.site.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
 from fedhealth.privacy.he.names import (
     ANSWER_ARRAY,

@@ -1,6 +1,6 @@
 """Where one site handler's time went: process start, imports, data, training, encryption.
 
-:func:`fedhealth.deploy.audit.audited` opens a :class:`HandlerTiming` for every handler
+:func:`fedhealth.site.audit.audited` opens a :class:`HandlerTiming` for every handler
 invocation and writes :meth:`HandlerTiming.record` into the audit log's outcome line; the
 site's code marks its phases with :func:`phase`. A phase inside another counts only for
 itself (the outer one gets its own time minus the inner), so the phases and ``other_s``
