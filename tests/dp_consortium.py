@@ -97,9 +97,14 @@ def write_experiment(
 
 
 def train_round(
-    experiment: Path, site_index: int, round_: int, arrays: dict[str, np.ndarray] | None = None
+    experiment: Path,
+    site_index: int,
+    round_: int,
+    arrays: dict[str, np.ndarray] | None = None,
+    config_extra: dict[str, Any] | None = None,
 ):
-    """Call the site's ClientApp train handler for one round, as Flower would.
+    """Call the site's ClientApp train handler for one round, as Flower would
+    (``config_extra``: more keys of the training config, e.g. ``mlflow-run-id``).
 
     Returns
     -------
@@ -121,6 +126,7 @@ def train_round(
         arrays = {k: v.numpy() for k, v in model.state_dict().items()}
     config = ConfigRecord(
         {"spec": json.dumps(cfg.task_spec()), "norm-stats": "", "server-round": round_}
+        | (config_extra or {})
     )
     msg = Message(
         RecordDict(

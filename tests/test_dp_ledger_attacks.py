@@ -198,7 +198,7 @@ def test_a_replaced_key_is_refused(ledger, ws):
 
 def test_a_deleted_key_is_refused_not_recreated(ledger, ws):
     (ws / "privacy-ledger.key").unlink()
-    with pytest.raises(FedHealthError, match="key .* is missing"):
+    with pytest.raises(FedHealthError, match=r"key .* is missing"):
         PrivacyLedger(ledger)
     assert not (ws / "privacy-ledger.key").exists()
 

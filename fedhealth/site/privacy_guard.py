@@ -48,7 +48,12 @@ from fedhealth.privacy.dp.policy import (
     check_request,
 )
 from fedhealth.privacy.dp.policy import RoundRequest as PolicyRequest
-from fedhealth.privacy.dp.randomness import derive_seed, digest_arrays, load_or_create_key
+from fedhealth.privacy.dp.randomness import (
+    derive_seed,
+    digest_arrays,
+    load_or_create_key,
+    round_binding,
+)
 from fedhealth.privacy.dp.site_level import add_noise_share, clip_update
 from fedhealth.site.trainer import Wrap
 
@@ -252,12 +257,24 @@ class PrivacyGuard:
 
     # -- training ------------------------------------------------------------------------------
 
-    def release_context(self, arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict:
-        """What this round's release depends on, for deriving its secret seeds."""
+    def release_context(
+        self,
+        arrays: dict[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        run_id: str | None = None,
+        nonce: str | None = None,
+    ) -> dict:
+        """What this round's release depends on, for deriving its secret seeds.
+
+        The run id and the round's nonce are part of it, so a round replayed under another
+        run id or nonce draws fresh noise and fresh batches.
+        """
         return {
             "site": self.site,
             "experiment": self.experiment,
             "round": self.round,
+            **round_binding(run_id, nonce),
             "spec": hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest(),
             "weights": digest_arrays(arrays),
             "data": digest_arrays([x, y]),

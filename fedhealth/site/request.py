@@ -22,6 +22,8 @@ class RoundRequest:
     norm_stats: dict[str, Any] | None = None
     weight_exponent: float = 1.0
     he_enabled: bool = False  # the update must leave encrypted (privacy.he; policy require_he)
+    run_id: str = ""  # the coordinator's MLflow run id; with the nonce, part of every seed
+    nonce: str = ""  # the encrypted round's fresh nonce (he-nonce), empty in plaintext rounds
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RoundRequest:
@@ -36,6 +38,8 @@ class RoundRequest:
             norm_stats=json.loads(str(stats)) if stats else None,
             weight_exponent=float(config.get("weight-exponent", 1.0)),
             he_enabled=bool(config.get("he-enabled", False)),
+            run_id=str(config.get("mlflow-run-id", "") or ""),
+            nonce=str(config.get("he-nonce", "") or ""),
         )
 
     @property

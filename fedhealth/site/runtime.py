@@ -18,6 +18,7 @@ from fedhealth.config.site import SiteProfile
 from fedhealth.data.normalisation import Standardizer
 from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
+from fedhealth.privacy.dp.randomness import training_seed
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
 from fedhealth.site.privacy_guard import PrivacyGuard
 from fedhealth.site.request import RoundRequest
@@ -99,12 +100,14 @@ class SiteRuntime:
         guard = self.guard
         with phase("privacy"):
             admission = guard.admit(self.data.n_train, self.request.proximal_mu)
+            # Seeds include the run id and round nonce: a replay under a new run differs.
+            run, nonce = self.request.run_id, self.request.nonce
             context = (
-                guard.release_context(arrays, self.data.x_train, self.data.y_train)
+                guard.release_context(arrays, self.data.x_train, self.data.y_train, run, nonce)
                 if guard.enabled
                 else {}
             )
-        seed = int(self.request.spec["seed"]) * 100_003 + self.request.round * 1_009 + site_index
+        seed = training_seed(self.request.spec["seed"], self.request.round, site_index, run, nonce)
         x = self._x(self.data.x_train)
         with phase("train"):
             model = self.build_model(arrays)

@@ -5,13 +5,15 @@ experiment's seed is public (it is in the config), so it must never seed them.
 Instead each site keeps a 256-bit secret key in its workspace (created once from
 the OS's entropy, readable by the site's user only) and derives every seed as
 
-    HMAC-SHA256(key, purpose | experiment | round | digest of the request,
-                 of the global weights and of the training data)
+    HMAC-SHA256(key, purpose | experiment | round | run id | round nonce | digest of
+                 the request, of the global weights and of the training data)
 
-Identical inputs give identical noise, so a rerun of the very same round
-reproduces the very same update (a repeated release reveals nothing new); any
-change to the request, the global model or the data gives fresh, independent
-noise, so two releases never share noise that a difference could cancel.
+Identical inputs give identical noise, so a rerun of the very same round of the
+same run reproduces the very same update (a repeated release reveals nothing
+new); any change to the run id, the round's nonce (fresh in every encrypted
+round), the request, the global model or the data gives fresh, independent
+noise, so two releases never share noise that a difference could cancel. The
+public training seed (:func:`training_seed`) includes the run id and nonce too.
 Deleting the key only makes the next runs unreproducible, never less private.
 
 The derived 63-bit seed drives torch's (or numpy's) generator, as Opacus's own
@@ -113,3 +115,60 @@ def derive_seed(key: bytes, purpose: str, context: dict[str, Any]) -> int:
     """
     msg = json.dumps([purpose, context], sort_keys=True, separators=(",", ":")).encode()
     return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest()[:8], "big") >> 1
+
+
+def round_binding(run_id: str | None, nonce: str | None) -> dict[str, str]:
+    """What tells one run's round apart from a replay of it under another run.
+
+    Parameters
+    ----------
+    run_id : str or None
+        The MLflow run id the coordinator sends (``mlflow-run-id``).
+    nonce : str or None
+        The encrypted round's fresh nonce (``he-nonce``), absent in plaintext rounds.
+
+    Returns
+    -------
+    dict
+        ``{"run": ..., "nonce": ...}`` (empty strings when absent), for a seed's context.
+    """
+    return {"run": str(run_id or ""), "nonce": str(nonce or "")}
+
+
+def training_seed(
+    spec_seed: int,
+    round_: int,
+    site_index: int,
+    run_id: str | None = None,
+    nonce: str | None = None,
+) -> int:
+    """The seed of a site's local training (shuffling, dropout, initial RNG state).
+
+    Public: it drives no privacy noise (see :func:`derive_seed` for that). It still
+    includes the run id and the round's nonce, so a round replayed under another run id
+    or nonce is not trained bit-identically (a difference of two replays must not cancel
+    everything but one site's contribution).
+
+    Parameters
+    ----------
+    spec_seed : int
+        The experiment's seed.
+    round_ : int
+        Round number.
+    site_index : int
+        The site's index in the federation.
+    run_id, nonce : str, optional
+        See :func:`round_binding`. Without either, the seed is the experiment's historical
+        ``spec_seed * 100003 + round * 1009 + site_index``.
+
+    Returns
+    -------
+    int
+        A seed in ``[0, 2**63)``.
+    """
+    base = int(spec_seed) * 100_003 + int(round_) * 1_009 + int(site_index)
+    binding = round_binding(run_id, nonce)
+    if not any(binding.values()):
+        return base
+    msg = json.dumps(["training-seed", base, binding], sort_keys=True, separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(msg.encode()).digest()[:8], "big") >> 1
