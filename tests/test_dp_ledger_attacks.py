@@ -328,3 +328,43 @@ def test_the_site_refuses_a_round_after_a_rollback_and_releases_nothing(tmp_path
     assert _rows(path) == 1  # and nothing was charged
     refused = [r for r in read(tmp_path / "workspace" / "h1" / "audit.log")]
     assert refused[-1]["event"] == "refused" and refused[-1]["rule"] == "ledger"
+
+
+# -- `fedhealth site ledger` ---------------------------------------------------------------------
+
+
+def test_site_ledger_cli_shows_what_it_checked_and_refuses_a_rolled_back_ledger(tmp_path):
+    from dp_consortium import write_site
+    from typer.testing import CliRunner
+
+    from fedhealth.cli.main import app
+
+    runner = CliRunner()
+    site = write_site(tmp_path, "h1", n=50, seed=3)
+    path = tmp_path / "workspace" / "h1" / "privacy-ledger.sqlite"
+    with PrivacyLedger(path) as led:
+        for r in range(1, 4):
+            _charge(led, r, 0.5 * r)
+    _copy(path, tmp_path / "old.sqlite")
+    result = runner.invoke(app, ["site", "ledger", str(site)], terminal_width=400)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "3 entries, keyed hash chain verified" in out
+    assert "HMAC-SHA256 chain of 3 entries verified with key" in out
+    assert "head file" in out and "counter 3 = 3 entries" in out
+    assert "anchors counter 3" in out
+
+    with PrivacyLedger(path) as led:
+        _charge(led, 4, 2.5)
+    _copy(tmp_path / "old.sqlite", path)
+    result = runner.invoke(app, ["site", "ledger", str(site)], terminal_width=400)
+    out = " ".join(result.output.split())
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "expected counter 4, found 3" in out
+
+    for p in path.parent.glob("privacy-ledger.sqlite*"):
+        p.unlink()
+    result = runner.invoke(app, ["site", "ledger", str(site)], terminal_width=400)
+    assert result.exit_code != 0 and "is missing" in " ".join(result.output.split())
+    assert "no privacy ledger yet" not in result.output
+    assert not path.exists()

@@ -119,6 +119,8 @@ def print_audit(
             )
         elif event == "refused":
             detail = f"[yellow]{r.get('rule')}[/]: {r.get('message', '')}"
+        elif str(event).startswith("ledger-"):  # the privacy ledger's head, anchored
+            detail = f"{r.get('ledger')} counter {r.get('counter')} head {str(r.get('head'))[:16]}…"
         else:
             detail = ""
         table.add_row(

@@ -6,10 +6,12 @@ import math
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedhealth.config.site import load_site
 from fedhealth.privacy.dp.ledger import LedgerEntry, PrivacyLedger
+from fedhealth.privacy.dp.ledger_anchor import LedgerFiles, site_history
 from fedhealth.privacy.dp.policy import PrivacyPolicy
 
 
@@ -120,12 +122,14 @@ def print_ledger(console: Console, profile_path: Path, show_entries: bool = Fals
         The profile is invalid.
     LedgerCorruptError
         The ledger's hash chain does not verify (names the first bad entry).
+    LedgerIntegrityError
+        The ledger is missing, truncated, rolled back or replaced, or its key is bad.
     """
     site = load_site(profile_path)
     policy = PrivacyPolicy.from_mapping(site.privacy)
     path = site.ledger_path
     console.print(f"[bold]{site.name}[/] policy: {_policy_line(policy)}", highlight=False)
-    if not path.exists():
+    if not path.exists() and site_history(LedgerFiles.beside(path)) is None:
         console.print(
             f"no privacy ledger yet at {path}: this site has spent no privacy budget.",
             highlight=False,
@@ -134,10 +138,13 @@ def print_ledger(console: Console, profile_path: Path, show_entries: bool = Fals
         for ds in sorted(site.datasets):
             console.print(_dataset_line(ds, policy, []), highlight=False, soft_wrap=True)
         return
-    with PrivacyLedger(path) as ledger:  # opening re-verifies the whole hash chain
+    # Opening re-verifies the keyed chain against the key, the head file and the audit log;
+    # a missing ledger next to a site that had one is refused, not recreated.
+    with PrivacyLedger(path) as ledger:
         rows = ledger.summary()
         all_entries = ledger.entries()
         head = ledger.head_hash
+        report = ledger.integrity
     for ds in sorted(set(site.datasets) | {r["dataset"] for r in rows}):
         mine = [r for r in rows if r["dataset"] == ds]
         console.print(_dataset_line(ds, policy, mine), highlight=False, soft_wrap=True)
@@ -146,7 +153,12 @@ def print_ledger(console: Console, profile_path: Path, show_entries: bool = Fals
     if show_entries and all_entries:
         console.print(_entries_table(all_entries))
     console.print(
-        f"ledger {path}: {len(all_entries)} entries, hash chain verified, head {head[:16]}…",
+        escape(
+            f"ledger {path}: {len(all_entries)} entries, keyed hash chain verified, "
+            f"head {head[:16]}…; checked:"
+        ),
         highlight=False,
         soft_wrap=True,
     )
+    for line in report.lines():
+        console.print(escape(f"  · {line}"), highlight=False, soft_wrap=True)
