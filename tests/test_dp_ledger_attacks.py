@@ -368,3 +368,10 @@ def test_site_ledger_cli_shows_what_it_checked_and_refuses_a_rolled_back_ledger(
     assert result.exit_code != 0 and "is missing" in " ".join(result.output.split())
     assert "no privacy ledger yet" not in result.output
     assert not path.exists()
+
+
+def test_the_ledger_anchors_in_the_sites_audit_log():
+    from fedhealth.privacy.dp.ledger_anchor import AUDIT_FILE
+    from fedhealth.site.audit import AUDIT_FILE as SITE_AUDIT_FILE
+
+    assert AUDIT_FILE == SITE_AUDIT_FILE

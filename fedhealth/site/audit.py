@@ -16,43 +16,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedhealth.jsonlines import append, read
 from fedhealth.site import timing as handler_timing
 
 AUDIT_FILE = "audit.log"
+
+__all__ = ["AUDIT_FILE", "append", "audit_path", "audited", "content_digest", "read"]
 
 
 def audit_path(workspace: Path) -> Path:
     """The audit log of a site whose workspace is ``workspace``."""
     return Path(workspace) / AUDIT_FILE
-
-
-def append(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (opened O_APPEND, so concurrent handlers never interleave)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def read(path: Path) -> Iterator[dict[str, Any]]:
-    """The audit records, oldest first (a torn last line is skipped)."""
-    if not path.is_file():
-        return
-    with path.open() as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
 
 
 def content_digest(content: Any) -> tuple[int, str, list[str]]:

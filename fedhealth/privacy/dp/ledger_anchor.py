@@ -8,9 +8,9 @@ an older copy, or deleted -- is caught by two anchors kept outside the ledger fi
 * the **head file** ``<ledger stem>.head`` beside the ledger: the number of entries (a
   monotonic counter) and the hash of the newest one, MAC'd with the key, replaced
   atomically after every charge;
-* the site's **audit log** (:mod:`fedhealth.site.audit`): a ``ledger-head`` line per charge
-  with the same counter, head and MAC. It is append-only, so a head file rolled back
-  together with the ledger is still caught by the newer lines of the audit log.
+* the site's **audit log** (``audit.log``, :mod:`fedhealth.site.audit`): a ``ledger-head``
+  line per charge with the same counter, head and MAC. It is append-only, so a head file
+  rolled back together with the ledger is still caught by the newer lines of the audit log.
 
 Files, all in the site's workspace (back them up together, never one without the others):
 
@@ -38,10 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedhealth import jsonlines
 from fedhealth.errors import FedHealthError
-from fedhealth.site import audit
 
 KEY_BYTES = 32
+#: The site's audit log beside the ledger (``fedhealth.site.audit.AUDIT_FILE``; privacy does
+#: not import site).
+AUDIT_FILE = "audit.log"
 #: Audit-log events written by the ledger.
 ANCHOR_EVENT = "ledger-head"
 CREATED_EVENT = "ledger-created"
@@ -96,7 +99,7 @@ class LedgerFiles:
             "key": d / f"{stem}.key",
             "head": d / f"{stem}.head",
             "lock": d / f"{stem}.lock",
-            "audit_log": audit.audit_path(d),
+            "audit_log": d / AUDIT_FILE,
         }
         return cls(ledger, **{k: Path(paths.get(k) or v) for k, v in defaults.items()})
 
@@ -239,7 +242,7 @@ def write_head(files: LedgerFiles, key: bytes, head: Head) -> None:
 def anchor(files: LedgerFiles, key: bytes, head: Head, event: str = ANCHOR_EVENT, **extra: Any):
     """Append the head to the site's audit log (one JSON line, MAC'd)."""
     body = head.body(files.ledger, key_id(key))
-    audit.append(
+    jsonlines.append(
         files.audit_log,
         {"ts": time.time(), "event": event, **body, "mac": mac(key, body), **extra},
     )
@@ -249,7 +252,7 @@ def audit_anchors(files: LedgerFiles) -> list[dict[str, Any]]:
     """This ledger's anchor lines in the audit log, oldest first (MACs unchecked)."""
     return [
         r
-        for r in audit.read(files.audit_log)
+        for r in jsonlines.read(files.audit_log)
         if r.get("event") in _MAC_EVENTS and r.get("ledger") == files.ledger.name
     ]
 
@@ -295,7 +298,7 @@ def site_history(files: LedgerFiles) -> str | None:
         return f"the audit log {files.audit_log} anchors its head"
     charged = [
         r
-        for r in audit.read(files.audit_log)
+        for r in jsonlines.read(files.audit_log)
         if r.get("event") == "sent" and r.get("epsilon") is not None
     ]
     if charged:
