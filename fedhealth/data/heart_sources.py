@@ -112,7 +112,8 @@ def read_centre(data_dir: Path, centre: str) -> pd.DataFrame:
             "the UCI processed.<centre>.data files."
         )
     frame = pd.read_csv(path, header=None, names=COLUMNS, dtype=str, keep_default_na=False)
-    return frame.apply(lambda s: s.str.strip()).where(frame != "?", None)
+    frame = frame.apply(lambda s: s.str.strip()).astype(object)
+    return frame.where(frame != "?", None)
 
 
 def _number(text: str) -> int | float:
@@ -440,3 +441,36 @@ def _omop_rows(frame: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
                 }
             )
     return out
+
+
+def write_heart_disease_sources(
+    root: Path, data_dir: Path, omop_url: str | None = None, omop_schema: str | None = None
+) -> dict[str, str]:
+    """Write the demo EHR sources of ``experiments/heart-disease-mixed.toml``.
+
+    Hungary as FHIR Bundles (``root/heart-disease/hungarian-fhir/``), Switzerland as
+    an OMOP CDM in SQLite (``root/heart-disease/switzerland-omop.sqlite``) and VA as
+    an OMOP CDM at ``omop_url`` (schema ``omop_schema``), or in SQLite beside it.
+
+    Returns
+    -------
+    dict of str to str
+        Centre -> where it was written (database URLs without a password).
+    """
+    from sqlalchemy.engine import make_url
+
+    out = Path(root) / "heart-disease"
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"hungarian": str(write_fhir_centre(data_dir, "hungarian", out / "hungarian-fhir"))}
+    swiss = out / "switzerland-omop.sqlite"
+    write_omop_centre(data_dir, "switzerland", f"sqlite:///{swiss}")
+    written["switzerland"] = str(swiss)
+    if omop_url is None:
+        va = out / "va-omop.sqlite"
+        write_omop_centre(data_dir, "va", f"sqlite:///{va}")
+        written["va"] = str(va)
+    else:
+        write_omop_centre(data_dir, "va", omop_url, omop_schema)
+        shown = make_url(omop_url).render_as_string(hide_password=True)
+        written["va"] = f"{shown} (schema {omop_schema})" if omop_schema else shown
+    return written
