@@ -41,7 +41,9 @@ def source(profile: str, **update):
 
 
 def csv_table(heart_dir: Path, centre: str):
-    return read_table(heart_dir / f"processed.{centre}.data", tabular_schema(TASK, source("cleveland.toml")))
+    return read_table(
+        heart_dir / f"processed.{centre}.data", tabular_schema(TASK, source("cleveland.toml"))
+    )
 
 
 def assert_same(ref, got) -> None:
@@ -101,9 +103,11 @@ def test_sqlite_source_is_opened_read_only(heart_dir, tmp_path):
 
     db = tmp_path / "cdm.sqlite"
     write_omop_centre(heart_dir, "switzerland", f"sqlite:///{db}")
-    with connect(source("switzerland-omop.toml", path=db)) as conn:
-        with pytest.raises(sa.exc.OperationalError, match="readonly"):
-            conn.execute(sa.text("DELETE FROM person"))
+    with (
+        connect(source("switzerland-omop.toml", path=db)) as conn,
+        pytest.raises(sa.exc.OperationalError, match="readonly"),
+    ):
+        conn.execute(sa.text("DELETE FROM person"))
 
 
 # --- errors ------------------------------------------------------------------
@@ -115,8 +119,10 @@ def bundles(heart_dir, tmp_path) -> Path:
 
 
 def test_invalid_resource_is_named_by_file_and_id_and_skipped_on_request(bundles):
-    for name, field, bad in (("cleveland-0002.json", 2, {"status": 7}),
-                             ("cleveland-0005.json", 3, {"valueQuantity": {"value": "high"}})):  # fmt: skip
+    for name, field, bad in (
+        ("cleveland-0002.json", 2, {"status": 7}),
+        ("cleveland-0005.json", 3, {"valueQuantity": {"value": "high"}}),
+    ):
         doc = json.loads((bundles / name).read_text())
         doc["entry"][field]["resource"].update(bad)
         (bundles / name).write_text(json.dumps(doc))
@@ -143,8 +149,11 @@ def test_observation_in_an_unexpected_unit_names_file_resource_and_units(bundles
     chol["valueQuantity"].update(unit="mmol/L", code="mmol/L", value=7.2)
     (bundles / "cleveland-0007.json").write_text(json.dumps(doc))
     fhir = source("hungarian-fhir.toml", path=bundles)
-    with pytest.raises(DataError, match=r"cleveland-0007\.json: Observation/cleveland-0007-chol.*"
-                       r"'mg/dL'.*'mmol/L'"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"cleveland-0007\.json: Observation/cleveland-0007-chol.*"
+        r"'mg/dL'.*'mmol/L'",
+    ):
         read_fhir(fhir, tabular_schema(TASK, fhir))
 
 
@@ -155,20 +164,25 @@ def test_omop_concept_that_matches_nothing_is_named(heart_dir, tmp_path):
     feats = dict(omop.features)
     feats["chol"] = feats["chol"].model_copy(update={"concept_ids": [123456789]})
     bad = omop.model_copy(update={"features": feats})
-    with pytest.raises(DataError, match=r"column 'chol': concept id\(s\) \[123456789\] match no "
-                       r"record in measurement\.measurement_concept_id"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"column 'chol': concept id\(s\) \[123456789\] match no "
+        r"record in measurement\.measurement_concept_id",
+    ):
         read_omop(bad, tabular_schema(TASK, bad))
 
 
 def test_unreachable_database_names_the_url_without_password(monkeypatch):
     monkeypatch.setenv("FEDHEALTH_TEST_DB_PW", "s3cret-Pw")
-    omop = source("va-omop.toml", url="postgresql+psycopg://reader@127.0.0.1:1/cdm",
-                  password_env="FEDHEALTH_TEST_DB_PW")  # fmt: skip
+    omop = source(
+        "va-omop.toml",
+        url="postgresql+psycopg://reader@127.0.0.1:1/cdm",
+        password_env="FEDHEALTH_TEST_DB_PW",
+    )
     with pytest.raises(DataError) as err:
         read_omop(omop, tabular_schema(TASK, omop))
-    assert (
-        "cannot connect to the OMOP database postgresql+psycopg://reader@127.0.0.1:1/cdm"
-        in str(err.value)
+    assert "cannot connect to the OMOP database postgresql+psycopg://reader@127.0.0.1:1/cdm" in str(
+        err.value
     )
     assert "s3cret-Pw" not in str(err.value)
 
@@ -210,20 +224,50 @@ def scram_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "reader", "--auth=scram-sha-256",
-                    f"--pwfile={tmp_path / 'pwfile'}"], check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-l", str(tmp_path / "log"), "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            *run_as,
+            initdb,
+            "-D",
+            str(data),
+            "-U",
+            "reader",
+            "--auth=scram-sha-256",
+            f"--pwfile={tmp_path / 'pwfile'}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *run_as,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(tmp_path / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield port
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    subprocess.run(
+        [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+    )
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_wrong_password_names_the_url_and_never_the_password(scram_server, monkeypatch):
     monkeypatch.setenv("FEDHEALTH_TEST_DB_PW", "wrong-Secret-42")
-    omop = source("va-omop.toml", url=f"postgresql+psycopg://reader@127.0.0.1:{scram_server}/postgres",
-                  password_env="FEDHEALTH_TEST_DB_PW")  # fmt: skip
+    omop = source(
+        "va-omop.toml",
+        url=f"postgresql+psycopg://reader@127.0.0.1:{scram_server}/postgres",
+        password_env="FEDHEALTH_TEST_DB_PW",
+    )
     with pytest.raises(DataError) as err:
         read_omop(omop, tabular_schema(TASK, omop))
     msg = str(err.value)

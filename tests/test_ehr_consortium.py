@@ -52,8 +52,16 @@ def test_mixed_consortium_trains_like_the_all_csv_one(heart_dir, tmp_path, root)
     old = Path.cwd()
     os.chdir(tmp_path)
     try:
-        out = _cli("demo-data", "--heart-disease-sources", "--heart-data", str(heart_dir),
-                   "--omop-url", url, "--omop-schema", schema)  # fmt: skip
+        out = _cli(
+            "demo-data",
+            "--heart-disease-sources",
+            "--heart-data",
+            str(heart_dir),
+            "--omop-url",
+            url,
+            "--omop-schema",
+            schema,
+        )
         assert f"(schema {schema})" in out
         out = _cli("validate", "experiments/heart-disease-mixed.toml")
         assert "cohort of 200 persons" in " ".join(out.split())

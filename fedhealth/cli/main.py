@@ -134,9 +134,7 @@ def demo_data(
         from fedhealth.data.heart_sources import write_heart_disease_sources
 
         schema = omop_schema if omop_url else None
-        for centre, where in write_heart_disease_sources(
-            out, heart_data, omop_url, schema
-        ).items():
+        for centre, where in write_heart_disease_sources(out, heart_data, omop_url, schema).items():
             console.print(f"  {centre}: {where}", highlight=False, soft_wrap=True, markup=False)
     registry, created = ensure_consortium(keys_dir, sites, key_holder=sites[0])
     console.print(

@@ -68,7 +68,9 @@ def engine_for(source: OmopSource) -> Engine:
                 f"OMOP SQLite file not found: {source.path}. Check path in the site profile."
             )
         # mode=ro: SQLite itself refuses every write on this connection.
-        url = URL.create("sqlite", database=f"file:{source.path}", query={"mode": "ro", "uri": "true"})
+        url = URL.create(
+            "sqlite", database=f"file:{source.path}", query={"mode": "ro", "uri": "true"}
+        )
         return create_engine(url)
     url = make_url(source.url)
     password = read_password(source)
