@@ -100,6 +100,23 @@ def demo_data(
         "--keys-dir",
         help="Where to run the quickstart consortium's key ceremony (kept if it exists).",
     ),
+    heart_disease_sources: bool = typer.Option(
+        False,
+        "--heart-disease-sources",
+        help="Also write Heart-Disease centres as EHR sources for "
+        "experiments/heart-disease-mixed.toml: Hungary as FHIR R4 Bundles, Switzerland and VA "
+        "as OMOP CDM databases (see docs/data-sources.md).",
+    ),
+    heart_data: Path = typer.Option(
+        Path("../shared/data/uci-heart-disease"),
+        help="The UCI Heart-Disease folder (processed.<centre>.data) to convert.",
+    ),
+    omop_url: str | None = typer.Option(
+        None,
+        help="SQLAlchemy URL to write VA's OMOP CDM into (e.g. postgresql+psycopg://"
+        "postgres@127.0.0.1:5432/test); default: a SQLite file beside the others.",
+    ),
+    omop_schema: str = typer.Option("fedhealth_va_cdm", help="Schema for VA's OMOP CDM."),
 ) -> None:
     """Write the quickstart's site data: a non-IID split of a real breast-cancer table and
     DICOM phantoms for each of the three quickstart hospitals, and their consortium keys."""
@@ -113,6 +130,12 @@ def demo_data(
         console.print(
             f"  {site}: {paths['tabular']}, {paths['dicom']}", highlight=False, soft_wrap=True
         )
+    if heart_disease_sources:
+        from fedhealth.data.heart_sources import write_heart_disease_sources
+
+        schema = omop_schema if omop_url else None
+        for centre, where in write_heart_disease_sources(out, heart_data, omop_url, schema).items():
+            console.print(f"  {centre}: {where}", highlight=False, soft_wrap=True, markup=False)
     registry, created = ensure_consortium(keys_dir, sites, key_holder=sites[0])
     console.print(
         f"[green]{'created' if created else 'kept'} consortium {registry.consortium_id}[/] "

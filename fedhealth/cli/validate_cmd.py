@@ -26,13 +26,15 @@ def validate_file(path: Path) -> str:
         from fedhealth.coordinator.strategies import build_strategy
 
         build_strategy(cfg)
-        return (
+        sources = _check_ehr_sources([(cfg.task.dataset, s) for s in sites])
+        return sources + (
             f"experiment {cfg.name!r}: {len(sites)} sites, {cfg.experiment.rounds} rounds, "
             f"model {cfg.model.name}, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}"
         )
     if "site" in doc:
         site = load_site(path)
-        return f"site {site.name!r}: datasets {', '.join(sorted(site.datasets))}"
+        sources = _check_ehr_sources([(name, site) for name in site.datasets])
+        return sources + f"site {site.name!r}: datasets {', '.join(sorted(site.datasets))}"
     raise ConfigError(
         f"{path}: neither an experiment config (no [experiment] table) nor a site profile "
         "(no [site] table)"
@@ -43,3 +45,16 @@ def validate_files(console: Console, files: list[Path]) -> None:
     """Validate each file; stop at the first invalid one (raising its ConfigError)."""
     for f in files:
         console.print(f"[green]ok[/] {f}: {validate_file(f)}", soft_wrap=True, highlight=False)
+
+
+def _check_ehr_sources(datasets: list) -> str:
+    """Pre-flight of FHIR folders and OMOP databases (reachable, concepts found)."""
+    from fedhealth.config.ehr_sources import FhirSource, OmopSource
+    from fedhealth.data.ehr import check_ehr
+
+    lines = []
+    for name, site in datasets:
+        source = site.datasets.get(name)
+        if isinstance(source, FhirSource | OmopSource):
+            lines.append(f"{site.name}/{name}: {check_ehr(source)}\n   ")
+    return "".join(lines)

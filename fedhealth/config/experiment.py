@@ -500,7 +500,8 @@ def load_experiment_with_sites(path: Path) -> tuple[ExperimentConfig, list[SiteP
                 f"{', '.join(sorted(site.datasets))}. Add a [datasets.{exp.task.dataset}] table."
             )
         image_kinds = ("dicom", "images", "npz")
-        if (exp.task.kind == "tabular") != (ds.kind == "tabular") or (
+        table_kinds = ("tabular", "fhir", "omop")  # all three give the same table
+        if (exp.task.kind == "tabular") != (ds.kind in table_kinds) or (
             exp.task.kind == "image" and ds.kind not in image_kinds
         ):
             raise ConfigError(

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from fedhealth.config.ehr_sources import FhirSource, OmopSource
 from fedhealth.config.loader import load_model
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -90,7 +91,8 @@ class NpzSource(_Strict):
 
 
 DataSource = Annotated[
-    TabularSource | DicomSource | ImageFolderSource | NpzSource, Field(discriminator="kind")
+    TabularSource | DicomSource | ImageFolderSource | NpzSource | FhirSource | OmopSource,
+    Field(discriminator="kind"),
 ]
 
 

@@ -172,13 +172,16 @@ def _format_number(x: float) -> str:
 class _Where:
     """Formats "where" in messages: file, column, row (and CSV line)."""
 
-    def __init__(self, path: Path, header_lines: int | None):
+    def __init__(self, path: Path, header_lines: int | None, row_names: list[str] | None = None):
         self.path = path
         self.header_lines = header_lines  # None for Parquet: no lines
         # Original 0-based row of each position (blank CSV lines are removed).
         self.rows: np.ndarray | None = None
+        self.row_names = row_names  # e.g. patient ids of a table built from EHR records
 
     def row(self, pos: int) -> str:
+        if self.row_names is not None:
+            return f"row {pos + 1} ({self.row_names[pos]})"
         row = (int(self.rows[pos]) if self.rows is not None else pos) + 1
         if self.header_lines is None:
             return f"row {row}"
@@ -212,6 +215,34 @@ def read_table(path: Path, schema: TabularSchema) -> TabularData:
     """
     path = Path(path)
     frame, where = _load_frame(path, schema)
+    return _encode(frame, schema, path, where)
+
+
+def encode_frame(
+    frame: pd.DataFrame, schema: TabularSchema, origin: str, row_names: list[str] | None = None
+) -> TabularData:
+    """Encode an already-built table exactly as :func:`read_table` encodes a file.
+
+    Readers of other sources (FHIR, OMOP) build the raw table (one row per record,
+    one column per schema column; missing values as None/NaN) and hand it here, so
+    every kind of site gets the same features, categories and missing-value policy.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Raw values; categories as text or numbers.
+    schema : TabularSchema
+        Columns, encoding, label and missing-value policy.
+    origin : str
+        Where the table came from, for messages (a folder, a database URL).
+    row_names : list of str, optional
+        A name per row (e.g. the patient id) for messages.
+    """
+    frame = frame.reset_index(drop=True)
+    return _encode(frame, schema, origin, _Where(origin, None, row_names))
+
+
+def _encode(frame: pd.DataFrame, schema: TabularSchema, path: Any, where: _Where) -> TabularData:
     present = [str(c) for c in frame.columns]
     needed = [*schema.numeric, *schema.categorical, schema.label]
     absent = [c for c in needed if c not in present]

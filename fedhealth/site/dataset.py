@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedhealth.config.ehr_sources import FhirSource, OmopSource
 from fedhealth.config.site import (
     DicomSource,
     ImageFolderSource,
@@ -63,7 +64,9 @@ class SiteData:
         return out
 
 
-def tabular_schema(task: dict[str, Any], source: TabularSource) -> TabularSchema:
+def tabular_schema(
+    task: dict[str, Any], source: TabularSource | FhirSource | OmopSource
+) -> TabularSchema:
     """Merge the experiment's consortium-wide schema with the site's file layout."""
     s = task["schema"]
     return TabularSchema(
@@ -73,8 +76,8 @@ def tabular_schema(task: dict[str, Any], source: TabularSource) -> TabularSchema
         label_map=s.get("label_map"),
         binarize_label_above=s.get("binarize_label_above"),
         missing=s.get("missing", "drop"),
-        na_values=list(source.na_values),
-        columns=list(source.columns) if source.columns else None,
+        na_values=list(getattr(source, "na_values", ["?", ""])),
+        columns=list(source.columns) if getattr(source, "columns", None) else None,
         drop=list(s.get("drop", [])),
         drop_first=bool(s.get("drop_first", False)),
     )
@@ -92,6 +95,11 @@ def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.nd
     if isinstance(source, TabularSource):
         data = read_table(source.path, tabular_schema(task, source))
         return data.X, data.y, list(data.feature_names), []
+    if isinstance(source, FhirSource | OmopSource):
+        from fedhealth.data.ehr import read_ehr
+
+        data, skipped = read_ehr(source, tabular_schema(task, source))
+        return data.X, data.y, list(data.feature_names), skipped
     if isinstance(source, DicomSource):
         img = read_dicom_folder(
             source.path, _labels(source), size, skip_bad_files=source.skip_bad_files

@@ -1,0 +1,53 @@
+"""One entry point for the EHR sources (FHIR, OMOP): the table and what was skipped."""
+
+from __future__ import annotations
+
+from fedhealth.config.ehr_sources import FhirSource, OmopSource
+from fedhealth.data.tabular import TabularData, TabularSchema
+
+
+def read_ehr(
+    source: FhirSource | OmopSource, schema: TabularSchema
+) -> tuple[TabularData, list[tuple[str, str]]]:
+    """Read a FHIR export or an OMOP database into the experiment's table.
+
+    Returns
+    -------
+    tuple
+        The encoded table and the skipped (file/resource, reason) pairs.
+    """
+    if isinstance(source, FhirSource):
+        from fedhealth.data.fhir import read_fhir
+
+        table = read_fhir(source, schema)
+        return table.data, table.skipped
+    from fedhealth.data.omop import read_omop
+
+    return read_omop(source, schema).data, []
+
+
+def check_ehr(source: FhirSource | OmopSource) -> str:
+    """Pre-flight of a source without an experiment: folder readable / database and concepts.
+
+    Returns
+    -------
+    str
+        A one-line summary.
+    """
+    if isinstance(source, FhirSource):
+        from fedhealth.data.fhir import load_export
+
+        export = load_export(source.path)
+        bad = f", {len(export.invalid)} invalid resource(s)" if export.invalid else ""
+        if export.invalid and source.bad_files == "fail":
+            from fedhealth.errors import DataError
+
+            listed = "; ".join(f"{f}: {why}" for f, why in export.invalid[:10])
+            raise DataError(
+                f"{source.path}: {len(export.invalid)} invalid FHIR file(s) or resource(s): "
+                f"{listed}. Fix them, or set bad_files = 'skip'."
+            )
+        return f"FHIR {source.path}: {len(export.patients)} patients{bad}"
+    from fedhealth.data.omop import check_source
+
+    return check_source(source)
