@@ -127,9 +127,7 @@ class Catalogue:
                 f"{self.kind} {name!r} is registered twice ({known.target} and {target}); "
                 "rename one"
             )
-        entry = Entry(
-            name, target, frozenset(traits), options, summary, tuple(imports), obj
-        )
+        entry = Entry(name, target, frozenset(traits), options, summary, tuple(imports), obj)
         self._entries[name] = entry
         return entry
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from fedhealth.catalogue import STRATEGIES
 from fedhealth.strategies import refusal
 
+
 class HESection(BaseModel):
     """Encrypted aggregation (CKKS): the coordinator only ever decrypts the aggregate."""
 

@@ -29,6 +29,7 @@ from fedhealth.config.site import SITE_NAME, SiteProfile, load_site, options_pro
 from fedhealth.errors import ConfigError
 from fedhealth.strategies import refusal
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

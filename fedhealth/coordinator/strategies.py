@@ -22,6 +22,7 @@ from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import ConfigError
 from fedhealth.strategies import class_traits, refusal
 
+
 def builtin_traits() -> dict[type, frozenset[str]]:
     """Class -> traits of every strategy in the catalogue (imports their classes)."""
     return {entry.load(): entry.traits for entry in STRATEGIES.entries()}

@@ -21,9 +21,7 @@ class NoOptions(BaseModel):
 class MLPOptions(NoOptions):
     """Options of ``mlp``."""
 
-    hidden: list[int] = Field(
-        default_factory=lambda: [64, 32], description="Hidden layer widths."
-    )
+    hidden: list[int] = Field(default_factory=lambda: [64, 32], description="Hidden layer widths.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
 
 

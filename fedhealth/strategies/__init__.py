@@ -41,10 +41,12 @@ def refusal(
     traits = set(traits)
     mean_ones = ", ".join(STRATEGIES.names(WEIGHTED_MEAN))
     if dp_mode is not None and (PROXIMAL in traits or "proximal_mu" in options):
-        usable = [n for n in STRATEGIES.names(WEIGHTED_MEAN) if n not in STRATEGIES.names(PROXIMAL)]
+        proximal = STRATEGIES.names(PROXIMAL)
+        usable = [n for n in STRATEGIES.names(WEIGHTED_MEAN) if n not in proximal]
         return (
-            f"`privacy.dp.enabled` with {label} (`strategy.name`/`strategy.options."
-            "proximal_mu`): the proximal term is added outside Opacus's per-sample "
+            f"`privacy.dp.enabled` with {label}, a FedProx-style strategy (`strategy.name`/"
+            "`strategy.options.proximal_mu`): the proximal term is added outside "
+            "Opacus's per-sample "
             f"gradients, so it would be dropped or break clipping. Use {', '.join(usable)} "
             "with DP"
         )
