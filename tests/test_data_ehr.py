@@ -28,7 +28,7 @@ from fedhealth.data.heart_sources import CENTRES, write_fhir_centre, write_omop_
 from fedhealth.data.omop import read_omop
 from fedhealth.data.tabular import read_table
 from fedhealth.errors import ConfigError, DataError
-from fedhealth.site.dataset import tabular_schema
+from fedhealth.data.tabular import tabular_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

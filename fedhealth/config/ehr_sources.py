@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fedhealth.config.site import DataSourceBase
 from fedhealth.errors import ConfigError
 
 Rule = Literal["latest", "first", "mean", "max", "min"]
@@ -102,7 +103,7 @@ class FhirFeature(_Strict):
         return self.value or ("present" if self.resource == "Condition" else "quantity")
 
 
-class FhirSource(_Strict):
+class FhirSource(DataSourceBase):
     """A folder of FHIR R4 resources: Bundles or single resources, as JSON or NDJSON."""
 
     kind: Literal["fhir"] = Field(description="A FHIR R4 export (folder of .json/.ndjson).")
@@ -206,7 +207,7 @@ class OmopFeature(_Strict):
         return "number" if self.table in ("measurement", "observation") else "present"
 
 
-class OmopSource(_Strict):
+class OmopSource(DataSourceBase):
     """An OMOP CDM database, read-only, by SQLAlchemy URL (or a SQLite file)."""
 
     kind: Literal["omop"] = Field(description="An OMOP CDM database.")

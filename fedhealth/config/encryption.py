@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-#: Built-in strategies that need every site's individual update: impossible under HE.
-NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum")
+from fedhealth.catalogue import STRATEGIES
+from fedhealth.strategies import refusal
 
 
 class HESection(BaseModel):
@@ -107,9 +107,7 @@ def check_he_fits(he: HESection | None, min_sites: int, n_sites: int, strategy: 
             f"privacy.he.quorum is {he.quorum} but a round may have only min_sites = "
             f"{min_sites} contributing sites; lower the quorum or raise min_sites"
         )
-    if strategy in NEEDS_INDIVIDUAL_UPDATES:
-        raise ValueError(
-            f"strategy {strategy!r} needs every site's individual update, which encrypted "
-            "aggregation never reveals; use a weighted-mean strategy (fedavg, fedprox, "
-            "fedadam, fedyogi, fedadagrad, fedavgm) or turn privacy.he off"
-        )
+    if strategy in STRATEGIES:
+        problem = refusal(strategy, STRATEGIES.get(strategy).traits, {}, he=True, dp_mode=None)
+        if problem:
+            raise ValueError(problem)

@@ -16,29 +16,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN, UnknownName
 from fedhealth.config.encryption import HESection, check_he_fits
 from fedhealth.config.loader import load_model
-from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
+from fedhealth.config.site import SITE_NAME, SiteProfile, load_site, options_problems
 from fedhealth.errors import ConfigError
-
-MODEL_NAMES = ("logistic_regression", "mlp", "small_cnn", "densenet121", "resnet18")
-TABULAR_MODELS = ("logistic_regression", "mlp")
-BUILTIN_STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-)
+from fedhealth.strategies import refusal
 
 
 class _Strict(BaseModel):
@@ -175,18 +164,36 @@ class TaskSection(_Strict):
         return self
 
 
-class ModelSection(_Strict):
-    """Which network from the model zoo, and its options."""
+class ModelSection(BaseModel):
+    """Which network from the model catalogue, and its options (see the models below)."""
 
-    name: Literal[MODEL_NAMES] = Field(description="Network from the model zoo.")  # type: ignore[valid-type]
-    hidden: list[int] = Field(
-        default_factory=lambda: [64, 32], description="MLP hidden layer widths."
-    )
-    dropout: float = Field(0.0, ge=0, lt=1, description="MLP dropout.")
-    channels: list[int] = Field(
-        default_factory=lambda: [16, 32], description="small_cnn channels per stage."
-    )
-    groups: int = Field(8, ge=1, description="GroupNorm groups (DP-safe; no BatchNorm).")
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(description="Network from the model catalogue (listed below).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options(cls, data: Any) -> Any:
+        # The keys beside `name` are that model's options, checked against its schema.
+        if not isinstance(data, dict) or "name" not in data:
+            return data
+        name = str(data["name"])
+        try:
+            entry = MODELS.get(name)
+        except UnknownName as exc:
+            raise ValueError(str(exc)) from None
+        given = {k: v for k, v in data.items() if k != "name"}
+        if entry.options is None:
+            return data
+        try:
+            options = entry.options.model_validate(given).model_dump()
+        except ValidationError as exc:
+            raise ValueError(options_problems(exc, f"model {name!r}")) from None
+        return {"name": name, **options}
+
+    def options(self) -> dict[str, Any]:
+        """The model's options (every key but ``name``)."""
+        return dict(self.model_extra or {})
 
 
 class TrainingSection(_Strict):
@@ -219,11 +226,11 @@ class StrategySection(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str, info: ValidationInfo) -> str:
-        if v.lower() in BUILTIN_STRATEGIES:
+        if v.lower() in STRATEGIES:
             return v.lower()
         if ":" not in v:
             raise ValueError(
-                f"unknown strategy {v!r}; use one of {', '.join(BUILTIN_STRATEGIES)} "
+                f"unknown strategy {v!r}; use one of {', '.join(STRATEGIES.names())} "
                 "or a custom one as 'strategies/file.py:ClassName'"
             )
         file_part, _, cls_name = v.rpartition(":")
@@ -373,11 +380,10 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> ExperimentConfig:
-        tabular = self.model.name in TABULAR_MODELS
-        if tabular != (self.task.kind == "tabular"):
+        if self.task.kind not in MODELS.get(self.model.name).traits:
             raise ValueError(
                 f"model {self.model.name!r} does not fit a {self.task.kind} task; "
-                f"tabular models are {', '.join(TABULAR_MODELS)}"
+                f"{self.task.kind} models are {', '.join(MODELS.names(self.task.kind))}"
             )
         return self
 
@@ -386,13 +392,13 @@ class ExperimentConfig(_Strict):
         dp = self.privacy.dp
         if not dp.enabled:
             return self
-        if self.strategy.name == "fedprox" or "proximal_mu" in self.strategy.options:
-            raise ValueError(
-                "`privacy.dp.enabled` with FedProx (`strategy.name`/`strategy.options."
-                "proximal_mu`): the proximal term is added outside Opacus's per-sample "
-                "gradients, so it would be dropped or break clipping. Use fedavg, fedadam, "
-                "fedyogi, fedadagrad or fedavgm with DP"
-            )
+        name = self.strategy.name
+        # A custom class's traits are checked when the coordinator builds it; here only
+        # its options can tell (a `proximal_mu`).
+        traits = STRATEGIES.get(name).traits if name in STRATEGIES else {WEIGHTED_MEAN}
+        problem = refusal(name, traits, self.strategy.options, he=False, dp_mode=dp.mode)
+        if problem:
+            raise ValueError(problem)
         if dp.mode == "site":
             n_sites = len(self.experiment.sites)
             if dp.delta >= 1.0 / n_sites:
@@ -499,11 +505,7 @@ def load_experiment_with_sites(path: Path) -> tuple[ExperimentConfig, list[SiteP
                 f"(experiment {path} key `task.dataset`); it registers "
                 f"{', '.join(sorted(site.datasets))}. Add a [datasets.{exp.task.dataset}] table."
             )
-        image_kinds = ("dicom", "images", "npz")
-        table_kinds = ("tabular", "fhir", "omop")  # all three give the same table
-        if (exp.task.kind == "tabular") != (ds.kind in table_kinds) or (
-            exp.task.kind == "image" and ds.kind not in image_kinds
-        ):
+        if exp.task.kind not in READERS.get(ds.kind).traits:
             raise ConfigError(
                 f"{site_path}: key `datasets.{exp.task.dataset}.kind`: {ds.kind!r} data cannot "
                 f"feed the experiment's {exp.task.kind!r} task"

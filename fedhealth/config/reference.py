@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from fedhealth.catalogue import MODELS, PROXIMAL, READERS, STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.config.site import SiteProfile
 
@@ -44,12 +45,12 @@ def _default(field: Any) -> str:
     return f"`{d!r}`".replace("PosixPath", "Path")
 
 
-def _section(model: type[BaseModel], prefix: str, out: list[str]) -> None:
+def _section(model: type[BaseModel], prefix: str, out: list[str], note: str = "") -> None:
     doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
     out += [
         f"### `[{prefix}]`",
         "",
-        doc,
+        f"{doc} {note}".strip(),
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
@@ -85,6 +86,10 @@ def render_reference() -> str:
     ]
     for name, field in ExperimentConfig.model_fields.items():
         _section(_unwrap(field.annotation), name, out)
+        if name == "model":
+            _models(out)
+        elif name == "strategy":
+            _strategies(out)
     out += ["## Site profile (`sites/*.toml`)", ""]
     for name, field in SiteProfile.model_fields.items():
         if name == "datasets":
@@ -95,19 +100,52 @@ def render_reference() -> str:
                 "(`task.dataset`); `kind` selects one of the layouts below.",
                 "",
             ]
-            from fedhealth.config.site import (
-                DicomSource,
-                ImageFolderSource,
-                NpzSource,
-                TabularSource,
-            )
-
-            for src in (TabularSource, DicomSource, ImageFolderSource, NpzSource):
-                kind = typing.get_args(src.model_fields["kind"].annotation)[0]
-                _section(src, f'datasets.<name>] kind = "{kind}" [', out)
+            for entry in READERS.entries():
+                feeds = " or ".join(sorted(entry.traits))
+                assert entry.options is not None
+                prefix = f'datasets.<name>] kind = "{entry.name}" ['
+                _section(entry.options, prefix, out, f"Feeds {feeds} tasks.")
             continue
         _section(_unwrap(field.annotation), name, out)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _models(out: list[str]) -> None:
+    """One table of options per model of the catalogue."""
+    out += [
+        "Models of the catalogue (`fedhealth/models/`), the task kind each serves and "
+        "its options (keys of `[model]` beside `name`):",
+        "",
+    ]
+    for entry in MODELS.entries():
+        kinds = " or ".join(sorted(entry.traits))
+        out += [f'#### `[model] name = "{entry.name}"` ({kinds})', "", entry.summary, ""]
+        fields = entry.options.model_fields if entry.options is not None else {}
+        if not fields:
+            out += ["No options.", ""]
+            continue
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, field in fields.items():
+            desc = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{key}` | {_type(field.annotation)} | {_default(field)} | {desc} |")
+        out.append("")
+
+
+def _strategies(out: list[str]) -> None:
+    """The strategy catalogue with the traits that decide where each may run."""
+    out += [
+        "Named strategies (`fedhealth/strategies/`). *Weighted mean*: the aggregate is a "
+        "weighted mean of the replies, so it works with `privacy.he` and site-level DP. "
+        "*Proximal*: sites add a proximal term, which DP cannot protect.",
+        "",
+        "| name | weighted mean | proximal | what it does |",
+        "|---|---|---|---|",
+    ]
+    for entry in STRATEGIES.entries():
+        mean = "yes" if WEIGHTED_MEAN in entry.traits else "no"
+        prox = "yes" if PROXIMAL in entry.traits else "no"
+        out.append(f"| `{entry.name}` | {mean} | {prox} | {entry.summary} |")
+    out.append("")
 
 
 def _unwrap(ann: Any) -> type[BaseModel]:

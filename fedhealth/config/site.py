@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from fedhealth.config.ehr_sources import FhirSource, OmopSource
+from fedhealth.catalogue import READERS, UnknownName
 from fedhealth.config.loader import load_model
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -33,67 +42,52 @@ def _resolve_optional(value: Path | None, info: ValidationInfo) -> Path | None:
     return None if value is None else _resolve(value, info)
 
 
-class TabularSource(_Strict):
-    """A table of EHR records (CSV or Parquet)."""
+class DataSourceBase(_Strict):
+    """Base of a dataset kind's options: ``kind`` and a ``path`` relative to the profile.
 
-    kind: Literal["tabular"] = Field(description="A CSV or Parquet table.")
-    path: Path = Field(description="The table file (.csv, .data, .txt or .parquet).")
-    columns: list[str] | None = Field(
-        None, description="Header names for a header-less CSV (e.g. the UCI files)."
-    )
-    na_values: list[str] = Field(
-        default_factory=lambda: ["?", ""], description="Tokens that mean a missing value."
-    )
+    Each reader in ``fedhealth/data/`` subclasses it (with ``kind: Literal["..."]``) and
+    registers it in :data:`fedhealth.catalogue.READERS`.
+    """
+
+    kind: str
+    path: Path
 
     _abs = field_validator("path")(_resolve)
 
 
-class DicomSource(_Strict):
-    """A folder of DICOM files with a labels CSV (``file,label``)."""
-
-    kind: Literal["dicom"] = Field(description="A folder of DICOM files.")
-    path: Path = Field(description="The folder.")
-    labels: Path = Field(
-        Path("labels.csv"), description="Labels CSV (file,label), relative to the folder."
-    )
-    skip_bad_files: bool = Field(
-        False, description="Skip unreadable files (reported by name) instead of failing."
-    )
-
-    _abs = field_validator("path")(_resolve)
-
-
-class ImageFolderSource(_Strict):
-    """A folder of PNG/JPEG images with a labels CSV (``file,label``)."""
-
-    kind: Literal["images"] = Field(description="A folder of PNG/JPEG images.")
-    path: Path = Field(description="The folder.")
-    labels: Path = Field(
-        Path("labels.csv"), description="Labels CSV (file,label), relative to the folder."
-    )
-    skip_bad_files: bool = Field(
-        False, description="Skip unreadable files (reported by name) instead of failing."
-    )
-
-    _abs = field_validator("path")(_resolve)
+def _data_source(value: Any, info: ValidationInfo) -> BaseModel:
+    """Validate one ``[datasets.<name>]`` table with the options of its ``kind``."""
+    if isinstance(value, BaseModel):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("a dataset is a table with `kind` and `path`")
+    kind = value.get("kind")
+    if kind is None:
+        raise ValueError(f"`kind` is missing; use one of {', '.join(READERS.names())}")
+    try:
+        entry = READERS.get(str(kind))
+    except UnknownName as exc:
+        raise ValueError(str(exc)) from None
+    assert entry.options is not None  # every reader declares its options
+    try:
+        return entry.options.model_validate(value, context=info.context)
+    except ValidationError as exc:
+        raise ValueError(options_problems(exc, f"dataset kind {kind!r}")) from None
 
 
-class NpzSource(_Strict):
-    """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels``)."""
+def options_problems(exc: ValidationError, what: str) -> str:
+    """One line naming each bad key of a plug-in's options (for the enclosing message)."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(options)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        parts.append(f"`{key}`: {msg}")
+    return f"{what}: " + "; ".join(parts)
 
-    kind: Literal["npz"] = Field(description="A MedMNIST-style .npz archive.")
-    path: Path = Field(description="The .npz file.")
-    split: Literal["train", "val", "test", "all"] = Field(
-        "all", description="Which split's arrays to read; 'all' concatenates them."
-    )
 
-    _abs = field_validator("path")(_resolve)
-
-
-DataSource = Annotated[
-    TabularSource | DicomSource | ImageFolderSource | NpzSource | FhirSource | OmopSource,
-    Field(discriminator="kind"),
-]
+DataSource = Annotated[SerializeAsAny[DataSourceBase], BeforeValidator(_data_source)]
 
 
 class PrivacyPolicySection(_Strict):

@@ -1,6 +1,8 @@
-"""Build the experiment's aggregation strategy: a Flower built-in or a custom class.
+"""Build the experiment's aggregation strategy: a catalogued one or a custom class.
 
-Custom strategies live in ``strategies/`` (or anywhere) and are named in the
+Named strategies and their traits come from the strategy catalogue
+(:data:`fedhealth.catalogue.STRATEGIES`, declared in ``fedhealth/strategies/``). Custom
+strategies live in ``strategies/`` (or anywhere) and are named in the
 experiment as ``path/to/file.py:ClassName``; they subclass Flower's
 ``flwr.serverapp.strategy.Strategy`` (usually ``FedAvg``), like the built-ins.
 """
@@ -13,27 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
+from fedhealth.catalogue import STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import ConfigError
+from fedhealth.strategies import class_traits, refusal
 
-BUILTINS: dict[str, type[Strategy]] = {
-    "fedavg": flwr_strategies.FedAvg,
-    "fedprox": flwr_strategies.FedProx,
-    "fedadam": flwr_strategies.FedAdam,
-    "fedyogi": flwr_strategies.FedYogi,
-    "fedadagrad": flwr_strategies.FedAdagrad,
-    "fedavgm": flwr_strategies.FedAvgM,
-    "fedmedian": flwr_strategies.FedMedian,
-    "fedtrimmedavg": flwr_strategies.FedTrimmedAvg,
-    "krum": flwr_strategies.Krum,
-}
 
-# Strategies whose aggregate is a (weighted) mean of the replies: they also work
-# when the coordinator only ever sees an encrypted sum.
-WEIGHTED_MEAN = {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"}
+def builtin_traits() -> dict[type, frozenset[str]]:
+    """Class -> traits of every strategy in the catalogue (imports their classes)."""
+    return {entry.load(): entry.traits for entry in STRATEGIES.entries()}
 
 
 def load_custom(ref: str) -> type[Strategy]:
@@ -61,25 +53,25 @@ def load_custom(ref: str) -> type[Strategy]:
 
 def strategy_class(name: str) -> type[Strategy]:
     """The class an experiment's ``strategy.name`` refers to."""
-    return BUILTINS[name] if name in BUILTINS else load_custom(name)
+    return STRATEGIES.get(name).load() if name in STRATEGIES else load_custom(name)
+
+
+def strategy_traits(name: str, cls: type[Strategy]) -> frozenset[str]:
+    """Traits of the experiment's strategy: the catalogue's, or the custom class's own.
+
+    A custom class inherits the traits of the catalogued class it subclasses (a
+    weighted mean only while it keeps that class's ``aggregate_train``, e.g.
+    ``strategies/balanced_fedavg.py``), and may declare them as class attributes
+    ``weighted_mean_aggregation`` and ``proximal_term``.
+    """
+    if name in STRATEGIES:
+        return STRATEGIES.get(name).traits
+    return class_traits(cls, builtin_traits())
 
 
 def works_under_encryption(cls: type[Strategy]) -> bool:
-    """Whether ``cls`` aggregates only through a weighted mean of the replies.
-
-    True for the weighted-mean built-ins and for subclasses of them that keep their
-    ``aggregate_train`` (e.g. ``strategies/balanced_fedavg.py``, which changes only the
-    weights). A class may declare it explicitly with a class attribute
-    ``weighted_mean_aggregation = True`` (or ``False``).
-    """
-    declared = getattr(cls, "weighted_mean_aggregation", None)
-    if declared is not None:
-        return bool(declared)
-    for base in cls.__mro__:
-        name = next((n for n, b in BUILTINS.items() if b is base), None)
-        if name is not None:
-            return name in WEIGHTED_MEAN and cls.aggregate_train is base.aggregate_train
-    return False
+    """Whether ``cls`` aggregates only through a weighted mean of the replies."""
+    return WEIGHTED_MEAN in class_traits(cls, builtin_traits())
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
@@ -92,21 +84,17 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         accepted ones), or encryption is on and the strategy needs individual updates.
     """
     cls = strategy_class(cfg.strategy.name)
-    if cfg.privacy.he.enabled and not works_under_encryption(cls):
-        raise ConfigError(
-            f"key `strategy.name`: {cls.__name__} needs every site's individual update, but "
-            "with `privacy.he.enabled` the coordinator only ever decrypts their weighted sum. "
-            f"Use a weighted-mean strategy ({', '.join(sorted(WEIGHTED_MEAN))}, or a subclass "
-            "that keeps their aggregate_train) or turn privacy.he off"
-        )
     dp = cfg.privacy.dp
     site_level = dp.enabled and dp.mode == "site"
-    if site_level and not works_under_encryption(cls):
-        raise ConfigError(
-            f'key `strategy.name`: site-level DP (`privacy.dp.mode = "site"`) calibrates its '
-            f"noise for the plain mean of the sites' clipped updates, but {cls.__name__} "
-            f"aggregates otherwise. Use one of {', '.join(sorted(WEIGHTED_MEAN - {'fedprox'}))}"
-        )
+    problem = refusal(
+        cls.__name__,
+        strategy_traits(cfg.strategy.name, cls),
+        cfg.strategy.options,
+        he=cfg.privacy.he.enabled,
+        dp_mode=dp.mode if dp.enabled else None,
+    )
+    if problem:
+        raise ConfigError(f"key `strategy.name`: {problem}")
     params = inspect.signature(cls.__init__).parameters
     exp = cfg.experiment
     kwargs: dict[str, Any] = {

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from fedhealth.catalogue import READERS
 from fedhealth.config.ehr_sources import FhirSource, OmopSource
-from fedhealth.data.tabular import TabularData, TabularSchema
+from fedhealth.data.tabular import TabularData, TabularSchema, tabular_schema
 
 
 def read_ehr(
@@ -51,3 +54,17 @@ def check_ehr(source: FhirSource | OmopSource) -> str:
     from fedhealth.data.omop import check_source
 
     return check_source(source)
+
+
+@READERS.register("fhir", traits={"tabular"}, options=FhirSource)
+def read_fhir_source(source: FhirSource, task: dict[str, Any]) -> Any:
+    """Read a FHIR R4 export into the experiment's table (``task["schema"]``)."""
+    data, skipped = read_ehr(source, tabular_schema(task, source))
+    return data.X, data.y, list(data.feature_names), skipped
+
+
+@READERS.register("omop", traits={"tabular"}, options=OmopSource)
+def read_omop_source(source: OmopSource, task: dict[str, Any]) -> Any:
+    """Read an OMOP CDM cohort into the experiment's table (``task["schema"]``)."""
+    data, skipped = read_ehr(source, tabular_schema(task, source))
+    return data.X, data.y, list(data.feature_names), skipped

@@ -22,12 +22,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
+from fedhealth.catalogue import READERS
+from fedhealth.config.site import DataSourceBase
 from fedhealth.errors import DataError
 
 NPZ_SPLITS = ("train", "val", "test")
@@ -192,6 +193,80 @@ def read_npz(path: Path, split: str, image_size: int) -> ImageData:
     return ImageData(X=X, y=np.concatenate(labels), files=files, skipped=[])
 
 
+# --- dataset kinds a site profile may register ------------------------------
+
+
+class _LabelledFolder(DataSourceBase):
+    labels: Path = Field(
+        Path("labels.csv"), description="Labels CSV (file,label), relative to the folder."
+    )
+    skip_bad_files: bool = Field(
+        False, description="Skip unreadable files (reported by name) instead of failing."
+    )
+
+    def labels_path(self) -> Path:
+        """The labels CSV (relative paths are relative to the folder)."""
+        return self.labels if self.labels.is_absolute() else self.path / self.labels
+
+
+class DicomSource(_LabelledFolder):
+    """A folder of DICOM files with a labels CSV (``file,label``)."""
+
+    kind: Literal["dicom"] = Field(description="A folder of DICOM files.")
+    path: Path = Field(description="The folder.")
+
+
+class ImageFolderSource(_LabelledFolder):
+    """A folder of PNG/JPEG images with a labels CSV (``file,label``)."""
+
+    kind: Literal["images"] = Field(description="A folder of PNG/JPEG images.")
+    path: Path = Field(description="The folder.")
+
+
+class NpzSource(DataSourceBase):
+    """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels``)."""
+
+    kind: Literal["npz"] = Field(description="A MedMNIST-style .npz archive.")
+    path: Path = Field(description="The .npz file.")
+    split: Literal["train", "val", "test", "all"] = Field(
+        "all", description="Which split's arrays to read; 'all' concatenates them."
+    )
+
+
+def _result(img: ImageData) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+    return img.X, img.y, [], list(img.skipped)
+
+
+@READERS.register(
+    "dicom", traits={"image"}, options=DicomSource, imports=("pydicom", "pydicom.pixels")
+)
+def read_dicom_source(source: DicomSource, task: dict[str, Any]) -> Any:
+    """Read a registered DICOM folder for ``task`` (its ``image_size``)."""
+    size = int(task.get("image_size", 32))
+    return _result(
+        read_dicom_folder(
+            source.path, source.labels_path(), size, skip_bad_files=source.skip_bad_files
+        )
+    )
+
+
+@READERS.register("images", traits={"image"}, options=ImageFolderSource, imports=("PIL.Image",))
+def read_image_source(source: ImageFolderSource, task: dict[str, Any]) -> Any:
+    """Read a registered PNG/JPEG folder for ``task`` (its ``image_size``)."""
+    size = int(task.get("image_size", 32))
+    return _result(
+        read_image_folder(
+            source.path, source.labels_path(), size, skip_bad_files=source.skip_bad_files
+        )
+    )
+
+
+@READERS.register("npz", traits={"image"}, options=NpzSource)
+def read_npz_source(source: NpzSource, task: dict[str, Any]) -> Any:
+    """Read a registered MedMNIST-style archive for ``task`` (its ``image_size``)."""
+    return _result(read_npz(source.path, source.split, int(task.get("image_size", 32))))
+
+
 # --- folders ---------------------------------------------------------------
 
 
@@ -257,6 +332,8 @@ def _check_size(image_size: int) -> None:
 def _read_labels(path: Path, file_column: str, label_column: str) -> dict[str, int]:
     if not path.is_file():
         raise DataError(f"labels CSV not found: {path.resolve()}")
+    import pandas as pd
+
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except Exception as exc:  # empty or malformed CSV
@@ -399,6 +476,9 @@ def _resize_batch(X: np.ndarray, size: int) -> np.ndarray:
     """(N, 1, H, W) -> (N, 1, size, size), antialiased so downsizing does not alias."""
     if X.shape[-2:] == (size, size):
         return X.astype(np.float32)
+    import torch
+    import torch.nn.functional as F
+
     out = F.interpolate(
         torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
         size=(size, size),

@@ -17,13 +17,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
-from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from pydantic import Field
 
+from fedhealth.catalogue import READERS
+from fedhealth.config.site import DataSourceBase
 from fedhealth.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # pandas is imported to read a table, not to validate a site profile
+    import pandas as pd
 
 CSV_SUFFIXES = {".csv", ".data", ".txt"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
@@ -313,6 +317,8 @@ def _encode(frame: pd.DataFrame, schema: TabularSchema, path: Any, where: _Where
 
 
 def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where]:
+    import pandas as pd
+
     if not path.is_file():
         raise DataError(
             f"data file not found: {path.resolve()}. Check the path in the site profile."
@@ -368,6 +374,8 @@ def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where
 
 def _missing(series: pd.Series, na: set[str]) -> np.ndarray:
     """True where a cell is null or, after stripping, one of the na tokens."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
     missing = series.isna().to_numpy(dtype=bool, copy=True)
     if not (is_numeric_dtype(series) or is_bool_dtype(series)):
         present = ~missing
@@ -392,6 +400,9 @@ def _raise_first_missing(missing: dict[str, np.ndarray], columns: list[str], whe
 
 def _parse_numeric(series: pd.Series, missing: np.ndarray, col: str, where: _Where) -> np.ndarray:
     """Floats, NaN where missing; DataError at the first cell that is not a number."""
+    import pandas as pd
+    from pandas.api.types import is_numeric_dtype
+
     if is_numeric_dtype(series):  # includes booleans, read as 0/1
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
@@ -428,6 +439,8 @@ def _map_distinct(
     Returns the converted column (``fill`` where missing) and the position of
     the first cell ``convert`` rejected (returned None for), if any.
     """
+    import pandas as pd
+
     values = series.to_numpy(dtype=object)
     present = ~missing
     table = {v: convert(v) for v in pd.unique(values[present])}
@@ -516,3 +529,47 @@ def _one_hot(codes: np.ndarray, k: int, impute: bool, col: str, path: Path) -> n
 def _worst_missing(missing: dict[str, np.ndarray], n: int) -> str:
     col = max(missing, key=lambda c: int(missing[c].sum()))
     return f"column {col!r} is missing in {int(missing[col].sum())} of {n} rows"
+
+
+# --- the dataset kind a site profile registers ---------------------------------
+
+
+class TabularSource(DataSourceBase):
+    """A table of EHR records (CSV or Parquet)."""
+
+    kind: Literal["tabular"] = Field(description="A CSV or Parquet table.")
+    path: Path = Field(description="The table file (.csv, .data, .txt or .parquet).")
+    columns: list[str] | None = Field(
+        None, description="Header names for a header-less CSV (e.g. the UCI files)."
+    )
+    na_values: list[str] = Field(
+        default_factory=lambda: ["?", ""], description="Tokens that mean a missing value."
+    )
+
+
+def tabular_schema(task: dict[str, Any], source: DataSourceBase) -> TabularSchema:
+    """Merge the experiment's consortium-wide schema with the site's file layout.
+
+    Sources without a file layout of their own (FHIR, OMOP) give no header names and
+    the default missing-value tokens.
+    """
+    s = task["schema"]
+    return TabularSchema(
+        numeric=list(s["numeric"]),
+        categorical={k: list(v) for k, v in s["categorical"].items()},
+        label=s["label"],
+        label_map=s.get("label_map"),
+        binarize_label_above=s.get("binarize_label_above"),
+        missing=s.get("missing", "drop"),
+        na_values=list(getattr(source, "na_values", ["?", ""])),
+        columns=list(source.columns) if getattr(source, "columns", None) else None,
+        drop=list(s.get("drop", [])),
+        drop_first=bool(s.get("drop_first", False)),
+    )
+
+
+@READERS.register("tabular", traits={"tabular"}, options=TabularSource)
+def read_tabular_source(source: TabularSource, task: dict[str, Any]) -> Any:
+    """Read a registered table with the experiment's schema (``task["schema"]``)."""
+    data = read_table(source.path, tabular_schema(task, source))
+    return data.X, data.y, list(data.feature_names), []

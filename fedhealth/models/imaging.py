@@ -6,7 +6,30 @@ DP-SGD; GroupNorm normalises each sample alone and keeps Opacus applicable.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedhealth.catalogue import MODELS
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not to validate a config
+    from torch import nn
+
+
+class GroupNormOptions(BaseModel):
+    """Options of the MONAI networks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    groups: int = Field(8, ge=1, description="GroupNorm groups (DP-safe; no BatchNorm).")
+
+
+class SmallCNNOptions(GroupNormOptions):
+    """Options of ``small_cnn``."""
+
+    channels: list[int] = Field(
+        default_factory=lambda: [16, 32], description="Output channels of each stage."
+    )
 
 
 def _groups(channels: int, groups: int) -> int:
@@ -17,6 +40,7 @@ def _groups(channels: int, groups: int) -> int:
     return g
 
 
+@MODELS.register("small_cnn", traits={"image"}, options=SmallCNNOptions)
 def small_cnn(
     in_channels: int, num_classes: int, channels: list[int], groups: int = 8
 ) -> nn.Module:
@@ -33,6 +57,8 @@ def small_cnn(
     groups : int
         GroupNorm groups per stage.
     """
+    from torch import nn
+
     layers: list[nn.Module] = []
     width = in_channels
     for c in channels:
@@ -47,6 +73,7 @@ def small_cnn(
     return nn.Sequential(*layers)
 
 
+@MODELS.register("densenet121", traits={"image"}, options=GroupNormOptions)
 def densenet121(in_channels: int, num_classes: int, groups: int = 8) -> nn.Module:
     """MONAI's 2-D DenseNet121 with GroupNorm (about 7 M parameters)."""
     from monai.networks.nets import DenseNet121
@@ -59,6 +86,7 @@ def densenet121(in_channels: int, num_classes: int, groups: int = 8) -> nn.Modul
     )
 
 
+@MODELS.register("resnet18", traits={"image"}, options=GroupNormOptions)
 def resnet18(in_channels: int, num_classes: int, groups: int = 8) -> nn.Module:
     """MONAI's 2-D ResNet-18 with GroupNorm."""
     from monai.networks.nets import resnet18 as monai_resnet18
@@ -75,6 +103,8 @@ def resnet18(in_channels: int, num_classes: int, groups: int = 8) -> nn.Module:
 
 def batchnorm_to_groupnorm(module: nn.Module, groups: int = 8) -> nn.Module:
     """Replace every BatchNorm layer of ``module`` (in place) by a GroupNorm layer."""
+    from torch import nn
+
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             c = child.num_features

@@ -1,34 +1,27 @@
 """The model zoo: build a network by the name an experiment config gives.
 
-Every model here is DP-safe (GroupNorm/LayerNorm, no BatchNorm) so that the
-privacy layer can wrap it with Opacus unchanged.
+Networks register themselves in the model catalogue (:data:`fedhealth.catalogue.MODELS`)
+next to their builder, with their options schema and the task kind they serve. Every
+model must be DP-safe (GroupNorm/LayerNorm, no BatchNorm) so that the privacy layer can
+wrap it with Opacus unchanged; :func:`build_model` checks it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from pydantic import ValidationError
 
+from fedhealth.catalogue import MODELS, UnknownName
 from fedhealth.errors import ConfigError
-from fedhealth.models import imaging, tabular
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "logistic_regression": lambda spec, n_in, k: tabular.logistic_regression(n_in, k),
-    "mlp": lambda spec, n_in, k: tabular.mlp(n_in, k, spec["hidden"], spec.get("dropout", 0.0)),
-    "small_cnn": lambda spec, n_in, k: imaging.small_cnn(
-        n_in, k, spec["channels"], spec.get("groups", 8)
-    ),
-    "densenet121": lambda spec, n_in, k: imaging.densenet121(n_in, k, spec.get("groups", 8)),
-    "resnet18": lambda spec, n_in, k: imaging.resnet18(n_in, k, spec.get("groups", 8)),
-}
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def model_names() -> list[str]:
     """Names a config may use in ``[model] name``."""
-    return sorted(_BUILDERS)
+    return MODELS.names()
 
 
 def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: int) -> nn.Module:
@@ -37,7 +30,7 @@ def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: in
     Parameters
     ----------
     spec : dict
-        The experiment's ``[model]`` section (``name`` plus options).
+        The experiment's ``[model]`` section (``name`` plus that model's options).
     input_dim : int
         Number of features (tabular) or image channels (imaging).
     num_classes : int
@@ -49,12 +42,26 @@ def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: in
     -------
     torch.nn.Module
     """
+    import torch
+    from torch import nn
+
     name = spec["name"]
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    try:
+        entry = MODELS.get(name)
+    except UnknownName as exc:
+        raise ConfigError(str(exc)) from None
+    options: dict[str, Any] = {}
+    if entry.options is not None:
+        # Keys of other models (older specs carried every model's keys) are ignored here;
+        # config validation has already refused unknown keys in the experiment file.
+        mine = {k: v for k, v in spec.items() if k in entry.options.model_fields}
+        try:
+            options = entry.options.model_validate(mine).model_dump()
+        except ValidationError as exc:
+            raise ConfigError(f"model {name!r}: bad options: {exc}") from None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = _BUILDERS[name](spec, input_dim, num_classes)
+        model = entry.load()(input_dim, num_classes, **options)
     bad = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if bad:  # a guard for models added later: BatchNorm breaks DP-SGD
         raise ConfigError(f"model {name!r} contains BatchNorm layers {bad}; use GroupNorm")

@@ -36,6 +36,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedhealth.catalogue import READERS
 from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.site.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
@@ -57,14 +58,6 @@ app = ClientApp()
 
 SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
 REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
-
-#: What reading a dataset of each kind imports beyond the site runtime (pandas, numpy).
-READER_MODULES: dict[str, tuple[str, ...]] = {
-    "tabular": (),
-    "npz": (),
-    "dicom": ("pydicom", "pydicom.pixels"),
-    "images": ("PIL.Image",),
-}
 
 
 @lru_cache(maxsize=64)
@@ -126,7 +119,7 @@ def modules_for(profile: SiteProfile, request: RoundRequest, training: bool) -> 
     mods = ["fedhealth.site.runtime"]
     source = profile.datasets.get(str(request.spec["task"]["dataset"]))
     if source is not None:
-        mods += READER_MODULES.get(source.kind, ())
+        mods += READERS.get(source.kind).imports  # what its reader imports beyond runtime
     if training and request.dp_enabled:
         mods.append("opacus")
     if training and request.he_enabled:

@@ -10,23 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedhealth.config.ehr_sources import FhirSource, OmopSource
-from fedhealth.config.site import (
-    DicomSource,
-    ImageFolderSource,
-    NpzSource,
-    SiteProfile,
-    TabularSource,
-)
-from fedhealth.data.imaging import read_dicom_folder, read_image_folder, read_npz
+from fedhealth.catalogue import READERS
+from fedhealth.config.site import SiteProfile
 from fedhealth.data.normalisation import Moments, Standardizer, local_moments
 from fedhealth.data.splits import train_test_split_indices
-from fedhealth.data.tabular import TabularSchema, read_table
 from fedhealth.errors import DataError
 
 
@@ -64,25 +55,6 @@ class SiteData:
         return out
 
 
-def tabular_schema(
-    task: dict[str, Any], source: TabularSource | FhirSource | OmopSource
-) -> TabularSchema:
-    """Merge the experiment's consortium-wide schema with the site's file layout."""
-    s = task["schema"]
-    return TabularSchema(
-        numeric=list(s["numeric"]),
-        categorical={k: list(v) for k, v in s["categorical"].items()},
-        label=s["label"],
-        label_map=s.get("label_map"),
-        binarize_label_above=s.get("binarize_label_above"),
-        missing=s.get("missing", "drop"),
-        na_values=list(getattr(source, "na_values", ["?", ""])),
-        columns=list(source.columns) if getattr(source, "columns", None) else None,
-        drop=list(s.get("drop", [])),
-        drop_first=bool(s.get("drop_first", False)),
-    )
-
-
 def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list, list]:
     name = task["dataset"]
     source = profile.datasets.get(name)
@@ -91,32 +63,8 @@ def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.nd
             f"site {profile.name!r} has no dataset named {name!r}; it registers "
             f"{', '.join(sorted(profile.datasets))}"
         )
-    size = int(task.get("image_size", 32))
-    if isinstance(source, TabularSource):
-        data = read_table(source.path, tabular_schema(task, source))
-        return data.X, data.y, list(data.feature_names), []
-    if isinstance(source, FhirSource | OmopSource):
-        from fedhealth.data.ehr import read_ehr
-
-        data, skipped = read_ehr(source, tabular_schema(task, source))
-        return data.X, data.y, list(data.feature_names), skipped
-    if isinstance(source, DicomSource):
-        img = read_dicom_folder(
-            source.path, _labels(source), size, skip_bad_files=source.skip_bad_files
-        )
-    elif isinstance(source, ImageFolderSource):
-        img = read_image_folder(
-            source.path, _labels(source), size, skip_bad_files=source.skip_bad_files
-        )
-    elif isinstance(source, NpzSource):
-        img = read_npz(source.path, source.split, size)
-    else:  # pragma: no cover - the schema admits no other kind
-        raise DataError(f"unsupported data source {source!r}")
-    return img.X, img.y, [], list(img.skipped)
-
-
-def _labels(source: DicomSource | ImageFolderSource) -> Path:
-    return source.labels if source.labels.is_absolute() else source.path / source.labels
+    # The reader of the source's kind, from the catalogue (fedhealth/data/ registers them).
+    return READERS.get(source.kind).load()(source, task)
 
 
 _CACHE: dict[str, SiteData] = {}
