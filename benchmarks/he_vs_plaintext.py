@@ -140,7 +140,7 @@ def _n_params(path: Path) -> int:
 
     cfg = load_experiment(path)
     spec = cfg.task_spec()
-    model = build_model(spec["model"], input_dim(cfg), cfg.task.num_classes, cfg.experiment.seed)
+    model = build_model(spec.model, input_dim(cfg), spec.task.num_classes, spec.seed)
     return sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
 
 

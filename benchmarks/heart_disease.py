@@ -72,15 +72,15 @@ def pooled(path: Path, seed: int, epochs: int) -> float:
     spec = cfg.task_spec()
     parts = []
     for site in sites:
-        data = load_site_data(site, spec["task"])
+        data = load_site_data(site, spec.task)
         norm = standardizer_for(data, "site", None)
         parts.append(
             (norm.transform(data.x_train), data.y_train, norm.transform(data.x_test), data.y_test)
         )
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)
     y = np.concatenate([p[1] for p in parts])
-    model = build_model(spec["model"], x.shape[1], 2, seed)
-    train_spec = dict(spec["training"], local_epochs=epochs)
+    model = build_model(spec.model, x.shape[1], 2, seed)
+    train_spec = spec.training.model_copy(update={"local_epochs": epochs})
     train_local(model, x, y, train_spec, seed=seed)
     return float(
         np.mean([evaluate(model, p[2].astype(np.float32), p[3])["accuracy"] for p in parts])

@@ -53,7 +53,7 @@ def google_epsilon(history, delta: float, accountant: str) -> float:
 
 def n_train(experiment: Path, site_index: int) -> int:
     cfg, sites = load_experiment_with_sites(experiment)
-    return load_site_data(sites[site_index], cfg.task_spec()["task"]).n_train
+    return load_site_data(sites[site_index], cfg.task_spec().task).n_train
 
 
 # -- ε a site reports == an independent computation over the same (q, σ, steps) ------------
@@ -168,18 +168,19 @@ def test_statistics_and_evaluation_follow_the_policy(tmp_path):
     from fedhealth.config.experiment import load_experiment
     from fedhealth.config.site import load_site
     from fedhealth.errors import PolicyError
-    from fedhealth.site.runtime import RoundRequest, SiteRuntime
+    from fedhealth.protocol import RoundConfig
+    from fedhealth.site.runtime import SiteRequest, SiteRuntime
 
     site = write_site(tmp_path, "h1", 80, 14, policy={"share_statistics": False})
     exp = write_experiment(tmp_path, [site], rounds=1, min_sites=1, dp={"noise_multiplier": 1.0})
     cfg, profile = load_experiment(exp), load_site(site)
-    request = RoundRequest(experiment=cfg.name, round=0, spec=cfg.task_spec())
+    request = SiteRequest(RoundConfig(cfg.task_spec(), server_round=0))
     with pytest.raises(PolicyError, match="share_statistics") as err:
         SiteRuntime(profile, request).moments()
     assert err.value.rule == "share_statistics"
     other = write_experiment(tmp_path, [site], name="other", rounds=1, min_sites=1)
     closed = load_site(write_site(tmp_path, "h2", 80, 15, policy={"allowed_experiments": ["x*"]}))
-    request = RoundRequest(experiment="other", round=1, spec=load_experiment(other).task_spec())
+    request = SiteRequest(RoundConfig(load_experiment(other).task_spec(), server_round=1))
     with pytest.raises(PolicyError, match="allowed experiments") as err:
         SiteRuntime(closed, request)  # refused before its data is even read
     assert err.value.rule == "allowed_experiments"
@@ -191,7 +192,7 @@ def test_site_level_mode_needs_a_plain_mean_strategy_and_resolves_expected_sites
     sites = [write_site(tmp_path, f"h{i}", 60, i) for i in range(3)]
     dp = {"mode": "site", "clip_norm": 1.0, "site_noise_multiplier": 1.0, "delta": 0.01}
     cfg, _ = load_experiment_with_sites(write_experiment(tmp_path, sites, rounds=1, dp=dp))
-    assert cfg.dp_spec()["expected_sites"] == 3
+    assert cfg.dp_spec().expected_sites == 3
     assert build_strategy(cfg).weighted_by_key == "site-weight"  # every site weighs 1
     exp = write_experiment(tmp_path, sites, rounds=1, dp=dp, strategy="fedmedian")
     with pytest.raises(ConfigError, match="plain mean"):

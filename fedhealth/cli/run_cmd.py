@@ -31,7 +31,7 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]
     from fedhealth.site.dataset import load_site_data
 
     build_strategy(cfg)  # a broken custom strategy fails here, not mid-run
-    task = cfg.task_spec()["task"]
+    task = cfg.task_spec().task
     sizes = {s.name: load_site_data(s, task).n_train for s in sites}
     privacy_outlook(cfg, sites, sizes)
     return sizes

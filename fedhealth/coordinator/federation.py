@@ -26,26 +26,25 @@ from flwr.serverapp import Grid
 
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.checkpoint import resume_point, save_evaluation, save_round
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.coordinator.checkpoint import resume_point, save_evaluation, save_round
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize
+from fedhealth.protocol import (
+    Metric,
+    NormStats,
+    Record,
+    Refusal,
+    RoundConfig,
+    SiteKey,
+    StatsKey,
+)
 from fedhealth.registry.recorder import RunRecorder
-
-
-@dataclass
-class Refusal:
-    """A site's refusal (policy, data) or failure in one round."""
-
-    site: str
-    rule: str
-    message: str
-    round: int = 0
 
 
 @dataclass
@@ -96,17 +95,11 @@ def input_layout(cfg: ExperimentConfig) -> str:
 
 
 def _refusal(msg: Message) -> Refusal:
-    reason = msg.error.reason or ""
-    try:
-        d = json.loads(reason)
-        return Refusal(d.get("site", "?"), d.get("rule", "?"), d.get("message", reason))
-    except (json.JSONDecodeError, AttributeError):
-        last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
-        return Refusal(f"node {msg.metadata.src_node_id}", "error", last)
+    return Refusal.decode(msg.error.reason, node=f"node {msg.metadata.src_node_id}")
 
 
 def _site(msg: Message) -> str:
-    return str(msg.content["site"]["name"])
+    return str(msg.content[Record.SITE][SiteKey.NAME])
 
 
 class Federation:
@@ -122,6 +115,7 @@ class Federation:
 
     def __init__(self, cfg: ExperimentConfig, tracking_uri: str) -> None:
         self.cfg = cfg
+        self.spec = cfg.task_spec()  # built once; every request carries its canonical bytes
         self.tracking_uri = tracking_uri
         self.strategy = build_strategy(cfg)
         self.recorder = RunRecorder(cfg, tracking_uri)
@@ -138,17 +132,16 @@ class Federation:
     # -- helpers ------------------------------------------------------------------------------
 
     def _config(self, round_: int) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "spec": json.dumps(self.cfg.task_spec()),
-                "norm-stats": json.dumps(self.norm_stats) if self.norm_stats else "",
-                "server-round": round_,
-                # So each site's audit log can name the run, and through it the model
-                # version, its round contributed to (`fedhealth site audit`).
-                "mlflow-run-id": self.recorder.run_id or "",
-                "registered-model": self.cfg.registered_model or "",
-            }
+        config = RoundConfig(
+            spec=self.spec,
+            server_round=round_,
+            norm_stats=NormStats(**self.norm_stats) if self.norm_stats else None,
+            # So each site's audit log can name the run, and through it the model
+            # version, its round contributed to (`fedhealth site audit`).
+            mlflow_run_id=self.recorder.run_id or "",
+            registered_model=self.cfg.registered_model or "",
         )
+        return ConfigRecord(config.to_record())
 
     def _split(self, round_: int, replies: Iterable[Message]) -> list[Message]:
         ok = []
@@ -211,7 +204,7 @@ class Federation:
         node_ids = list(grid.get_node_ids())
         msgs = [
             Message(
-                RecordDict({"config": self._config(0)}),
+                RecordDict({Record.CONFIG: self._config(0)}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -221,7 +214,7 @@ class Federation:
         self._require(0, ok, "consortium statistics")
         count, s, ss = 0, None, None
         for msg in ok:
-            m = json.loads(str(msg.content["stats"]["moments"]))
+            m = json.loads(str(msg.content[Record.STATS][StatsKey.MOMENTS]))
             count += m["count"]
             s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
             ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
@@ -238,7 +231,7 @@ class Federation:
         msgs = self.strategy.configure_train(round_, arrays, config, grid)
         ok = self._split(round_, self.receive(grid, round_, msgs))
         self._require(round_, ok, "training")
-        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
             round_, self.prepare_for_aggregation(round_, ok, grid=grid, arrays=arrays)
         )
@@ -255,7 +248,7 @@ class Federation:
         """Sites evaluate the global model on their test splits."""
         msgs = self.strategy.configure_evaluate(round_, arrays, self._config(round_), grid)
         ok = self._split(round_, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
-        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
         publish("evaluate-done", round_, sites=per_site, global_metrics=glob)
@@ -265,10 +258,8 @@ class Federation:
 
     def initial_model(self) -> torch.nn.Module:
         """The seeded initial global model."""
-        spec = self.cfg.task_spec()
-        return build_model(
-            spec["model"], input_dim(self.cfg), self.cfg.task.num_classes, self.cfg.experiment.seed
-        )
+        spec = self.spec
+        return build_model(spec.model, input_dim(self.cfg), spec.task.num_classes, spec.seed)
 
     def run(self, grid: Grid) -> RunSummary:
         """Run every round, then register the global model. Returns the summary."""
@@ -377,9 +368,9 @@ def aggregate_site_metrics(per_site: dict[str, dict]) -> dict[str, float]:
     """Global metrics: weighted by test examples, plus the plain mean over sites."""
     if not per_site:
         return {}
-    n = np.array([m["num-examples"] for m in per_site.values()], dtype=float)
-    out: dict[str, float] = {"num-examples": float(n.sum())}
-    for key in ("loss", "accuracy"):
+    n = np.array([m[Metric.NUM_EXAMPLES] for m in per_site.values()], dtype=float)
+    out: dict[str, float] = {Metric.NUM_EXAMPLES: float(n.sum())}
+    for key in (Metric.LOSS, Metric.ACCURACY):
         vals = np.array([m[key] for m in per_site.values()], dtype=float)
         out[key] = float((vals * n).sum() / max(n.sum(), 1))
         out[f"{key}_site_mean"] = float(vals.mean())

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import ConfigError
+from fedhealth.protocol import Metric
 
 BUILTINS: dict[str, type[Strategy]] = {
     "fedavg": flwr_strategies.FedAvg,
@@ -117,7 +118,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         "min_available_nodes": exp.min_sites,
     }
     if site_level:
-        kwargs["weighted_by_key"] = "site-weight"  # each site weighs 1 in site mode
+        kwargs["weighted_by_key"] = Metric.SITE_WEIGHT  # each site weighs 1 in site mode
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     for key, value in cfg.strategy.options.items():
         if key not in params or key == "self":
@@ -131,7 +132,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         strategy = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"key `strategy.options`: {cls.__name__} rejected them: {exc}") from None
-    if site_level and getattr(strategy, "weighted_by_key", None) != "site-weight":
+    if site_level and getattr(strategy, "weighted_by_key", None) != Metric.SITE_WEIGHT:
         raise ConfigError(
             f"key `strategy.name`: site-level DP needs every site to weigh the same, but "
             f"{cls.__name__} weighs replies by {getattr(strategy, 'weighted_by_key', '?')!r}; "

@@ -31,13 +31,14 @@ def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: int) -> nn.Module:
+def build_model(spec: Any, input_dim: int, num_classes: int, seed: int) -> nn.Module:
     """Build the named model with deterministic initial weights.
 
     Parameters
     ----------
-    spec : dict
-        The experiment's ``[model]`` section (``name`` plus options).
+    spec : ModelSection or dict
+        The experiment's ``[model]`` section (``name`` plus options): the task spec's
+        :class:`~fedhealth.protocol.ModelSection`, or its dict form.
     input_dim : int
         Number of features (tabular) or image channels (imaging).
     num_classes : int
@@ -49,6 +50,8 @@ def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: in
     -------
     torch.nn.Module
     """
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump()
     name = spec["name"]
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
