@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack, strategy_state
+from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack
 from fedhealth.coordinator.guard import GuardedGrid
+from fedhealth.coordinator.strategies import strategy_state
 from fedhealth.deploy.provision import TLSLayout, add_site_tls, init_tls
 from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import is_transient, retrying

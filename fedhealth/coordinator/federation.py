@@ -12,6 +12,7 @@ model is registered as a new model version with its provenance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -26,12 +27,21 @@ from flwr.serverapp import Grid
 
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
-from fedhealth.coordinator.checkpoint import resume_point, save_evaluation, save_round
+from fedhealth.coordinator.checkpoint import (
+    ResumePoint,
+    resume_point,
+    save_evaluation,
+    save_round,
+)
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import publish
-from fedhealth.coordinator.strategies import build_strategy
+from fedhealth.coordinator.strategies import (
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize
@@ -197,6 +207,31 @@ class Federation:
             raise FederationError(f"round {round_}: encrypted aggregation needs the grid")
         return self.encryption.aggregate(grid, round_, arrays, replies)
 
+    # -- state (checkpoints) ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the global arrays (see
+        :mod:`fedhealth.coordinator.checkpoint`): ``strategy`` holds arrays, the rest JSON."""
+        state: dict[str, Any] = {
+            "norm_stats": self.norm_stats,
+            "refusals": [dataclasses.asdict(r) for r in self.refusals],
+            "privacy": self.privacy.state_dict(),
+            "strategy": strategy_state(self.strategy),
+        }
+        if self.encryption is not None:
+            state["encryption"] = self.encryption.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        load_strategy_state(self.strategy, state.get("strategy", {}))
+        self.norm_stats = state.get("norm_stats")
+        self.refusals = [Refusal(**r) for r in state.get("refusals", [])]
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+        if self.encryption is not None and "encryption" in state:
+            self.encryption.load_state_dict(state["encryption"])
+
     # -- phases -------------------------------------------------------------------------------
 
     def consortium_statistics(self, grid: Grid) -> None:
@@ -272,7 +307,11 @@ class Federation:
             run_id = self.recorder.reopen(self.resume_from)
         else:
             run_id = self.recorder.start(self.run_tags)
-        start = resume_point(self, arrays)
+        start = ResumePoint(1, arrays, {}, {})
+        if self.resume_from:
+            start = resume_point(self.recorder, cfg.config_hash(), arrays)
+            if start.state is not None:
+                self.load_state_dict(start.state)
         arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
         publish(
             "run-started",
@@ -289,15 +328,15 @@ class Federation:
             if start.evaluate is not None and cfg.experiment.fraction_evaluate > 0:
                 # The crash came after aggregating this round, before its evaluation.
                 glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
-                save_evaluation(self, start.evaluate, glob, per_site)
+                save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
                 publish("round-started", r)
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
-                save_round(self, r, arrays, glob, per_site)
+                save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
                 if cfg.experiment.fraction_evaluate > 0:
                     glob, per_site = self.evaluate_round(grid, r, arrays)
-                    save_evaluation(self, r, glob, per_site)
+                    save_evaluation(self.recorder, r, glob, per_site)
             version = self.register(arrays, glob, per_site)
             status = "FINISHED"
         except FedHealthError as exc:

@@ -139,3 +139,38 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
             "use a strategy that accepts weighted_by_key (e.g. fedavg)"
         )
     return strategy
+
+
+#: Strategy attributes a checkpoint does not keep (recomputed by configure_train every round).
+_NOT_STATE = {"current_arrays"}
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's array state: attributes holding ndarrays, or dicts or lists of them
+    (server-optimiser moments such as FedAdam's ``m_t``/``v_t``, FedAvgM's momentum).
+
+    Flower's strategies keep this state as plain attributes and have no ``state_dict``;
+    this is it, for any strategy built on Flower's base classes.
+    """
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if name in _NOT_STATE or name.startswith("_"):
+            continue
+        if isinstance(value, np.ndarray) or (
+            isinstance(value, (dict, list))
+            and value
+            and all(
+                isinstance(v, np.ndarray)
+                for v in (value.values() if isinstance(value, dict) else value)
+            )
+        ):
+            out[name] = value
+    return out
+
+
+def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Put :func:`strategy_state` back on the strategy."""
+    for name, value in state.items():
+        setattr(strategy, name, value)
