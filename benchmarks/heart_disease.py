@@ -49,16 +49,10 @@ def variant(base: Path, out_dir: Path, name: str, **sections: dict) -> Path:
 def federated(path: Path, uri: str) -> float:
     """Run one federation; return per-centre-mean test accuracy of the final model."""
     from fedhealth.config.experiment import load_experiment
-    from fedhealth.coordinator.progress import subscribe
     from fedhealth.engines.simulation import run_simulation
 
-    result: dict = {}
-    unsub = subscribe(lambda e: result.update(e.data) if e.kind == "run-finished" else None)
-    try:
-        run_simulation(path, load_experiment(path), uri)
-    finally:
-        unsub()
-    return result["summary"].global_metrics["accuracy_site_mean"]
+    summary = run_simulation(path, load_experiment(path), uri)
+    return summary.global_metrics["accuracy_site_mean"]
 
 
 def pooled(path: Path, seed: int, epochs: int) -> float:

@@ -14,9 +14,8 @@ from fedhealth.config.experiment import ExperimentConfig, load_experiment_with_s
 from fedhealth.config.site import SiteProfile
 from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
-from fedhealth.coordinator.progress import subscribe
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.errors import ConfigError, FederationError
+from fedhealth.errors import ConfigError, FederationError, FedHealthError
 from fedhealth.registry.store import default_tracking_uri
 
 
@@ -101,32 +100,14 @@ def _simulate(
 ) -> RunSummary:
     from fedhealth.engines.simulation import run_simulation
 
-    result: dict = {}
-
-    def grab(event) -> None:
-        if event.kind == "run-finished":
-            result["summary"] = event.data["summary"]
-        elif event.kind == "run-failed":
-            result["error"] = event.data["error"]
-
-    unsub_grab = subscribe(grab)
     try:
         if verbose:
-            run_simulation(path, cfg, uri, verbose=True, resume_run_id=resume)
+            summary = run_simulation(path, cfg, uri, verbose=True, resume_run_id=resume)
         else:
             with LiveRun(console, cfg.name, cfg.experiment.rounds) as live:
-                unsub = subscribe(live)
-                try:
-                    run_simulation(path, cfg, uri, verbose=False, resume_run_id=resume)
-                finally:
-                    unsub()
-    finally:
-        unsub_grab()
-    if "error" in result:
-        raise FederationError(f"experiment {cfg.name!r} stopped: {result['error']}")
-    if "summary" not in result:
-        raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
-    summary = result["summary"]
+                summary = run_simulation(path, cfg, uri, resume_run_id=resume, on_event=live)
+    except FedHealthError as exc:
+        raise FederationError(f"experiment {cfg.name!r} stopped: {exc}") from None
     print_summary(console, summary)
     return summary
 

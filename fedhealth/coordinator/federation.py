@@ -36,7 +36,7 @@ from fedhealth.coordinator.checkpoint import (
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
-from fedhealth.coordinator.progress import publish
+from fedhealth.coordinator.progress import Observer, notify
 from fedhealth.coordinator.strategies import (
     build_strategy,
     load_strategy_state,
@@ -121,10 +121,16 @@ class Federation:
         The validated experiment.
     tracking_uri : str
         The MLflow store to record to.
+    on_event : callable, optional
+        Observer of progress events (:mod:`fedhealth.coordinator.progress`), e.g. a live
+        display. The run's result is :meth:`run`'s return value.
     """
 
-    def __init__(self, cfg: ExperimentConfig, tracking_uri: str) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, tracking_uri: str, on_event: Observer | None = None
+    ) -> None:
         self.cfg = cfg
+        self.on_event = on_event
         self.spec = cfg.task_spec()  # built once; every request carries its canonical bytes
         self.tracking_uri = tracking_uri
         self.strategy = build_strategy(cfg)
@@ -140,6 +146,9 @@ class Federation:
         )
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _notify(self, kind: str, round_: int = 0, **data: Any) -> None:
+        notify(self.on_event, kind, round_, **data)
 
     def _config(self, round_: int) -> ConfigRecord:
         config = RoundConfig(
@@ -160,7 +169,9 @@ class Federation:
                 ref = _refusal(msg)
                 ref.round = round_
                 self.refusals.append(ref)
-                publish("site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message)
+                self._notify(
+                    "site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message
+                )
             else:
                 ok.append(msg)
         # Sorting by site makes aggregation order, and so the float sums, reproducible.
@@ -256,7 +267,7 @@ class Federation:
         mean = s / count
         std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
         self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
-        publish("statistics", 0, sites=[_site(m) for m in ok], count=count)
+        self._notify("statistics", 0, sites=[_site(m) for m in ok], count=count)
 
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round of training and aggregation; returns the new global arrays."""
@@ -276,7 +287,7 @@ class Federation:
         train = {s: _prefix(strip(m), "train-") for s, m in per_site.items()}
         self.recorder.log_round(round_, {}, train)
         self.recorder.log_metrics(self.privacy.observe(round_, ok), round_)
-        publish("train-done", round_, sites=per_site)
+        self._notify("train-done", round_, sites=per_site)
         return new_arrays
 
     def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> tuple[dict, dict]:
@@ -286,7 +297,7 @@ class Federation:
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
-        publish("evaluate-done", round_, sites=per_site, global_metrics=glob)
+        self._notify("evaluate-done", round_, sites=per_site, global_metrics=glob)
         return glob, per_site
 
     # -- the run ------------------------------------------------------------------------------
@@ -313,7 +324,7 @@ class Federation:
             if start.state is not None:
                 self.load_state_dict(start.state)
         arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
-        publish(
+        self._notify(
             "run-started",
             0,
             experiment=cfg.name,
@@ -330,7 +341,7 @@ class Federation:
                 glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
                 save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
-                publish("round-started", r)
+                self._notify("round-started", r)
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
                 save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
@@ -340,7 +351,7 @@ class Federation:
             version = self.register(arrays, glob, per_site)
             status = "FINISHED"
         except FedHealthError as exc:
-            publish("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
+            self._notify("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
             raise
         finally:
             self.recorder.finish(status)
@@ -357,7 +368,7 @@ class Federation:
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
         )
-        publish("run-finished", cfg.experiment.rounds, summary=summary)
+        self._notify("run-finished", cfg.experiment.rounds)
         return summary
 
     def register(self, arrays: ArrayRecord, glob: dict, per_site: dict) -> str | None:
