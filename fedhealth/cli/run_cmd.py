@@ -16,6 +16,7 @@ from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
 from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.errors import ConfigError, FederationError, FedHealthError
+from fedhealth.protocol import Metric
 from fedhealth.registry.store import default_tracking_uri
 
 
@@ -124,7 +125,8 @@ def print_summary(console: Console, s: RunSummary) -> None:
         m = s.site_metrics.get(site)
         row = [site, "", "-", "-"]
         if m is not None:
-            row = [site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}"]
+            n, acc, loss = m[Metric.NUM_EXAMPLES], m[Metric.ACCURACY], m[Metric.LOSS]
+            row = [site, str(int(n)), f"{acc:.4f}", f"{loss:.4f}"]
         if eps_col:
             row.append(format_epsilon(dp["sites"].get(site, {}).get("epsilon")))
         table.add_row(*row)
@@ -133,7 +135,7 @@ def print_summary(console: Console, s: RunSummary) -> None:
         pad = [""] if eps_col else []
         table.add_row(
             "[bold]all (weighted)",
-            str(int(g["num-examples"])),
+            str(int(g[Metric.NUM_EXAMPLES])),
             f"[bold]{g['accuracy']:.4f}",
             f"{g['loss']:.4f}",
             *pad,
