@@ -70,18 +70,11 @@ def variant(out_dir: Path, seed: int, epsilon: float | None) -> Path:
 def run_once(seed: int, epsilon: float | None) -> tuple[float, float]:
     """One federation in fresh workspaces: (per-centre-mean accuracy, largest site ε)."""
     from fedhealth.config.experiment import load_experiment
-    from fedhealth.coordinator.progress import subscribe
     from fedhealth.engines.simulation import run_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
         path = variant(Path(tmp), seed, epsilon)
-        result: dict = {}
-        unsub = subscribe(lambda e: result.update(e.data) if e.kind == "run-finished" else None)
-        try:
-            run_simulation(path, load_experiment(path), f"sqlite:///{tmp}/mlflow.db")
-        finally:
-            unsub()
-    summary = result["summary"]
+        summary = run_simulation(path, load_experiment(path), f"sqlite:///{tmp}/mlflow.db")
     eps = [s["epsilon"] for s in summary.privacy.get("sites", {}).values()]
     return summary.global_metrics["accuracy_site_mean"], max(eps) if eps else math.inf
 

@@ -93,24 +93,15 @@ def _run(path: Path, uri: str) -> dict[str, Any]:
     import mlflow
 
     from fedhealth.config.experiment import load_experiment
-    from fedhealth.coordinator.progress import subscribe
     from fedhealth.engines.simulation import run_simulation
 
     cfg = load_experiment(path)
     marks: dict[tuple[str, int], float] = {}
-    result: dict[str, Any] = {}
 
     def watch(event) -> None:
         marks[(event.kind, event.round)] = time.perf_counter()
-        if event.kind == "run-finished":
-            result["summary"] = event.data["summary"]
 
-    unsubscribe = subscribe(watch)
-    try:
-        run_simulation(path, cfg, uri, verbose=False)
-    finally:
-        unsubscribe()
-    summary = result["summary"]
+    summary = run_simulation(path, cfg, uri, verbose=False, on_event=watch)
     rounds = range(1, cfg.experiment.rounds + 1)
     round_s = [marks[("evaluate-done", r)] - marks[("round-started", r)] for r in rounds]
     train_s = [marks[("train-done", r)] - marks[("round-started", r)] for r in rounds]
@@ -140,7 +131,7 @@ def _n_params(path: Path) -> int:
 
     cfg = load_experiment(path)
     spec = cfg.task_spec()
-    model = build_model(spec["model"], input_dim(cfg), cfg.task.num_classes, cfg.experiment.seed)
+    model = build_model(spec.model, input_dim(cfg), spec.task.num_classes, spec.seed)
     return sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
 
 

@@ -49,16 +49,10 @@ def variant(base: Path, out_dir: Path, name: str, **sections: dict) -> Path:
 def federated(path: Path, uri: str) -> float:
     """Run one federation; return per-centre-mean test accuracy of the final model."""
     from fedhealth.config.experiment import load_experiment
-    from fedhealth.coordinator.progress import subscribe
     from fedhealth.engines.simulation import run_simulation
 
-    result: dict = {}
-    unsub = subscribe(lambda e: result.update(e.data) if e.kind == "run-finished" else None)
-    try:
-        run_simulation(path, load_experiment(path), uri)
-    finally:
-        unsub()
-    return result["summary"].global_metrics["accuracy_site_mean"]
+    summary = run_simulation(path, load_experiment(path), uri)
+    return summary.global_metrics["accuracy_site_mean"]
 
 
 def pooled(path: Path, seed: int, epochs: int) -> float:
@@ -72,15 +66,15 @@ def pooled(path: Path, seed: int, epochs: int) -> float:
     spec = cfg.task_spec()
     parts = []
     for site in sites:
-        data = load_site_data(site, spec["task"])
+        data = load_site_data(site, spec.task)
         norm = standardizer_for(data, "site", None)
         parts.append(
             (norm.transform(data.x_train), data.y_train, norm.transform(data.x_test), data.y_test)
         )
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)
     y = np.concatenate([p[1] for p in parts])
-    model = build_model(spec["model"], x.shape[1], 2, seed)
-    train_spec = dict(spec["training"], local_epochs=epochs)
+    model = build_model(spec.model, x.shape[1], 2, seed)
+    train_spec = spec.training.model_copy(update={"local_epochs": epochs})
     train_local(model, x, y, train_spec, seed=seed)
     return float(
         np.mean([evaluate(model, p[2].astype(np.float32), p[3])["accuracy"] for p in parts])

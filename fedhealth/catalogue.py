@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T")
 
@@ -229,3 +229,15 @@ WEIGHTED_MEAN = "weighted-mean"
 #: A strategy that asks sites to add a proximal term to their loss (FedProx): the term
 #: bypasses Opacus's per-sample gradients, so it cannot run with DP.
 PROXIMAL = "proximal"
+
+
+def options_problems(exc: ValidationError, what: str) -> str:
+    """One line naming each bad key of a plug-in's options (for the enclosing message)."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(options)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        parts.append(f"`{key}`: {msg}")
+    return f"{what}: " + "; ".join(parts)

@@ -27,6 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedhealth.protocol import ConfigKey, Metric
+
 
 class BalancedFedAvg(FedAvg):
     """FedAvg with site weights ``n ** alpha``.
@@ -57,7 +59,7 @@ class BalancedFedAvg(FedAvg):
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
-            weighted_by_key="site-weight",
+            weighted_by_key=Metric.SITE_WEIGHT,
         )
         self.alpha = alpha
 
@@ -65,5 +67,5 @@ class BalancedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask each site to weight its update by ``n ** alpha``."""
-        config["weight-exponent"] = self.alpha
+        config[ConfigKey.WEIGHT_EXPONENT] = self.alpha
         return super().configure_train(server_round, arrays, config, grid)

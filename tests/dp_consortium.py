@@ -117,16 +117,16 @@ def train_round(
     from fedhealth.config.experiment import load_experiment
     from fedhealth.coordinator.federation import input_dim
     from fedhealth.models import build_model
+    from fedhealth.protocol import RoundConfig
     from fedhealth.site.client_app import train
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     cfg = load_experiment(experiment)
     if arrays is None:
-        model = build_model(cfg.task_spec()["model"], input_dim(cfg), 2, cfg.experiment.seed)
+        model = build_model(cfg.task_spec().model, input_dim(cfg), 2, cfg.experiment.seed)
         arrays = {k: v.numpy() for k, v in model.state_dict().items()}
     config = ConfigRecord(
-        {"spec": json.dumps(cfg.task_spec()), "norm-stats": "", "server-round": round_}
-        | (config_extra or {})
+        RoundConfig(cfg.task_spec(), server_round=round_).to_record() | (config_extra or {})
     )
     msg = Message(
         RecordDict(

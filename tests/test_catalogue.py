@@ -98,18 +98,19 @@ def test_a_registered_model_reader_and_strategy_are_validated_used_and_documente
     from fedhealth.models import build_model
     from fedhealth.site.client_app import modules_for
     from fedhealth.site.dataset import load_site_data
-    from fedhealth.site.request import RoundRequest
+    from fedhealth.protocol import RoundConfig
+    from fedhealth.site.request import SiteRequest
 
     cfg, sites = load_experiment_with_sites(_write(tmp_path, "tiny_linear", "fedavg_again"))
     assert cfg.model.options() == {"bias": False}
     assert isinstance(build_strategy(cfg), EveryOtherFedAvg)
     spec = cfg.task_spec()
-    model = build_model(spec["model"], 2, 2, seed=0)
+    model = build_model(spec.model, 2, 2, seed=0)
     assert model.bias is None and model.in_features == 2
 
-    data = load_site_data(sites[0], spec["task"])  # the site reads through the catalogue
+    data = load_site_data(sites[0], spec.task)  # the site reads through the catalogue
     assert data.n_train + data.n_test == 16 and data.feature_names == ["a", "b"]
-    request = RoundRequest("exp", 1, spec, he_enabled=False)
+    request = SiteRequest(RoundConfig(spec, server_round=1))
     assert modules_for(sites[0], request, training=False) == ["fedhealth.site.runtime", "json"]
 
     docs = render_reference()

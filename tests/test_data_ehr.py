@@ -26,9 +26,8 @@ from fedhealth.config.site import load_site
 from fedhealth.data.fhir import read_fhir
 from fedhealth.data.heart_sources import CENTRES, write_fhir_centre, write_omop_centre
 from fedhealth.data.omop import read_omop
-from fedhealth.data.tabular import read_table
+from fedhealth.data.tabular import read_table, tabular_schema
 from fedhealth.errors import ConfigError, DataError
-from fedhealth.data.tabular import tabular_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -11,12 +11,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedhealth.site.audit import append, audit_path, content_digest, read
-from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack, strategy_state
+from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack
 from fedhealth.coordinator.guard import GuardedGrid
+from fedhealth.coordinator.strategies import strategy_state
 from fedhealth.deploy.provision import TLSLayout, add_site_tls, init_tls
 from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import is_transient, retrying
+from fedhealth.site.audit import append, audit_path, content_digest, read
 
 
 def _mode(p: Path) -> int:
@@ -150,10 +151,13 @@ def _audited_handler(tmp_path: Path, fail: bool = False):
     from flwr.app import Error, Message, MetricRecord, RecordDict
 
     from fedhealth.site.audit import audited
+    from fedhealth.site.client_app import _refuse
+    from fedhealth.site.request import SiteRequest
     from fedhealth.site.timing import phase
 
-    @audited(lambda context: ("h1", tmp_path))
-    def train(msg: Message, context: object) -> Message:
+    @audited(lambda context: ("h1", tmp_path), SiteRequest.from_message, _refuse)
+    def train(msg: Message, context: object, request: SiteRequest) -> Message:
+        assert request.round == 2 and request.experiment == "e1"
         with phase("load"):
             time.sleep(0.02)
         with phase("train"):
@@ -168,15 +172,29 @@ def _audited_handler(tmp_path: Path, fail: bool = False):
     return train
 
 
-def _request(round_: int = 2):
-    import json
+def _spec(experiment: str = "e1", dataset: str = "table", dp: bool = False):
+    from fedhealth.protocol import ModelSection, TaskSection, TaskSpec
 
+    schema = {"numeric": ["a"], "label": "y"}
+    return TaskSpec(
+        experiment=experiment,
+        task=TaskSection(dataset=dataset, kind="tabular", schema=schema),
+        model=ModelSection(name="logistic_regression"),
+        training={},
+        seed=0,
+        rounds=3,
+        dp={"enabled": True, "noise_multiplier": 1.0} if dp else {},
+    )
+
+
+def _request(round_: int = 2):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedhealth.protocol import RoundConfig
+
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    spec = json.dumps({"experiment": "e1", "model": {"name": "logistic_regression"}})
-    config = ConfigRecord({"spec": spec, "server-round": round_})
+    config = ConfigRecord(RoundConfig(_spec(), server_round=round_).to_record())
     return Message(RecordDict({"config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
 
 
@@ -243,8 +261,9 @@ def test_audit_view_summarises_the_timing() -> None:
 
 def test_each_message_imports_only_what_it_needs(tmp_path: Path) -> None:
     from fedhealth.config.site import load_site
+    from fedhealth.protocol import HERound, RoundConfig
     from fedhealth.site.client_app import modules_for
-    from fedhealth.site.request import RoundRequest
+    from fedhealth.site.request import SiteRequest
 
     (tmp_path / "site.toml").write_text(
         '[site]\nname = "h1"\nworkspace = "ws"\n\n'
@@ -253,9 +272,9 @@ def test_each_message_imports_only_what_it_needs(tmp_path: Path) -> None:
     )
     profile = load_site(tmp_path / "site.toml")
 
-    def request(dataset: str, dp: bool, he: bool) -> RoundRequest:
-        spec = {"experiment": "e", "task": {"dataset": dataset}, "dp": {"enabled": dp}}
-        return RoundRequest("e", 1, spec, he_enabled=he)
+    def request(dataset: str, dp: bool, he: bool) -> SiteRequest:
+        announced = HERound("e:run:x", 1, "nonce", 1.0, "num-examples", 2) if he else None
+        return SiteRequest(RoundConfig(_spec("e", dataset, dp), server_round=1, he=announced))
 
     runtime = "fedhealth.site.runtime"
     assert modules_for(profile, request("table", False, False), training=True) == [runtime]
@@ -308,10 +327,11 @@ def test_a_clientapp_process_imports_only_what_its_message_needs(tmp_path: Path)
     exp = write_experiment(tmp_path, [site], min_sites=1, dp={"noise_multiplier": 1.0})
     cfg = load_experiment(exp)
     spec = cfg.task_spec()
-    model = build_model(spec["model"], 5, 2, 1)
+    model = build_model(spec.model, 5, 2, 1)
     arrays = {k: v.tolist() for k, v in model.state_dict().items()}
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"spec": spec, "profile": str(site), "arrays": arrays}))
+    wire = spec.model_dump(mode="json", by_alias=True)
+    job.write_text(json.dumps({"spec": wire, "profile": str(site), "arrays": arrays}))
     out = subprocess.run(
         [sys.executable, "-c", _HANDLER_PROCESS, str(job)], capture_output=True, text=True,
         cwd=tmp_path, timeout=300,

@@ -53,7 +53,7 @@ def google_epsilon(history, delta: float, accountant: str) -> float:
 
 def n_train(experiment: Path, site_index: int) -> int:
     cfg, sites = load_experiment_with_sites(experiment)
-    return load_site_data(sites[site_index], cfg.task_spec()["task"]).n_train
+    return load_site_data(sites[site_index], cfg.task_spec().task).n_train
 
 
 # -- ε a site reports == an independent computation over the same (q, σ, steps) ------------
@@ -168,18 +168,19 @@ def test_statistics_and_evaluation_follow_the_policy(tmp_path):
     from fedhealth.config.experiment import load_experiment
     from fedhealth.config.site import load_site
     from fedhealth.errors import PolicyError
-    from fedhealth.site.runtime import RoundRequest, SiteRuntime
+    from fedhealth.protocol import RoundConfig
+    from fedhealth.site.runtime import SiteRequest, SiteRuntime
 
     site = write_site(tmp_path, "h1", 80, 14, policy={"share_statistics": False})
     exp = write_experiment(tmp_path, [site], rounds=1, min_sites=1, dp={"noise_multiplier": 1.0})
     cfg, profile = load_experiment(exp), load_site(site)
-    request = RoundRequest(experiment=cfg.name, round=0, spec=cfg.task_spec())
+    request = SiteRequest(RoundConfig(cfg.task_spec(), server_round=0))
     with pytest.raises(PolicyError, match="share_statistics") as err:
         SiteRuntime(profile, request).moments()
     assert err.value.rule == "share_statistics"
     other = write_experiment(tmp_path, [site], name="other", rounds=1, min_sites=1)
     closed = load_site(write_site(tmp_path, "h2", 80, 15, policy={"allowed_experiments": ["x*"]}))
-    request = RoundRequest(experiment="other", round=1, spec=load_experiment(other).task_spec())
+    request = SiteRequest(RoundConfig(load_experiment(other).task_spec(), server_round=1))
     with pytest.raises(PolicyError, match="allowed experiments") as err:
         SiteRuntime(closed, request)  # refused before its data is even read
     assert err.value.rule == "allowed_experiments"
@@ -191,7 +192,7 @@ def test_site_level_mode_needs_a_plain_mean_strategy_and_resolves_expected_sites
     sites = [write_site(tmp_path, f"h{i}", 60, i) for i in range(3)]
     dp = {"mode": "site", "clip_norm": 1.0, "site_noise_multiplier": 1.0, "delta": 0.01}
     cfg, _ = load_experiment_with_sites(write_experiment(tmp_path, sites, rounds=1, dp=dp))
-    assert cfg.dp_spec()["expected_sites"] == 3
+    assert cfg.dp_spec().expected_sites == 3
     assert build_strategy(cfg).weighted_by_key == "site-weight"  # every site weighs 1
     exp = write_experiment(tmp_path, sites, rounds=1, dp=dp, strategy="fedmedian")
     with pytest.raises(ConfigError, match="plain mean"):
@@ -254,20 +255,25 @@ def test_config_needs_exactly_one_noise_setting(tmp_path):
 def test_site_level_shares_sum_to_the_calibrated_noise(tmp_path):
     """k sites each add a share; the sum's noise has std σ·C (checked statistically)."""
     from fedhealth.config.site import load_site
+    from fedhealth.protocol import TaskSpec
     from fedhealth.site.privacy_guard import PrivacyGuard
 
     sigma, clip, k, dim = 1.3, 0.5, 4, 40_000
-    spec = {
-        "task": {"dataset": "table"},
-        "model": {"name": "logistic_regression"},
-        "dp": {
+    spec = TaskSpec(
+        experiment="exp",
+        task={"dataset": "table", "kind": "tabular", "schema": {"numeric": ["a"], "label": "y"}},
+        model={"name": "logistic_regression"},
+        training={},
+        seed=0,
+        rounds=1,
+        dp={
             "enabled": True,
             "mode": "site",
             "clip_norm": clip,
             "site_noise_multiplier": sigma,
             "expected_sites": k,
         },
-    }
+    )
     old = {"w": np.zeros(dim, dtype=np.float32)}
     new = {"w": np.full(dim, 10.0, dtype=np.float32)}  # norm far above C: clipped to C
     total = np.zeros(dim)
@@ -414,7 +420,6 @@ def test_federation_stops_cleanly_naming_the_refusing_site_when_min_sites_fails(
     consortium, monkeypatch
 ):
     from fedhealth.coordinator import federation
-    from fedhealth.coordinator.progress import subscribe
     from fedhealth.errors import FederationError
 
     monkeypatch.setattr(federation, "RunRecorder", _NoMlflow)
@@ -425,12 +430,8 @@ def test_federation_stops_cleanly_naming_the_refusing_site_when_min_sites_fails(
     exp = write_experiment(root, sites, rounds=2, min_sites=3, dp={"noise_multiplier": 1.0})
     cfg, _ = load_experiment_with_sites(exp)
     events = []
-    unsubscribe = subscribe(events.append)
-    try:
-        with pytest.raises(FederationError) as err:
-            federation.Federation(cfg, "unused").run(LocalGrid(exp))
-    finally:
-        unsubscribe()
+    with pytest.raises(FederationError) as err:
+        federation.Federation(cfg, "unused", on_event=events.append).run(LocalGrid(exp))
     msg = str(err.value)
     assert "round 1 (training)" in msg and "min_sites is 3" in msg and "'h3'" in msg
     assert "lifetime ε budget" in msg and "is 1.2" in msg and "bring it to" in msg
@@ -440,15 +441,17 @@ def test_federation_stops_cleanly_naming_the_refusing_site_when_min_sites_fails(
 
 
 def test_cli_turns_a_failed_run_into_one_message(tmp_path, monkeypatch):
-    from fedhealth.coordinator.progress import publish
     from fedhealth.engines import simulation
+    from fedhealth.errors import FederationError
 
     site = write_site(tmp_path, "h1", 80, 13)
     exp = write_experiment(tmp_path, [site], rounds=1, min_sites=1, dp={"noise_multiplier": 1.0})
     failure = "round 1 (training): only 0 site(s) answered but min_sites is 1. h1: refused"
-    monkeypatch.setattr(
-        simulation, "run_simulation", lambda *a, **k: publish("run-failed", 1, error=failure)
-    )
+
+    def fail(*args, **kwargs):
+        raise FederationError(failure)
+
+    monkeypatch.setattr(simulation, "run_simulation", fail)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["run", str(exp)], terminal_width=200)
     assert result.exit_code == 6 and "Traceback" not in result.output

@@ -82,8 +82,8 @@ def test_tabular_federation_registers_a_model_that_loads_and_predicts(project):
     assert run.data.params["training.batch_size"] == "16"
 
     cfg, sites = load_experiment_with_sites(exp)
-    task = cfg.task_spec()["task"]
-    initial = build_model(cfg.task_spec()["model"], 30, 2, cfg.experiment.seed)
+    task = cfg.task_spec().task
+    initial = build_model(cfg.task_spec().model, 30, 2, cfg.experiment.seed)
     for site in sites:
         data = load_site_data(site, task)
         reported = client.get_metric_history(mv.run_id, f"site/{site.name}/accuracy")[-1].value

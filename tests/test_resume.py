@@ -22,8 +22,8 @@ import pytest
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.privacy_report import PrivacyReport
-from fedhealth.site.audit import read
 from fedhealth.deploy.processes import kill_tree
+from fedhealth.site.audit import read
 
 FEDHEALTH = str(Path(sys.executable).parent / "fedhealth")
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,8 +49,8 @@ def start(
     is restarted on the same port with the same store (runs retry their MLflow calls
     meanwhile); the SuperLink keeps running.
     """
-    from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
     from fedhealth.coordinator.runconfig import TRACKING_ENV
+    from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
     from fedhealth.deploy.submit import remember_tracking_uri, write_app_dir
 
     s = CoordinatorSettings(

@@ -8,6 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedhealth.coordinator.progress import Event
+from fedhealth.protocol import Metric
 
 
 class LiveRun:
@@ -48,13 +49,13 @@ class LiveRun:
         for site, m in sorted(self.sites.items()):
             row = [
                 site,
-                f"{m['train-loss']:.4f}" if "train-loss" in m else "…",
-                f"{m['accuracy']:.4f}" if "accuracy" in m else "…",
-                f"{m['loss']:.4f}" if "loss" in m else "…",
-                str(int(m["num-examples"])) if "num-examples" in m else "",
+                f"{m[Metric.TRAIN_LOSS]:.4f}" if Metric.TRAIN_LOSS in m else "…",
+                f"{m[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in m else "…",
+                f"{m[Metric.LOSS]:.4f}" if Metric.LOSS in m else "…",
+                str(int(m[Metric.NUM_EXAMPLES])) if Metric.NUM_EXAMPLES in m else "",
             ]
             if dp:
-                row.append(f"{m['epsilon']:.4g}" if "epsilon" in m else "-")
+                row.append(f"{m[Metric.EPSILON]:.4g}" if Metric.EPSILON in m else "-")
             table.add_row(*row)
         parts = [self.progress, table] + [f"[yellow]{n}[/]" for n in self.notes[-5:]]
         return Group(*parts)
@@ -66,9 +67,9 @@ class LiveRun:
         elif event.kind == "train-done":
             for site, m in event.data["sites"].items():
                 row = self.sites.setdefault(site, {})
-                row["train-loss"] = m.get("train-loss", float("nan"))
-                if "epsilon" in m:  # cumulative ε of the experiment at this site
-                    row["epsilon"] = m["epsilon"]
+                row[Metric.TRAIN_LOSS] = m.get(Metric.TRAIN_LOSS, float("nan"))
+                if Metric.EPSILON in m:  # cumulative ε of the experiment at this site
+                    row[Metric.EPSILON] = m[Metric.EPSILON]
             self.progress.update(self.task, description=f"round {event.round}: evaluating")
         elif event.kind == "evaluate-done":
             for site, m in event.data["sites"].items():

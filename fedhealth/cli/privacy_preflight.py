@@ -131,12 +131,12 @@ def privacy_outlook(
         names the key and the site and states the smallest feasible ε.
     """
     spec = cfg.task_spec()
-    dp, rounds = spec["dp"], cfg.experiment.rounds
+    dp, rounds = spec.dp, spec.rounds
     out = []
     for site in sites:
         plan, acc, before, other = None, None, 0.0, 0.0
-        if dp["enabled"]:
-            plan = plan_for_site(dp, spec["training"], rounds, sizes[site.name], site.name)
+        if dp.enabled:
+            plan = plan_for_site(dp, spec.training, rounds, sizes[site.name], site.name)
             history, before, lifetime = _history(site, cfg.task.dataset, cfg.name, plan.mode)
             acc = PrivacyAccountant(site.name, cfg.task.dataset, cfg.name, plan.accountant, history)
             other = lifetime - before

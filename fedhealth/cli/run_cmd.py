@@ -14,9 +14,9 @@ from fedhealth.config.experiment import ExperimentConfig, load_experiment_with_s
 from fedhealth.config.site import SiteProfile
 from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
-from fedhealth.coordinator.progress import subscribe
 from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.errors import ConfigError, FederationError
+from fedhealth.errors import ConfigError, FederationError, FedHealthError
+from fedhealth.protocol import Metric
 from fedhealth.registry.store import default_tracking_uri
 
 
@@ -31,7 +31,7 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]
     from fedhealth.site.dataset import load_site_data
 
     build_strategy(cfg)  # a broken custom strategy fails here, not mid-run
-    task = cfg.task_spec()["task"]
+    task = cfg.task_spec().task
     sizes = {s.name: load_site_data(s, task).n_train for s in sites}
     privacy_outlook(cfg, sites, sizes)
     return sizes
@@ -101,32 +101,14 @@ def _simulate(
 ) -> RunSummary:
     from fedhealth.engines.simulation import run_simulation
 
-    result: dict = {}
-
-    def grab(event) -> None:
-        if event.kind == "run-finished":
-            result["summary"] = event.data["summary"]
-        elif event.kind == "run-failed":
-            result["error"] = event.data["error"]
-
-    unsub_grab = subscribe(grab)
     try:
         if verbose:
-            run_simulation(path, cfg, uri, verbose=True, resume_run_id=resume)
+            summary = run_simulation(path, cfg, uri, verbose=True, resume_run_id=resume)
         else:
             with LiveRun(console, cfg.name, cfg.experiment.rounds) as live:
-                unsub = subscribe(live)
-                try:
-                    run_simulation(path, cfg, uri, verbose=False, resume_run_id=resume)
-                finally:
-                    unsub()
-    finally:
-        unsub_grab()
-    if "error" in result:
-        raise FederationError(f"experiment {cfg.name!r} stopped: {result['error']}")
-    if "summary" not in result:
-        raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
-    summary = result["summary"]
+                summary = run_simulation(path, cfg, uri, resume_run_id=resume, on_event=live)
+    except FedHealthError as exc:
+        raise FederationError(f"experiment {cfg.name!r} stopped: {exc}") from None
     print_summary(console, summary)
     return summary
 
@@ -143,7 +125,8 @@ def print_summary(console: Console, s: RunSummary) -> None:
         m = s.site_metrics.get(site)
         row = [site, "", "-", "-"]
         if m is not None:
-            row = [site, str(int(m["num-examples"])), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}"]
+            n, acc, loss = m[Metric.NUM_EXAMPLES], m[Metric.ACCURACY], m[Metric.LOSS]
+            row = [site, str(int(n)), f"{acc:.4f}", f"{loss:.4f}"]
         if eps_col:
             row.append(format_epsilon(dp["sites"].get(site, {}).get("epsilon")))
         table.add_row(*row)
@@ -152,7 +135,7 @@ def print_summary(console: Console, s: RunSummary) -> None:
         pad = [""] if eps_col else []
         table.add_row(
             "[bold]all (weighted)",
-            str(int(g["num-examples"])),
+            str(int(g[Metric.NUM_EXAMPLES])),
             f"[bold]{g['accuracy']:.4f}",
             f"{g['loss']:.4f}",
             *pad,

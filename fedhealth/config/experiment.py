@@ -10,24 +10,45 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN, UnknownName
+from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.encryption import HESection, check_he_fits
 from fedhealth.config.loader import load_model
-from fedhealth.config.site import SITE_NAME, SiteProfile, load_site, options_problems
+from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
 from fedhealth.errors import ConfigError
+
+# The sections a site receives are wire types: defined once, in the protocol.
+from fedhealth.protocol import (
+    DPSection,
+    ModelSection,
+    TabularSchemaSection,
+    TaskSection,
+    TaskSpec,
+    TrainingSection,
+)
 from fedhealth.strategies import refusal
+
+__all__ = [
+    "DPSection",
+    "ExperimentConfig",
+    "ModelSection",
+    "TabularSchemaSection",
+    "TaskSection",
+    "TaskSpec",
+    "TrainingSection",
+    "load_experiment",
+    "load_experiment_with_sites",
+]
 
 
 class _Strict(BaseModel):
@@ -84,132 +105,6 @@ class ExperimentSection(_Strict):
         return self
 
 
-class TabularSchemaSection(_Strict):
-    """Consortium-wide table schema, so every site encodes features identically."""
-
-    numeric: list[str] = Field(
-        default_factory=list, description="Numeric feature columns, in feature order."
-    )
-    categorical: dict[str, list[str]] = Field(
-        default_factory=dict, description="Column -> consortium-wide category list (one-hot)."
-    )
-    label: str = Field(description="Label column.")
-    label_map: dict[str, int] | None = Field(
-        None, description="Raw label -> class index; without it labels must be integers."
-    )
-    binarize_label_above: float | None = Field(
-        None, description="If set, class = label > this value (e.g. 0 for heart disease)."
-    )
-    missing: Literal["drop", "error", "mean"] = Field(
-        "drop",
-        description="Rows with missing values: drop them, fail, or impute the site's column mean.",
-    )
-    drop: list[str] = Field(default_factory=list, description="Columns to ignore.")
-    drop_first: bool = Field(
-        False,
-        description="One-hot without the first category of each column (as pandas "
-        "get_dummies(drop_first=True); FLamby's Fed-Heart-Disease uses it).",
-    )
-
-    def feature_names(self) -> list[str]:
-        """Encoded feature names in model-input order: numeric, then one-hot columns."""
-        onehot = [
-            f"{col}={v}"
-            for col, values in self.categorical.items()
-            for v in (values[1:] if self.drop_first else values)
-        ]
-        return list(self.numeric) + onehot
-
-    @model_validator(mode="after")
-    def _features(self) -> TabularSchemaSection:
-        if not self.numeric and not self.categorical:
-            raise ValueError("declare at least one feature in `numeric` or `categorical`")
-        both = set(self.numeric) & set(self.categorical)
-        if both:
-            raise ValueError(f"columns {sorted(both)} are both numeric and categorical")
-        return self
-
-
-class TaskSection(_Strict):
-    """What to learn and from which of the sites' registered datasets."""
-
-    dataset: str = Field(description="Name of the dataset every site registers in its profile.")
-    kind: Literal["tabular", "image"] = Field(description="Tabular (EHR) or image task.")
-    num_classes: int = Field(2, ge=2, description="Number of classes.")
-    test_fraction: float = Field(
-        0.25,
-        gt=0,
-        lt=1,
-        description="Share of each site's records held out for evaluation (stratified).",
-    )
-    split_seed: int = Field(43, description="Seed of the train/test split.")
-    normalisation: Literal["site", "consortium", "none"] = Field(
-        "site",
-        description="z-score with each site's own statistics, with consortium statistics "
-        "from federated sums and counts, or not at all.",
-    )
-    image_size: int = Field(
-        32, ge=8, le=512, description="Images are resized to image_size x image_size."
-    )
-    schema_: TabularSchemaSection | None = Field(None, alias="schema")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _schema(self) -> TaskSection:
-        if self.kind == "tabular" and self.schema_ is None:
-            raise ValueError("a tabular task needs a [task.schema] table")
-        if self.kind == "image" and self.schema_ is not None:
-            raise ValueError("[task.schema] applies to tabular tasks only")
-        return self
-
-
-class ModelSection(BaseModel):
-    """Which network from the model catalogue, and its options (see the models below)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    name: str = Field(description="Network from the model catalogue (listed below).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _options(cls, data: Any) -> Any:
-        # The keys beside `name` are that model's options, checked against its schema.
-        if not isinstance(data, dict) or "name" not in data:
-            return data
-        name = str(data["name"])
-        try:
-            entry = MODELS.get(name)
-        except UnknownName as exc:
-            raise ValueError(str(exc)) from None
-        given = {k: v for k, v in data.items() if k != "name"}
-        if entry.options is None:
-            return data
-        try:
-            options = entry.options.model_validate(given).model_dump()
-        except ValidationError as exc:
-            raise ValueError(options_problems(exc, f"model {name!r}")) from None
-        return {"name": name, **options}
-
-    def options(self) -> dict[str, Any]:
-        """The model's options (every key but ``name``)."""
-        return dict(self.model_extra or {})
-
-
-class TrainingSection(_Strict):
-    """Local training at each site, per round."""
-
-    local_epochs: int = Field(
-        1, ge=1, description="Passes over the site's training split per round."
-    )
-    batch_size: int = Field(32, ge=1, description="Local batch size.")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimiser.")
-    learning_rate: float = Field(0.05, gt=0, description="Local learning rate.")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
-    max_steps: int | None = Field(None, ge=1, description="Cap on local steps per round.")
-
-
 class StrategySection(_Strict):
     """Aggregation strategy: a built-in name, or ``path/to/file.py:ClassName``."""
 
@@ -247,105 +142,6 @@ class StrategySection(_Strict):
         if not cls_name.isidentifier():
             raise ValueError(f"{cls_name!r} is not a class name")
         return f"{found.resolve()}:{cls_name}"
-
-
-class DPSection(_Strict):
-    """Differential privacy: record-level DP-SGD at every site, or site-level DP."""
-
-    enabled: bool = Field(False, description="Train with differential privacy.")
-    mode: Literal["record", "site"] = Field(
-        "record",
-        description="'record': DP-SGD at each site (Opacus; each patient record is protected); "
-        "'site': each site clips its whole update and adds its share of Gaussian noise "
-        "(each hospital is protected; the coordinator accounts the ε).",
-    )
-    noise_multiplier: float | None = Field(
-        None,
-        gt=0,
-        description="Record mode: DP-SGD noise multiplier σ (noise std / max_grad_norm). "
-        "Give this or target_epsilon.",
-    )
-    target_epsilon: float | None = Field(
-        None,
-        gt=0,
-        description="Record mode: ε each site may spend over the planned rounds x local steps; "
-        "each site's noise is calibrated to it. Give this or noise_multiplier.",
-    )
-    delta: float = Field(
-        1e-5,
-        gt=0,
-        lt=1,
-        description="δ of the guarantee; must be below 1/n for a site with n training records "
-        "(record mode) or below 1/number of sites (site mode).",
-    )
-    max_grad_norm: float = Field(
-        1.0, gt=0, description="Record mode: per-sample gradient clipping norm C."
-    )
-    accountant: Literal["rdp", "prv"] = Field(
-        "rdp", description="Privacy accountant: Rényi DP ('rdp') or PRV composition ('prv')."
-    )
-    grad_sample_mode: Literal["auto", "hooks", "ghost", "ew"] = Field(
-        "auto",
-        description="Opacus per-sample-gradient path; 'auto' picks ghost clipping when Linear "
-        "layers hold most parameters, else hooks ('ew' is needed for resnet18).",
-    )
-    clip_norm: float | None = Field(
-        None,
-        gt=0,
-        description="Site mode: L2 bound on each site's whole update (new minus global weights).",
-    )
-    site_noise_multiplier: float | None = Field(
-        None,
-        gt=0,
-        description="Site mode: σ of the summed update; each site adds noise of std "
-        "σ·clip_norm/sqrt(expected_sites).",
-    )
-    expected_sites: int | None = Field(
-        None,
-        ge=1,
-        description="Site mode: number of sites whose noise shares make up the full noise "
-        "(default: the number of listed sites).",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DPSection:
-        if not self.enabled:
-            return self
-        record_keys = {
-            "noise_multiplier": self.noise_multiplier,
-            "target_epsilon": self.target_epsilon,
-        }
-        site_keys = {
-            "clip_norm": self.clip_norm,
-            "site_noise_multiplier": self.site_noise_multiplier,
-            "expected_sites": self.expected_sites,
-        }
-        if self.mode == "record":
-            given = [k for k, v in record_keys.items() if v is not None]
-            if len(given) != 1:
-                raise ValueError(
-                    "record-level DP needs exactly one of `privacy.dp.noise_multiplier` and "
-                    f"`privacy.dp.target_epsilon` (got {', '.join(given) or 'neither'})"
-                )
-            extra = [k for k, v in site_keys.items() if v is not None]
-            if extra:
-                raise ValueError(
-                    f'{", ".join(f"`privacy.dp.{k}`" for k in extra)} apply to mode = "site" '
-                    'only; remove them or set mode = "site"'
-                )
-        else:
-            missing = [k for k in ("clip_norm", "site_noise_multiplier") if site_keys[k] is None]
-            if missing:
-                raise ValueError(
-                    f"site-level DP needs {' and '.join(f'`privacy.dp.{k}`' for k in missing)}"
-                )
-            extra = [k for k, v in record_keys.items() if v is not None]
-            if extra:
-                raise ValueError(
-                    f'{", ".join(f"`privacy.dp.{k}`" for k in extra)} apply to mode = "record" '
-                    "only; site-level noise is `privacy.dp.site_noise_multiplier`"
-                )
-        return self
 
 
 class PrivacySection(_Strict):
@@ -444,24 +240,24 @@ class ExperimentConfig(_Strict):
         walk("", self.model_dump(mode="json", by_alias=True))
         return out
 
-    def dp_spec(self) -> dict[str, Any]:
+    def dp_spec(self) -> DPSection:
         """The ``[privacy.dp]`` section as sites receive it (``expected_sites`` resolved)."""
-        dp = self.privacy.dp.model_dump(mode="json")
-        if dp["enabled"] and dp["mode"] == "site" and dp["expected_sites"] is None:
-            dp["expected_sites"] = len(self.experiment.sites)
+        dp = self.privacy.dp
+        if dp.enabled and dp.mode == "site" and dp.expected_sites is None:
+            dp = dp.model_copy(update={"expected_sites": len(self.experiment.sites)})
         return dp
 
-    def task_spec(self) -> dict[str, Any]:
+    def task_spec(self) -> TaskSpec:
         """What a site needs to know to train: task, model, training and privacy plan."""
-        return {
-            "experiment": self.experiment.name,
-            "task": self.task.model_dump(mode="json", by_alias=True),
-            "model": self.model.model_dump(mode="json"),
-            "training": self.training.model_dump(mode="json"),
-            "seed": self.experiment.seed,
-            "rounds": self.experiment.rounds,
-            "dp": self.dp_spec(),
-        }
+        return TaskSpec(
+            experiment=self.experiment.name,
+            task=self.task,
+            model=self.model,
+            training=self.training,
+            seed=self.experiment.seed,
+            rounds=self.experiment.rounds,
+            dp=self.dp_spec(),
+        )
 
 
 def load_experiment(path: Path) -> ExperimentConfig:

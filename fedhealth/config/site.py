@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from fedhealth.catalogue import READERS, UnknownName
+from fedhealth.catalogue import READERS, UnknownName, options_problems
 from fedhealth.config.loader import load_model
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -73,18 +73,6 @@ def _data_source(value: Any, info: ValidationInfo) -> BaseModel:
         return entry.options.model_validate(value, context=info.context)
     except ValidationError as exc:
         raise ValueError(options_problems(exc, f"dataset kind {kind!r}")) from None
-
-
-def options_problems(exc: ValidationError, what: str) -> str:
-    """One line naming each bad key of a plug-in's options (for the enclosing message)."""
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(options)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        if err["type"] == "missing":
-            msg = "required key is missing"
-        parts.append(f"`{key}`: {msg}")
-    return f"{what}: " + "; ".join(parts)
 
 
 DataSource = Annotated[SerializeAsAny[DataSourceBase], BeforeValidator(_data_source)]

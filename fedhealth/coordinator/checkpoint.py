@@ -1,12 +1,13 @@
 """Round checkpoints of a federated run, as MLflow artifacts of the run itself.
 
 As soon as a round is aggregated the coordinator logs ``checkpoints/round-NNNN.npz``: the
-global arrays, the strategy's state (server-optimiser moments such as FedAdam's
-``m_t``/``v_t``, FedAvgM's momentum) and a JSON header (round, consortium statistics, the
-sampler's random state, the privacy layers' state: each site's reported ε and the
-site-level accountant's history, the encrypted aggregation's binding and per-round
-bookkeeping, and the refusals so far). When the sites have evaluated the new model it logs
-``checkpoints/round-NNNN.eval.json`` with their metrics.
+global arrays and the federation's ``state_dict()``: the strategy's arrays (server-optimiser
+moments such as FedAdam's ``m_t``/``v_t``, FedAvgM's momentum) and a JSON header (round,
+consortium statistics, the sampler's random state, the privacy layers' ``state_dict()``:
+each site's reported ε and the site-level accountant's history, the encrypted
+aggregation's binding and per-round bookkeeping, and the refusals so far). This module
+knows nothing of the federation beyond those dicts. When the sites have evaluated the new
+model it logs ``checkpoints/round-NNNN.eval.json`` with their metrics.
 
 ``fedhealth run --resume RUN_ID`` restores the newest ``.npz``; if its evaluation is
 missing it evaluates that round first, then continues with the next round in the same
@@ -17,7 +18,6 @@ already decrypted cannot be run again (:class:`~fedhealth.privacy.he.contributio
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import random
@@ -33,7 +33,6 @@ from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import retrying
 
 ARTIFACT_DIR = "checkpoints"
-_SKIP = {"current_arrays"}  # recomputed by configure_train every round
 
 
 @dataclass
@@ -44,30 +43,6 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]
     strategy_state: dict[str, Any]
     meta: dict[str, Any]
-
-
-def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The strategy's array state: attributes holding ndarrays, dicts or lists of them."""
-    out: dict[str, Any] = {}
-    for name, value in vars(strategy).items():
-        if name in _SKIP or name.startswith("_"):
-            continue
-        if isinstance(value, np.ndarray) or (
-            isinstance(value, (dict, list))
-            and value
-            and all(
-                isinstance(v, np.ndarray)
-                for v in (value.values() if isinstance(value, dict) else value)
-            )
-        ):
-            out[name] = value
-    return out
-
-
-def restore_strategy(strategy: Any, state: dict[str, Any]) -> None:
-    """Put saved array state back on the strategy."""
-    for name, value in state.items():
-        setattr(strategy, name, value)
 
 
 def _pack(ck: Checkpoint) -> bytes:
@@ -154,35 +129,40 @@ def set_random_state(state: list) -> None:
     random.setstate((state[0], tuple(state[1]), state[2]))
 
 
-def save_round(fed: Any, round_: int, arrays: Any, glob: dict, per_site: dict) -> None:
-    """Checkpoint an aggregated round of federation ``fed`` (a coordinator ``Federation``).
+def save_round(
+    recorder: Any, round_: int, arrays: Any, state: dict[str, Any], glob: dict, per_site: dict
+) -> None:
+    """Checkpoint an aggregated round.
 
-    ``glob`` and ``per_site`` are the latest evaluation metrics (of the previous round).
+    Parameters
+    ----------
+    recorder : RunRecorder
+        The run's recorder (its MLflow client and run id).
+    round_ : int
+        The round just aggregated.
+    arrays : ArrayRecord
+        The new global arrays.
+    state : dict
+        The federation's ``state_dict()``: ``"strategy"`` holds the strategy's arrays
+        (stored as arrays), every other entry is JSON (stored in the header).
+    glob, per_site : dict
+        The latest evaluation metrics (of the previous round).
     """
-    meta: dict[str, Any] = {
-        "norm_stats": fed.norm_stats,
-        "random_state": random_state(),
-        "global_metrics": glob,
-        "site_metrics": per_site,
-        "refusals": [dataclasses.asdict(r) for r in getattr(fed, "refusals", [])],
-    }
-    for part in ("privacy", "encryption"):  # optional state of the privacy layers
-        obj = getattr(fed, part, None)
-        if obj is not None and hasattr(obj, "state_dict"):
-            meta[part] = obj.state_dict()
+    meta = {k: v for k, v in state.items() if k != "strategy"}
+    meta.update(random_state=random_state(), global_metrics=glob, site_metrics=per_site)
     arrs = {k: v.numpy() for k, v in arrays.items()}
-    ck = Checkpoint(round_, arrs, strategy_state(fed.strategy), meta)
-    save_checkpoint(fed.recorder.client, fed.recorder.run_id, ck)
+    ck = Checkpoint(round_, arrs, dict(state.get("strategy", {})), meta)
+    save_checkpoint(recorder.client, recorder.run_id, ck)
 
 
-def save_evaluation(fed: Any, round_: int, glob: dict, per_site: dict) -> None:
+def save_evaluation(recorder: Any, round_: int, glob: dict, per_site: dict) -> None:
     """Record that round ``round_`` was evaluated, with its metrics
     (``checkpoints/round-NNNN.eval.json``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"round-{round_:04d}.eval.json"
         path.write_text(json.dumps({"global_metrics": glob, "site_metrics": per_site}))
         retrying(
-            fed.recorder.client.log_artifact, fed.recorder.run_id, str(path), ARTIFACT_DIR,
+            recorder.client.log_artifact, recorder.run_id, str(path), ARTIFACT_DIR,
             what="log evaluation checkpoint",
         )  # fmt: skip
 
@@ -201,7 +181,9 @@ class ResumePoint:
     """Where a run starts: round ``first`` with ``arrays``.
 
     ``evaluate`` names a restored round whose evaluation the crash interrupted (run it
-    before round ``first``); ``global_metrics``/``site_metrics`` are the latest evaluation.
+    before round ``first``); ``global_metrics``/``site_metrics`` are the latest evaluation;
+    ``state`` is what to pass to the federation's ``load_state_dict`` (``None``: a fresh
+    start).
     """
 
     first: int
@@ -209,44 +191,41 @@ class ResumePoint:
     global_metrics: dict[str, Any]
     site_metrics: dict[str, Any]
     evaluate: int | None = None
+    state: dict[str, Any] | None = None
 
 
-def resume_point(fed: Any, arrays: Any) -> ResumePoint:
-    """Where federation ``fed`` starts: round 1 with ``arrays``, or after its last checkpoint,
-    with the strategy's, the privacy layers' and the sampler's state restored."""
-    if not getattr(fed, "resume_from", None):
-        return ResumePoint(1, arrays, {}, {})
+def resume_point(recorder: Any, config_hash: str, arrays: Any) -> ResumePoint:
+    """Where a resumed run starts: after the last checkpoint of ``recorder``'s (reopened)
+    MLflow run, or at round 1 with ``arrays`` if it has none. Restores the sampler's random
+    state; the federation restores the rest from :attr:`ResumePoint.state`.
+
+    Raises
+    ------
+    ConfigError
+        The MLflow run ran another configuration (``config_hash`` differs).
+    """
     from flwr.app import Array, ArrayRecord
 
-    client, run_id = fed.recorder.client, fed.recorder.run_id
+    client, run_id = recorder.client, recorder.run_id
     run = retrying(client.get_run, run_id, what=f"read run {run_id}")
     ran = run.data.tags.get("fedhealth.config_hash")
-    if ran and ran != fed.cfg.config_hash():
+    if ran and ran != config_hash:
         raise ConfigError(
             f"--resume {run_id}: that MLflow run ran another configuration of "
             f"{run.info.run_name or 'the experiment'!r} (config hash {ran}, "
-            f"this file {fed.cfg.config_hash()}); resume with the file it ran, or start a new run"
+            f"this file {config_hash}); resume with the file it ran, or start a new run"
         )
     listed = _listed(client, run_id)
     ck = load_latest(client, run_id, listed)
     if ck is None:
         return ResumePoint(1, arrays, {}, {})
-    restore_strategy(fed.strategy, ck.strategy_state)
-    fed.norm_stats = ck.meta.get("norm_stats")
-    set_random_state(ck.meta["random_state"])
-    for part in ("privacy", "encryption"):
-        obj = getattr(fed, part, None)
-        if obj is not None and part in ck.meta and hasattr(obj, "load_state_dict"):
-            obj.load_state_dict(ck.meta[part])
-    if hasattr(fed, "refusals"):
-        from fedhealth.coordinator.federation import Refusal
-
-        fed.refusals = [Refusal(**r) for r in ck.meta.get("refusals", [])]
+    set_random_state(ck.meta.pop("random_state"))
+    glob, per_site = ck.meta.pop("global_metrics", {}), ck.meta.pop("site_metrics", {})
+    state = dict(ck.meta, strategy=ck.strategy_state)
     restored = ArrayRecord({k: Array(v) for k, v in ck.arrays.items()})
     evaluated = _evaluation(client, run_id, ck.round, listed)
     if evaluated is None:
-        glob, per_site = ck.meta.get("global_metrics", {}), ck.meta.get("site_metrics", {})
-        return ResumePoint(ck.round + 1, restored, glob, per_site, evaluate=ck.round)
+        return ResumePoint(ck.round + 1, restored, glob, per_site, ck.round, state)
     return ResumePoint(
-        ck.round + 1, restored, evaluated["global_metrics"], evaluated["site_metrics"]
+        ck.round + 1, restored, evaluated["global_metrics"], evaluated["site_metrics"], None, state
     )

@@ -43,16 +43,16 @@ from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.ceremony import CoordinatorKeys, load_coordinator_keys
 from fedhealth.privacy.he.ckks import FlatSpec, HEParams, flatten_state, unflatten
 from fedhealth.privacy.he.contributions import EncryptedSum, answers_agree, split_aggregate
-from fedhealth.privacy.he.wire import (
-    ANSWER_ARRAY,
-    ANSWER_RECORD,
-    CONTRIBUTION_RECORD,
-    DECRYPT_MESSAGE_TYPE,
-    IDENTIFY_MESSAGE_TYPE,
-    REQUEST_RECORD,
+from fedhealth.privacy.he.wire import read_contribution, request_record
+from fedhealth.protocol import (
+    ConfigKey,
+    HEKey,
     HERound,
-    read_contribution,
-    request_record,
+    MessageKind,
+    Metric,
+    Record,
+    Refusal,
+    SiteKey,
 )
 from fedhealth.registry.recorder import RunRecorder
 
@@ -75,7 +75,7 @@ def describe_params(params: HEParams, quorum: int, weight_scale: float) -> str:
 
 
 def _site(msg: Message) -> str:
-    return str(msg.content["site"]["name"])
+    return str(msg.content[Record.SITE][SiteKey.NAME])
 
 
 #: Longest poll interval of the decryption exchange: a site answers it in milliseconds
@@ -91,7 +91,8 @@ def _exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
 def _answer(round_: int, msg: Message) -> np.ndarray:
     """The decrypted aggregate in a site's answer; FederationError if it carries none."""
     try:
-        return np.asarray(msg.content[ANSWER_RECORD][ANSWER_ARRAY].numpy(), dtype=np.float64)
+        answer = msg.content[Record.HE_ANSWER][HEKey.ANSWER_ARRAY]
+        return np.asarray(answer.numpy(), dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise FederationError(
             f"round {round_}: site {_site(msg)!r} answered the decryption request without a "
@@ -102,7 +103,7 @@ def _answer(round_: int, msg: Message) -> np.ndarray:
 
 def _refused(reply: Message, site: str, rule: str, exc: Exception) -> Message:
     """An error reply standing for a contribution the coordinator refused."""
-    reason = json.dumps({"site": site, "rule": rule, "message": str(exc)})
+    reason = Refusal(site=site, rule=rule, message=str(exc)).encode()
     return Message(
         error=Error(code=CONTRIBUTION_REFUSED_CODE, reason=reason),
         metadata=copy.deepcopy(reply.metadata),
@@ -171,7 +172,7 @@ class EncryptedAggregation:
         """The run's encrypted aggregation, or ``None`` if ``privacy.he`` is off."""
         if not cfg.privacy.he.enabled:
             return None
-        return cls(cfg, getattr(strategy, "weighted_by_key", "num-examples"), recorder, split)
+        return cls(cfg, getattr(strategy, "weighted_by_key", Metric.NUM_EXAMPLES), recorder, split)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class EncryptedAggregation:
         unknown = [n for n in nodes if n not in self._site_of_node]
         if unknown:
             asks = [
-                Message(RecordDict(), dst_node_id=n, message_type=IDENTIFY_MESSAGE_TYPE)
+                Message(RecordDict(), dst_node_id=n, message_type=MessageKind.IDENTIFY)
                 for n in unknown
             ]
             for reply in _exchange(grid, asks, self.cfg.experiment.round_timeout):
@@ -299,7 +300,7 @@ class EncryptedAggregation:
         assert self.round is not None
         self.round = dataclasses.replace(self.round, cohort=cohort)
         for m in msgs:
-            m.content["config"]["he-cohort"] = json.dumps(list(cohort))
+            m.content[Record.CONFIG][ConfigKey.HE_COHORT] = json.dumps(list(cohort))
 
     def _take(self, round_: int, reply: Message) -> Message:
         if reply.has_error():
@@ -310,14 +311,14 @@ class EncryptedAggregation:
             return _refused(
                 reply,
                 f"node {reply.metadata.src_node_id}",
-                "he-contribution",
+                Record.HE_CONTRIBUTION,
                 CryptoError(f"round {round_}: a reply without a site record"),
             )
         assert self._sum is not None and self._spec is not None, "announce() first"
         where = f"site {site!r}, round {round_}"
         try:
             chunks, contribution = read_contribution(
-                reply.content.get(CONTRIBUTION_RECORD), where=where
+                reply.content.get(Record.HE_CONTRIBUTION), where=where
             )
             if contribution.site != site:
                 raise CryptoError(
@@ -341,10 +342,15 @@ class EncryptedAggregation:
             self._costs["bytes"][site] = sum(map(len, chunks))
         except CryptoError as exc:
             self._costs["refused"] += 1
-            return _refused(reply, site, "he-contribution", exc)
+            return _refused(reply, site, Record.HE_CONTRIBUTION, exc)
         self._nodes[site] = reply.metadata.src_node_id
         # The reply travels on without its ciphertexts: only counts and metrics remain.
-        light = RecordDict({"metrics": reply.content["metrics"], "site": reply.content["site"]})
+        light = RecordDict(
+            {
+                Record.METRICS: reply.content[Record.METRICS],
+                Record.SITE: reply.content[Record.SITE],
+            }
+        )
         return Message(content=light, metadata=copy.deepcopy(reply.metadata))
 
     def aggregate(
@@ -387,12 +393,12 @@ class EncryptedAggregation:
         k = min(self.he.quorum, len(sites))
         chosen = sorted(secrets.SystemRandom().sample(sorted(sites), k))
         record = request_record(request)
-        config = ConfigRecord({"he-min-sites": self.cfg.experiment.min_sites})
+        config = ConfigRecord({ConfigKey.HE_MIN_SITES: self.cfg.experiment.min_sites})
         msgs = [
             Message(
-                RecordDict({REQUEST_RECORD: record, "config": config}),
+                RecordDict({Record.HE_REQUEST: record, Record.CONFIG: config}),
                 dst_node_id=self._nodes[s],
-                message_type=DECRYPT_MESSAGE_TYPE,
+                message_type=MessageKind.DECRYPT,
             )
             for s in chosen
         ]
@@ -421,11 +427,13 @@ class EncryptedAggregation:
         if not total > 0:
             raise FederationError(f"round {round_}: the decrypted total weight is {total:g}")
         new = self._apply(arrays, weighted / total)
-        examples = sum(float(m.content["metrics"].get("num-examples", 0)) for m in replies)
-        metrics = {self.weight_key: total, "num-examples": examples}
+        examples = sum(
+            float(m.content[Record.METRICS].get(Metric.NUM_EXAMPLES, 0)) for m in replies
+        )
+        metrics = {self.weight_key: total, Metric.NUM_EXAMPLES: examples}
         self._log_costs(round_, replies, answered, roundtrip, request.sum_chunks)
         self.history[round_] = {"contributors": sorted(sites), "decrypted_by": chosen}
-        content = RecordDict({"arrays": new, "metrics": MetricRecord(metrics)})
+        content = RecordDict({Record.ARRAYS: new, Record.METRICS: MetricRecord(metrics)})
         return [Message(content=content, metadata=copy.deepcopy(replies[0].metadata))]
 
     def _apply(self, arrays: ArrayRecord, mean_update: np.ndarray) -> ArrayRecord:
@@ -445,8 +453,13 @@ class EncryptedAggregation:
     ) -> None:
         assert self._spec is not None
         sent = list(self._costs["bytes"].values())
-        enc = [float(m.content["metrics"].get("he-encrypt-seconds", np.nan)) for m in replies]
-        dec = [float(m.content["metrics"].get("he-decrypt-seconds", np.nan)) for m in answered]
+        enc = [
+            float(m.content[Record.METRICS].get(Metric.HE_ENCRYPT_SECONDS, np.nan)) for m in replies
+        ]
+        dec = [
+            float(m.content[Record.METRICS].get(Metric.HE_DECRYPT_SECONDS, np.nan))
+            for m in answered
+        ]
         per_site = statistics.median(sent) if sent else 0.0
         metrics = {
             "he/contributions": float(len(sent)),

@@ -12,6 +12,7 @@ model is registered as a new model version with its provenance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -26,26 +27,34 @@ from flwr.serverapp import Grid
 
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.checkpoint import (
+    ResumePoint,
+    resume_point,
+    save_evaluation,
+    save_round,
+)
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.coordinator.privacy_report import PrivacyReport
-from fedhealth.coordinator.progress import publish
-from fedhealth.coordinator.strategies import build_strategy
-from fedhealth.coordinator.checkpoint import resume_point, save_evaluation, save_round
+from fedhealth.coordinator.progress import Observer, notify
+from fedhealth.coordinator.strategies import (
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.models.standardize import Standardize
+from fedhealth.protocol import (
+    Metric,
+    NormStats,
+    Record,
+    Refusal,
+    RoundConfig,
+    SiteKey,
+    StatsKey,
+)
 from fedhealth.registry.recorder import RunRecorder
-
-
-@dataclass
-class Refusal:
-    """A site's refusal (policy, data) or failure in one round."""
-
-    site: str
-    rule: str
-    message: str
-    round: int = 0
 
 
 @dataclass
@@ -96,17 +105,11 @@ def input_layout(cfg: ExperimentConfig) -> str:
 
 
 def _refusal(msg: Message) -> Refusal:
-    reason = msg.error.reason or ""
-    try:
-        d = json.loads(reason)
-        return Refusal(d.get("site", "?"), d.get("rule", "?"), d.get("message", reason))
-    except (json.JSONDecodeError, AttributeError):
-        last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
-        return Refusal(f"node {msg.metadata.src_node_id}", "error", last)
+    return Refusal.decode(msg.error.reason, node=f"node {msg.metadata.src_node_id}")
 
 
 def _site(msg: Message) -> str:
-    return str(msg.content["site"]["name"])
+    return str(msg.content[Record.SITE][SiteKey.NAME])
 
 
 class Federation:
@@ -118,10 +121,17 @@ class Federation:
         The validated experiment.
     tracking_uri : str
         The MLflow store to record to.
+    on_event : callable, optional
+        Observer of progress events (:mod:`fedhealth.coordinator.progress`), e.g. a live
+        display. The run's result is :meth:`run`'s return value.
     """
 
-    def __init__(self, cfg: ExperimentConfig, tracking_uri: str) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, tracking_uri: str, on_event: Observer | None = None
+    ) -> None:
         self.cfg = cfg
+        self.on_event = on_event
+        self.spec = cfg.task_spec()  # built once; every request carries its canonical bytes
         self.tracking_uri = tracking_uri
         self.strategy = build_strategy(cfg)
         self.recorder = RunRecorder(cfg, tracking_uri)
@@ -137,18 +147,20 @@ class Federation:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _notify(self, kind: str, round_: int = 0, **data: Any) -> None:
+        notify(self.on_event, kind, round_, **data)
+
     def _config(self, round_: int) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "spec": json.dumps(self.cfg.task_spec()),
-                "norm-stats": json.dumps(self.norm_stats) if self.norm_stats else "",
-                "server-round": round_,
-                # So each site's audit log can name the run, and through it the model
-                # version, its round contributed to (`fedhealth site audit`).
-                "mlflow-run-id": self.recorder.run_id or "",
-                "registered-model": self.cfg.registered_model or "",
-            }
+        config = RoundConfig(
+            spec=self.spec,
+            server_round=round_,
+            norm_stats=NormStats(**self.norm_stats) if self.norm_stats else None,
+            # So each site's audit log can name the run, and through it the model
+            # version, its round contributed to (`fedhealth site audit`).
+            mlflow_run_id=self.recorder.run_id or "",
+            registered_model=self.cfg.registered_model or "",
         )
+        return ConfigRecord(config.to_record())
 
     def _split(self, round_: int, replies: Iterable[Message]) -> list[Message]:
         ok = []
@@ -157,7 +169,9 @@ class Federation:
                 ref = _refusal(msg)
                 ref.round = round_
                 self.refusals.append(ref)
-                publish("site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message)
+                self._notify(
+                    "site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message
+                )
             else:
                 ok.append(msg)
         # Sorting by site makes aggregation order, and so the float sums, reproducible.
@@ -204,6 +218,31 @@ class Federation:
             raise FederationError(f"round {round_}: encrypted aggregation needs the grid")
         return self.encryption.aggregate(grid, round_, arrays, replies)
 
+    # -- state (checkpoints) ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the global arrays (see
+        :mod:`fedhealth.coordinator.checkpoint`): ``strategy`` holds arrays, the rest JSON."""
+        state: dict[str, Any] = {
+            "norm_stats": self.norm_stats,
+            "refusals": [dataclasses.asdict(r) for r in self.refusals],
+            "privacy": self.privacy.state_dict(),
+            "strategy": strategy_state(self.strategy),
+        }
+        if self.encryption is not None:
+            state["encryption"] = self.encryption.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        load_strategy_state(self.strategy, state.get("strategy", {}))
+        self.norm_stats = state.get("norm_stats")
+        self.refusals = [Refusal(**r) for r in state.get("refusals", [])]
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+        if self.encryption is not None and "encryption" in state:
+            self.encryption.load_state_dict(state["encryption"])
+
     # -- phases -------------------------------------------------------------------------------
 
     def consortium_statistics(self, grid: Grid) -> None:
@@ -211,7 +250,7 @@ class Federation:
         node_ids = list(grid.get_node_ids())
         msgs = [
             Message(
-                RecordDict({"config": self._config(0)}),
+                RecordDict({Record.CONFIG: self._config(0)}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -221,14 +260,14 @@ class Federation:
         self._require(0, ok, "consortium statistics")
         count, s, ss = 0, None, None
         for msg in ok:
-            m = json.loads(str(msg.content["stats"]["moments"]))
+            m = json.loads(str(msg.content[Record.STATS][StatsKey.MOMENTS]))
             count += m["count"]
             s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
             ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
         mean = s / count
         std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
         self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
-        publish("statistics", 0, sites=[_site(m) for m in ok], count=count)
+        self._notify("statistics", 0, sites=[_site(m) for m in ok], count=count)
 
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round of training and aggregation; returns the new global arrays."""
@@ -238,7 +277,7 @@ class Federation:
         msgs = self.strategy.configure_train(round_, arrays, config, grid)
         ok = self._split(round_, self.receive(grid, round_, msgs))
         self._require(round_, ok, "training")
-        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
             round_, self.prepare_for_aggregation(round_, ok, grid=grid, arrays=arrays)
         )
@@ -248,27 +287,25 @@ class Federation:
         train = {s: _prefix(strip(m), "train-") for s, m in per_site.items()}
         self.recorder.log_round(round_, {}, train)
         self.recorder.log_metrics(self.privacy.observe(round_, ok), round_)
-        publish("train-done", round_, sites=per_site)
+        self._notify("train-done", round_, sites=per_site)
         return new_arrays
 
     def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> tuple[dict, dict]:
         """Sites evaluate the global model on their test splits."""
         msgs = self.strategy.configure_evaluate(round_, arrays, self._config(round_), grid)
         ok = self._split(round_, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
-        per_site = {_site(m): dict(m.content["metrics"]) for m in ok}
+        per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
-        publish("evaluate-done", round_, sites=per_site, global_metrics=glob)
+        self._notify("evaluate-done", round_, sites=per_site, global_metrics=glob)
         return glob, per_site
 
     # -- the run ------------------------------------------------------------------------------
 
     def initial_model(self) -> torch.nn.Module:
         """The seeded initial global model."""
-        spec = self.cfg.task_spec()
-        return build_model(
-            spec["model"], input_dim(self.cfg), self.cfg.task.num_classes, self.cfg.experiment.seed
-        )
+        spec = self.spec
+        return build_model(spec.model, input_dim(self.cfg), spec.task.num_classes, spec.seed)
 
     def run(self, grid: Grid) -> RunSummary:
         """Run every round, then register the global model. Returns the summary."""
@@ -281,9 +318,13 @@ class Federation:
             run_id = self.recorder.reopen(self.resume_from)
         else:
             run_id = self.recorder.start(self.run_tags)
-        start = resume_point(self, arrays)
+        start = ResumePoint(1, arrays, {}, {})
+        if self.resume_from:
+            start = resume_point(self.recorder, cfg.config_hash(), arrays)
+            if start.state is not None:
+                self.load_state_dict(start.state)
         arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
-        publish(
+        self._notify(
             "run-started",
             0,
             experiment=cfg.name,
@@ -298,19 +339,19 @@ class Federation:
             if start.evaluate is not None and cfg.experiment.fraction_evaluate > 0:
                 # The crash came after aggregating this round, before its evaluation.
                 glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
-                save_evaluation(self, start.evaluate, glob, per_site)
+                save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
-                publish("round-started", r)
+                self._notify("round-started", r)
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
-                save_round(self, r, arrays, glob, per_site)
+                save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
                 if cfg.experiment.fraction_evaluate > 0:
                     glob, per_site = self.evaluate_round(grid, r, arrays)
-                    save_evaluation(self, r, glob, per_site)
+                    save_evaluation(self.recorder, r, glob, per_site)
             version = self.register(arrays, glob, per_site)
             status = "FINISHED"
         except FedHealthError as exc:
-            publish("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
+            self._notify("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
             raise
         finally:
             self.recorder.finish(status)
@@ -327,7 +368,7 @@ class Federation:
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
         )
-        publish("run-finished", cfg.experiment.rounds, summary=summary)
+        self._notify("run-finished", cfg.experiment.rounds)
         return summary
 
     def register(self, arrays: ArrayRecord, glob: dict, per_site: dict) -> str | None:
@@ -377,9 +418,9 @@ def aggregate_site_metrics(per_site: dict[str, dict]) -> dict[str, float]:
     """Global metrics: weighted by test examples, plus the plain mean over sites."""
     if not per_site:
         return {}
-    n = np.array([m["num-examples"] for m in per_site.values()], dtype=float)
-    out: dict[str, float] = {"num-examples": float(n.sum())}
-    for key in ("loss", "accuracy"):
+    n = np.array([m[Metric.NUM_EXAMPLES] for m in per_site.values()], dtype=float)
+    out: dict[str, float] = {Metric.NUM_EXAMPLES: float(n.sum())}
+    for key in (Metric.LOSS, Metric.ACCURACY):
         vals = np.array([m[key] for m in per_site.values()], dtype=float)
         out[key] = float((vals * n).sum() / max(n.sum(), 1))
         out[f"{key}_site_mean"] = float(vals.mean())

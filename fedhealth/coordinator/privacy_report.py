@@ -26,9 +26,17 @@ from flwr.app import Message
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.privacy.dp.accounting import epsilon_for_history
 from fedhealth.privacy.dp.site_level import effective_noise_multiplier
+from fedhealth.protocol import Metric, Record, SiteKey
 
 #: Privacy metrics a site adds to its training reply (``PrivacyGuard.charge``).
-REPLY_METRICS = ("epsilon", "epsilon-round", "dp-steps", "noise-multiplier", "sample-rate", "delta")
+REPLY_METRICS = (
+    Metric.EPSILON,
+    Metric.EPSILON_ROUND,
+    Metric.DP_STEPS,
+    Metric.NOISE_MULTIPLIER,
+    Metric.SAMPLE_RATE,
+    Metric.DELTA,
+)
 
 
 class PrivacyReport:
@@ -41,7 +49,7 @@ class PrivacyReport:
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.dp = cfg.dp_spec()
+        self.dp = cfg.dp_spec().model_dump(mode="json")
         self.sites: dict[str, dict[str, Any]] = {}
         self.site_level_history: list[tuple[float, float, int]] = []
         self.site_level_epsilon: float | None = None
@@ -79,19 +87,19 @@ class PrivacyReport:
             return out
         reporting = 0
         for msg in replies:
-            m = dict(msg.content["metrics"])
-            if "epsilon" not in m:
+            m = dict(msg.content[Record.METRICS])
+            if Metric.EPSILON not in m:
                 continue
             reporting += 1
-            site = str(msg.content["site"]["name"])
-            s = self.sites.setdefault(site, {"dp-steps": 0, "rounds": 0})
+            site = str(msg.content[Record.SITE][SiteKey.NAME])
+            s = self.sites.setdefault(site, {Metric.DP_STEPS: 0, "rounds": 0})
             s["rounds"] += 1
-            s["dp-steps"] += int(m["dp-steps"])
+            s[Metric.DP_STEPS] += int(m[Metric.DP_STEPS])
             s["last-round"] = round_
-            for key in ("epsilon", "noise-multiplier", "sample-rate", "delta"):
+            for key in (Metric.EPSILON, Metric.NOISE_MULTIPLIER, Metric.SAMPLE_RATE, Metric.DELTA):
                 s[key] = float(m[key])
-            s["dp-path"] = str(msg.content["site"].get("dp-path", ""))
-            for key in ("epsilon", "epsilon-round", "dp-steps", "noise-multiplier"):
+            s[SiteKey.DP_PATH] = str(msg.content[Record.SITE].get(SiteKey.DP_PATH, ""))
+            for key in REPLY_METRICS[:4]:  # epsilon, epsilon-round, dp-steps, noise-multiplier
                 out[f"site/{site}/{key}"] = float(m[key])
         if self.dp["mode"] == "site":
             sigma = effective_noise_multiplier(

@@ -1,8 +1,9 @@
 """Progress events of a federated run, for whoever is watching.
 
-The coordinator publishes events; the CLI subscribes a live table in
-simulation (where the ServerApp runs in-process), and MLflow records the same
-figures for a real deployment. Subscribers must not raise.
+The coordinator calls the ``on_event`` observer it was given (the CLI's live table in
+simulation, where the ServerApp runs in-process; none on a SuperLink, where MLflow records
+the same figures). The run's result is not an event: ``Federation.run`` returns its
+``RunSummary``. An observer must not raise; if it does, the run goes on.
 """
 
 from __future__ import annotations
@@ -24,22 +25,16 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Subscriber = Callable[[Event], None]
-_subscribers: list[Subscriber] = []
+Observer = Callable[[Event], None]
 
 
-def subscribe(fn: Subscriber) -> Callable[[], None]:
-    """Register ``fn`` for every event; returns a function that unsubscribes it."""
-    _subscribers.append(fn)
-    return lambda: _subscribers.remove(fn) if fn in _subscribers else None
-
-
-def publish(kind: str, round: int = 0, **data: Any) -> None:
-    """Send an event to every subscriber (and to the log at debug level)."""
-    event = Event(kind, round, data)
+def notify(observer: Observer | None, kind: str, round: int = 0, **data: Any) -> None:
+    """Send an event to ``observer`` (and to the log at debug level); a failing observer
+    is logged, never raised: a broken display must never break a run."""
     log.debug("%s round=%s %s", kind, round, data)
-    for fn in _subscribers:
-        try:
-            fn(event)
-        except Exception:  # a broken display must never break a run
-            log.exception("progress subscriber failed")
+    if observer is None:
+        return
+    try:
+        observer(Event(kind, round, data))
+    except Exception:
+        log.exception("progress observer failed")

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fedhealth.catalogue import STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import ConfigError
+from fedhealth.protocol import Metric
 from fedhealth.strategies import class_traits, refusal
 
 
@@ -105,7 +106,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         "min_available_nodes": exp.min_sites,
     }
     if site_level:
-        kwargs["weighted_by_key"] = "site-weight"  # each site weighs 1 in site mode
+        kwargs["weighted_by_key"] = Metric.SITE_WEIGHT  # each site weighs 1 in site mode
     kwargs = {k: v for k, v in kwargs.items() if k in params}
     for key, value in cfg.strategy.options.items():
         if key not in params or key == "self":
@@ -119,10 +120,45 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         strategy = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"key `strategy.options`: {cls.__name__} rejected them: {exc}") from None
-    if site_level and getattr(strategy, "weighted_by_key", None) != "site-weight":
+    if site_level and getattr(strategy, "weighted_by_key", None) != Metric.SITE_WEIGHT:
         raise ConfigError(
             f"key `strategy.name`: site-level DP needs every site to weigh the same, but "
             f"{cls.__name__} weighs replies by {getattr(strategy, 'weighted_by_key', '?')!r}; "
             "use a strategy that accepts weighted_by_key (e.g. fedavg)"
         )
     return strategy
+
+
+#: Strategy attributes a checkpoint does not keep (recomputed by configure_train every round).
+_NOT_STATE = {"current_arrays"}
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's array state: attributes holding ndarrays, or dicts or lists of them
+    (server-optimiser moments such as FedAdam's ``m_t``/``v_t``, FedAvgM's momentum).
+
+    Flower's strategies keep this state as plain attributes and have no ``state_dict``;
+    this is it, for any strategy built on Flower's base classes.
+    """
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if name in _NOT_STATE or name.startswith("_"):
+            continue
+        if isinstance(value, np.ndarray) or (
+            isinstance(value, (dict, list))
+            and value
+            and all(
+                isinstance(v, np.ndarray)
+                for v in (value.values() if isinstance(value, dict) else value)
+            )
+        ):
+            out[name] = value
+    return out
+
+
+def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Put :func:`strategy_state` back on the strategy."""
+    for name, value in state.items():
+        setattr(strategy, name, value)

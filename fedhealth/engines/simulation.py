@@ -1,7 +1,9 @@
 """The embedded engine: every site of a consortium on one machine, on Flower's simulation.
 
-The ServerApp and ClientApp are loaded by ``module:attribute`` strings exactly as
-``flwr run`` loads them. Flower's and Ray's log noise is kept out of the way
+The ClientApp is loaded by its ``module:attribute`` string exactly as ``flwr run`` loads
+it; the ServerApp is the same app built by ``fedhealth.coordinator.server_app.make_app``
+with this process's progress observer, so that the run's summary comes back as
+:func:`run_simulation`'s return value. Flower's and Ray's log noise is kept out of the way
 unless ``verbose``.
 """
 
@@ -12,8 +14,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.errors import FederationError
+
+if TYPE_CHECKING:
+    from fedhealth.coordinator.federation import RunSummary
+    from fedhealth.coordinator.progress import Observer
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"
@@ -42,8 +50,9 @@ def run_simulation(
     verbose: bool = False,
     cpus_per_site: float = 1.0,
     resume_run_id: str | None = None,
-) -> None:
-    """Run ``cfg`` with one simulated SuperNode per site.
+    on_event: Observer | None = None,
+) -> RunSummary:
+    """Run ``cfg`` with one simulated SuperNode per site; returns the run's summary.
 
     Parameters
     ----------
@@ -59,6 +68,17 @@ def run_simulation(
         CPU share of each simulated site; with 2 cores, two sites train at once.
     resume_run_id : str, optional
         MLflow run to continue from its last checkpoint (``fedhealth run --resume``).
+    on_event : callable, optional
+        Observer of progress events (the CLI's live table).
+
+    Returns
+    -------
+    RunSummary
+
+    Raises
+    ------
+    FedHealthError
+        The run stopped (the coordinator's error, e.g. fewer than ``min_sites`` replies).
     """
     _quiet(verbose)
     from flwr.app import Context, RecordDict
@@ -70,7 +90,10 @@ def run_simulation(
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    server_app = load_app(SERVER_APP, AttributeError)
+    from fedhealth.coordinator.server_app import make_app
+
+    results: list[RunSummary] = []
+    server_app = make_app(on_event, results)
     client_app = load_app(CLIENT_APP, AttributeError)
     run_config = {
         "experiment": str(Path(experiment_path).resolve()),
@@ -112,6 +135,9 @@ def run_simulation(
         run=run,
         verbose_logging=verbose,
     )
+    if not results:
+        raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
+    return results[0]
 
 
 def _exit_event():

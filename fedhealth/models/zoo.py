@@ -24,13 +24,14 @@ def model_names() -> list[str]:
     return MODELS.names()
 
 
-def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: int) -> nn.Module:
+def build_model(spec: Any, input_dim: int, num_classes: int, seed: int) -> nn.Module:
     """Build the named model with deterministic initial weights.
 
     Parameters
     ----------
-    spec : dict
-        The experiment's ``[model]`` section (``name`` plus that model's options).
+    spec : ModelSection or dict
+        The experiment's ``[model]`` section (``name`` plus options): the task spec's
+        :class:`~fedhealth.protocol.ModelSection`, or its dict form.
     input_dim : int
         Number of features (tabular) or image channels (imaging).
     num_classes : int
@@ -45,6 +46,8 @@ def build_model(spec: dict[str, Any], input_dim: int, num_classes: int, seed: in
     import torch
     from torch import nn
 
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump()
     name = spec["name"]
     try:
         entry = MODELS.get(name)

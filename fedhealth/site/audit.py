@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.jsonlines import append, read
+from fedhealth.protocol import HEKey, ProtocolError, Record, Refusal
 from fedhealth.site import timing as handler_timing
 
 AUDIT_FILE = "audit.log"
@@ -61,24 +62,14 @@ def content_digest(content: Any) -> tuple[int, str, list[str]]:
 
 
 def _request_info(msg: Any) -> dict[str, Any]:
+    """What the audit log records of a message that is not parsed as a round request:
+    its type and, for a decryption query, the round and experiment its request names."""
     info: dict[str, Any] = {"message_type": msg.metadata.message_type}
-    try:
-        config = msg.content["config"]
-        info["round"] = int(config.get("server-round", 0))
-        spec = json.loads(str(config.get("spec", "{}")) or "{}")
-        info["experiment"] = spec.get("experiment")
-        info["model"] = (spec.get("model") or {}).get("name")
-        info["dataset"] = (spec.get("task") or {}).get("dataset")
-        # The MLflow run, and through it the model version, this round contributes to.
-        info["mlflow_run"] = str(config.get("mlflow-run-id", "")) or None
-        info["registered_model"] = str(config.get("registered-model", "")) or None
-    except (KeyError, TypeError, ValueError):
-        pass
     try:  # a decryption query names its round and experiment in its "he-request" record
-        request = msg.content["he-request"]
-        info["round"] = int(request["round"])
+        request = msg.content[Record.HE_REQUEST]
+        info["round"] = int(request[HEKey.ROUND])
         # HE binding: "<experiment>:<MLflow run id>:<random>"
-        parts = str(request["experiment_id"]).split(":")
+        parts = str(request[HEKey.EXPERIMENT_ID]).split(":")
         info["experiment"] = parts[0]
         if len(parts) == 3 and parts[1] != "no-run":
             info["mlflow_run"] = parts[1]
@@ -104,13 +95,25 @@ def _epsilon(content: Any) -> float | None:
     return None
 
 
-def audited(resolve_workspace: Callable[[Any], tuple[str, Path]]) -> Callable:
-    """Decorator for a ClientApp handler ``(msg, context) -> Message``.
+def audited(
+    resolve_workspace: Callable[[Any], tuple[str, Path]],
+    parse: Callable[[Any], Any] | None = None,
+    refuse: Callable[[Any, str, Exception], Any] | None = None,
+) -> Callable:
+    """Decorator for a ClientApp handler.
 
     Parameters
     ----------
     resolve_workspace : callable
         ``context -> (site name, site workspace)``.
+    parse : callable, optional
+        ``msg -> request``: parses the request once (e.g.
+        :meth:`fedhealth.site.request.SiteRequest.from_message`). The handler is then
+        called as ``handler(msg, context, request)`` and the audit line records
+        ``request.audit_info()``. Without it the handler is ``handler(msg, context)``.
+    refuse : callable, optional
+        ``(msg, site, exc) -> reply``: the error reply to a request ``parse`` rejected
+        (:class:`~fedhealth.protocol.ProtocolError`); the handler does not run.
     """
 
     def wrap(handler: Callable) -> Callable:
@@ -128,18 +131,35 @@ def audited(resolve_workspace: Callable[[Any], tuple[str, Path]]) -> Callable:
         try:
             site, workspace = resolve_workspace(context)
         except Exception:  # noqa: BLE001 - the handler reports a bad profile itself
-            return handler(msg, context)
-        path = audit_path(workspace)
-        base = {"site": site, "handler": handler.__name__, **_request_info(msg)}
-        append(path, {"ts": time.time(), "event": "received", **base})
-        reply = handler(msg, context)
-        if reply.has_error():
+            site, workspace = "?", None
+        request, problem = None, None
+        if parse is not None:
             try:
-                why = json.loads(reply.error.reason or "{}")
-            except json.JSONDecodeError:
-                why = {"message": reply.error.reason}
+                request = parse(msg)
+            except ProtocolError as exc:
+                problem = exc
+
+        def call() -> Any:
+            if parse is None:
+                return handler(msg, context)
+            if problem is not None:
+                assert refuse is not None, "audited(parse=...) needs refuse=..."
+                return refuse(msg, site, problem)
+            return handler(msg, context, request)
+
+        if workspace is None:
+            return call()
+        path = audit_path(workspace)
+        info = _request_info(msg)
+        if request is not None:
+            info.update(request.audit_info())
+        base = {"site": site, "handler": handler.__name__, **info}
+        append(path, {"ts": time.time(), "event": "received", **base})
+        reply = call()
+        if reply.has_error():
+            why = Refusal.decode(reply.error.reason, node=site)
             append(path, {"ts": time.time(), "event": "refused", **base,
-                          "rule": why.get("rule", "error"), "message": why.get("message", ""),
+                          "rule": why.rule, "message": why.message,
                           "timing": timing.record()})  # fmt: skip
         else:
             size, digest, names = content_digest(reply.content)

@@ -4,8 +4,10 @@ A site learns who it is from its node config (``profile = "path/to/site.toml"``,
 as a SuperNode is started in a real deployment) or, in simulation, from the
 run config's list of site profiles indexed by the node's partition id.
 
-A refusal or a data problem is answered with an error reply whose reason is a
-JSON object ``{"site", "rule", "message"}``: the coordinator reports it and
+The request's config is parsed once (:class:`~fedhealth.site.request.SiteRequest`, by the
+audit decorator) and the same object flows to the runtime and the encrypted reply. A
+refusal, a data problem or a malformed request (the field named) is answered with an error
+reply carrying a :class:`~fedhealth.protocol.Refusal`: the coordinator reports it and
 carries on with the other sites; the site process never crashes on bad input.
 
 In a real deployment every message starts a new ClientApp process, so this module
@@ -38,17 +40,20 @@ from flwr.clientapp import ClientApp
 
 from fedhealth.catalogue import READERS
 from fedhealth.config.site import SiteProfile, load_site
-from fedhealth.site.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
-from fedhealth.privacy.he.names import (
-    ANSWER_ARRAY,
-    ANSWER_RECORD,
-    CONTRIBUTION_RECORD,
-    DECRYPT_ACTION,
-    IDENTIFY_ACTION,
-    REQUEST_RECORD,
+from fedhealth.protocol import (
+    REFUSAL_CODE,
+    HEKey,
+    MessageKind,
+    Metric,
+    ProtocolError,
+    Record,
+    Refusal,
+    SiteKey,
+    StatsKey,
 )
-from fedhealth.site.request import RoundRequest
+from fedhealth.site.audit import audited
+from fedhealth.site.request import SiteRequest
 from fedhealth.site.timing import phase
 
 if TYPE_CHECKING:
@@ -57,7 +62,6 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
-REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
 
 
 @lru_cache(maxsize=64)
@@ -86,25 +90,29 @@ def _audit_site(context: Context) -> tuple[str, Path]:
     return profile.name, profile.workspace
 
 
-def _refuse(msg: Message, site: str, exc: Exception) -> Message:
+def _refuse(msg: Message, site: str, exc: Exception, round_: int = 0) -> Message:
+    """The error reply of a refusal: ``exc.rule`` (or the error's type) names the check."""
     rule = getattr(exc, "rule", type(exc).__name__)
-    reason = json.dumps({"site": site, "rule": rule, "message": str(exc)})
-    return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
+    refusal = Refusal(site=site, rule=str(rule), message=str(exc), round=round_)
+    return Message(Error(code=REFUSAL_CODE, reason=refusal.encode()), reply_to=msg)
 
 
 def _arrays(msg: Message) -> dict:
     with phase("serialise"):
-        return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        record = msg.content.get(Record.ARRAYS)
+        if record is None:
+            raise ProtocolError("the request carries no global model (`arrays` record)")
+        return {k: v.numpy() for k, v in record.items()}
 
 
-def modules_for(profile: SiteProfile, request: RoundRequest, training: bool) -> list[str]:
+def modules_for(profile: SiteProfile, request: SiteRequest, training: bool) -> list[str]:
     """The modules a train, evaluate or statistics request needs.
 
     Parameters
     ----------
     profile : SiteProfile
         The site's profile (which kind of dataset the task reads).
-    request : RoundRequest
+    request : SiteRequest
         The request (DP on, round encrypted).
     training : bool
         A training request (the others need neither Opacus nor TenSEAL).
@@ -117,7 +125,7 @@ def modules_for(profile: SiteProfile, request: RoundRequest, training: bool) -> 
         (TenSEAL) when the round is encrypted.
     """
     mods = ["fedhealth.site.runtime"]
-    source = profile.datasets.get(str(request.spec["task"]["dataset"]))
+    source = profile.datasets.get(request.spec.task.dataset)
     if source is not None:
         mods += READERS.get(source.kind).imports  # what its reader imports beyond runtime
     if training and request.dp_enabled:
@@ -135,15 +143,16 @@ def _import(modules: list[str]) -> None:
 
 
 def _site_record(profile: SiteProfile, runtime: SiteRuntime | None = None) -> ConfigRecord:
-    record: dict = {"name": profile.name}
+    record: dict = {SiteKey.NAME: profile.name}
     if runtime is not None and runtime.guard.grad_sample_mode:
-        record["dp-path"] = runtime.guard.grad_sample_mode  # which per-sample-gradient path ran
+        # Which per-sample-gradient path ran.
+        record[SiteKey.DP_PATH] = runtime.guard.grad_sample_mode
     return ConfigRecord(record)
 
 
 @app.train()
-@audited(_audit_site)
-def train(msg: Message, context: Context) -> Message:
+@audited(_audit_site, SiteRequest.from_message, _refuse)
+def train(msg: Message, context: Context, request: SiteRequest) -> Message:
     """Train on local data from the global model; reply with the update and counts.
 
     With DP on, the round's ε is committed to the site's ledger inside
@@ -152,7 +161,6 @@ def train(msg: Message, context: Context) -> Message:
     """
     profile, idx = site_profile(context)
     try:
-        request = RoundRequest.from_config(dict(msg.content["config"]))
         _import(modules_for(profile, request, training=True))
         from fedhealth.site.runtime import SiteRuntime
 
@@ -160,13 +168,13 @@ def train(msg: Message, context: Context) -> Message:
         global_arrays = _arrays(msg)
         arrays, metrics = runtime.train(global_arrays, idx)
         sealed = None
-        if request.he_enabled:
+        if request.he is not None:
             from fedhealth.site.encrypted_reply import seal_update
 
             # An encrypted round: the update leaves the site only as signed CKKS ciphertexts.
             with phase("encrypt"):
                 sealed = seal_update(
-                    msg.content["config"],
+                    request.he,
                     profile,
                     experiment=request.experiment,
                     round_=request.round,
@@ -174,49 +182,49 @@ def train(msg: Message, context: Context) -> Message:
                     new_arrays=arrays,
                     metrics=metrics,
                 )
-    except (FedHealthError, PolicyError) as exc:
-        return _refuse(msg, profile.name, exc)
+    except (FedHealthError, PolicyError, ProtocolError) as exc:
+        return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
         update = (
-            {CONTRIBUTION_RECORD: sealed}
+            {Record.HE_CONTRIBUTION: sealed}
             if sealed is not None
-            else {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})}
+            else {Record.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()})}
         )
         content = RecordDict(
             {
                 **update,
-                "metrics": MetricRecord(metrics),
-                "site": _site_record(profile, runtime),
+                Record.METRICS: MetricRecord(metrics),
+                Record.SITE: _site_record(profile, runtime),
             }
         )
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
-@audited(_audit_site)
-def evaluate(msg: Message, context: Context) -> Message:
+@audited(_audit_site, SiteRequest.from_message, _refuse)
+def evaluate(msg: Message, context: Context, request: SiteRequest) -> Message:
     """Evaluate the global model on the site's test split; reply with metrics only."""
     profile, _ = site_profile(context)
     try:
-        request = RoundRequest.from_config(dict(msg.content["config"]))
         _import(modules_for(profile, request, training=False))
         from fedhealth.site.runtime import SiteRuntime
 
         metrics = SiteRuntime(profile, request).evaluate(_arrays(msg))
-    except FedHealthError as exc:
-        return _refuse(msg, profile.name, exc)
+    except (FedHealthError, ProtocolError) as exc:
+        return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
-        content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(profile)})
+        content = RecordDict(
+            {Record.METRICS: MetricRecord(metrics), Record.SITE: _site_record(profile)}
+        )
     return Message(content, reply_to=msg)
 
 
 @app.query()
-@audited(_audit_site)
-def query(msg: Message, context: Context) -> Message:
+@audited(_audit_site, SiteRequest.from_message, _refuse)
+def query(msg: Message, context: Context, request: SiteRequest) -> Message:
     """Answer a statistics query: sizes and per-feature sums, never rows."""
     profile, _ = site_profile(context)
     try:
-        request = RoundRequest.from_config(dict(msg.content["config"]))
         _import(modules_for(profile, request, training=False))
         from fedhealth.site.runtime import SiteRuntime
 
@@ -225,19 +233,19 @@ def query(msg: Message, context: Context) -> Message:
             stats = runtime.moments()
             counts = runtime.data.counts()
     except FedHealthError as exc:
-        return _refuse(msg, profile.name, exc)
+        return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
         content = RecordDict(
             {
-                "stats": ConfigRecord({"moments": json.dumps(stats)}),
-                "metrics": MetricRecord(counts),
-                "site": _site_record(profile),
+                Record.STATS: ConfigRecord({StatsKey.MOMENTS: json.dumps(stats)}),
+                Record.METRICS: MetricRecord(counts),
+                Record.SITE: _site_record(profile),
             }
         )
     return Message(content, reply_to=msg)
 
 
-@app.query(DECRYPT_ACTION)
+@app.query(MessageKind.DECRYPT_ACTION)
 @audited(_audit_site)
 def decrypt(msg: Message, context: Context) -> Message:
     """Decrypt the round's encrypted *sum* if every check passes; otherwise refuse.
@@ -252,23 +260,23 @@ def decrypt(msg: Message, context: Context) -> Message:
 
         with phase("decrypt"):
             aggregate, seconds = decrypt_aggregate(
-                profile, msg.content.get(REQUEST_RECORD), msg.content.get("config")
+                profile, msg.content.get(Record.HE_REQUEST), msg.content.get(Record.CONFIG)
             )
     except FedHealthError as exc:
         return _refuse(msg, profile.name, exc)
     with phase("serialise"):
         content = RecordDict(
             {
-                ANSWER_RECORD: ArrayRecord({ANSWER_ARRAY: Array(aggregate)}),
-                "metrics": MetricRecord({"he-decrypt-seconds": seconds}),
-                "site": _site_record(profile),
+                Record.HE_ANSWER: ArrayRecord({HEKey.ANSWER_ARRAY: Array(aggregate)}),
+                Record.METRICS: MetricRecord({Metric.HE_DECRYPT_SECONDS: seconds}),
+                Record.SITE: _site_record(profile),
             }
         )
     return Message(content, reply_to=msg)
 
 
-@app.query(IDENTIFY_ACTION)
+@app.query(MessageKind.IDENTIFY_ACTION)
 def identify(msg: Message, context: Context) -> Message:
     """Say which site this node is (for encrypted rounds bound to a named cohort)."""
     profile, _ = site_profile(context)
-    return Message(RecordDict({"site": _site_record(profile)}), reply_to=msg)
+    return Message(RecordDict({Record.SITE: _site_record(profile)}), reply_to=msg)

@@ -70,14 +70,14 @@ def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.nd
 _CACHE: dict[str, SiteData] = {}
 
 
-def load_site_data(profile: SiteProfile, task: dict[str, Any]) -> SiteData:
+def load_site_data(profile: SiteProfile, task: Any) -> SiteData:
     """Read, encode and split the site's dataset for ``task`` (cached per process).
 
     Parameters
     ----------
     profile : SiteProfile
         The site's profile (where its data is).
-    task : dict
+    task : TaskSection or dict
         The experiment's ``[task]`` section as sent by the coordinator.
 
     Returns
@@ -85,6 +85,8 @@ def load_site_data(profile: SiteProfile, task: dict[str, Any]) -> SiteData:
     SiteData
         Stratified train/test split (``task.test_fraction``, ``task.split_seed``).
     """
+    if hasattr(task, "model_dump"):  # the spec's TaskSection; the readers take its dict form
+        task = task.model_dump(mode="json", by_alias=True)
     key = hashlib.sha256(
         json.dumps([profile.model_dump(mode="json"), task], sort_keys=True).encode()
     ).hexdigest()

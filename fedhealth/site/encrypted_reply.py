@@ -36,6 +36,7 @@ from fedhealth.privacy.he.wire import (
     contribution_record,
     read_request,
 )
+from fedhealth.protocol import ConfigKey, Metric
 from fedhealth.site.timing import phase
 
 __all__ = [
@@ -188,8 +189,8 @@ def encrypt_update(
     except (ConfigError, CryptoError) as exc:
         raise HERefusal(str(exc), rule="he-encrypt") from None
     costs = {
-        "he-encrypt-seconds": time.perf_counter() - t0,
-        "he-bytes": float(sum(map(len, chunks))),
+        Metric.HE_ENCRYPT_SECONDS: time.perf_counter() - t0,
+        Metric.HE_BYTES: float(sum(map(len, chunks))),
     }
     with phase("serialise"):  # the audit log's timing; the rest of this call is "encrypt"
         record = contribution_record(chunks, contribution)
@@ -197,7 +198,7 @@ def encrypt_update(
 
 
 def seal_update(
-    config: Any,
+    he: HERound,
     profile: SiteProfile,
     *,
     experiment: str,
@@ -205,18 +206,13 @@ def seal_update(
     global_arrays: dict[str, np.ndarray],
     new_arrays: dict[str, np.ndarray],
     metrics: dict[str, Any],
-) -> Any | None:
-    """The train reply's encrypted update if the round is encrypted, else ``None``.
+) -> Any:
+    """The train reply's encrypted update for the round announced by ``he``.
 
-    Adds the encryption costs to ``metrics``. See :func:`encrypt_update` for the
-    parameters and the refusals.
+    ``he`` is the request's announcement, parsed once with the request
+    (:class:`fedhealth.site.request.SiteRequest`). Adds the encryption costs to
+    ``metrics``. See :func:`encrypt_update` for the parameters and the refusals.
     """
-    try:
-        he = HERound.from_config(config)
-    except CryptoError as exc:
-        raise HERefusal(f"site {profile.name!r}: {exc}", rule="he-round") from None
-    if he is None:
-        return None
     record, costs = encrypt_update(
         profile,
         he,
@@ -272,7 +268,7 @@ def decrypt_aggregate(profile: SiteProfile, record: Any, config: Any) -> tuple[n
         request = read_request(record)
         nonce = _contributed_nonce(keys, request.experiment_id, request.round)
         floor = profile.keys.min_decrypt_sites if profile.keys is not None else 2
-        announced = int((config or {}).get("he-min-sites", 2))
+        announced = int((config or {}).get(ConfigKey.HE_MIN_SITES, 2))
         out = verify_and_decrypt(
             request,
             keys,

@@ -25,11 +25,8 @@ every single record).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +52,7 @@ from fedhealth.privacy.dp.randomness import (
     round_binding,
 )
 from fedhealth.privacy.dp.site_level import add_noise_share, clip_update
+from fedhealth.protocol import DPSection, Metric, TaskSpec
 from fedhealth.site.trainer import Wrap
 
 #: Calibrated noise multipliers remembered across the per-message processes of a site.
@@ -103,7 +101,7 @@ class PrivacyGuard:
         Experiment name.
     round_ : int
         Round number.
-    spec : dict
+    spec : TaskSpec
         The task spec the coordinator sent (``ExperimentConfig.task_spec``).
     he_enabled : bool
         Whether this round's update leaves encrypted (policy rule ``require_he``).
@@ -114,7 +112,7 @@ class PrivacyGuard:
         profile: SiteProfile,
         experiment: str,
         round_: int,
-        spec: dict,
+        spec: TaskSpec,
         he_enabled: bool = False,
     ) -> None:
         self.profile = profile
@@ -122,9 +120,9 @@ class PrivacyGuard:
         self.experiment = experiment
         self.round = int(round_)
         self.spec = spec
-        self.dataset = str(spec["task"]["dataset"])
-        self.model_name = str(spec["model"]["name"])
-        self.dp: dict[str, Any] = spec.get("dp") or {"enabled": False}
+        self.dataset = spec.task.dataset
+        self.model_name = spec.model.name
+        self.dp: DPSection = spec.dp
         self.policy = PrivacyPolicy.from_mapping(profile.privacy)
         self.he_enabled = he_enabled
         self.grad_sample_mode: str | None = None
@@ -132,12 +130,12 @@ class PrivacyGuard:
     @property
     def enabled(self) -> bool:
         """Whether the experiment trains with DP."""
-        return bool(self.dp.get("enabled"))
+        return self.dp.enabled
 
     @property
     def mode(self) -> str | None:
         """``"record"``, ``"site"`` or None (DP off)."""
-        return str(self.dp["mode"]) if self.enabled else None
+        return self.dp.mode if self.enabled else None
 
     # -- checks that spend nothing -----------------------------------------------------------
 
@@ -166,7 +164,7 @@ class PrivacyGuard:
         """This site's DP plan for the experiment (ConfigError names key and site)."""
         try:
             return plan_for_site(
-                self.dp, self.spec["training"], int(self.spec["rounds"]), n_train, self.site,
+                self.dp, self.spec.training, self.spec.rounds, n_train, self.site,
                 cache=self.profile.workspace / CALIBRATION_CACHE,
             )  # fmt: skip
         except ConfigError as exc:
@@ -275,7 +273,7 @@ class PrivacyGuard:
             "experiment": self.experiment,
             "round": self.round,
             **round_binding(run_id, nonce),
-            "spec": hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest(),
+            "spec": self.spec.digest(),
             "weights": digest_arrays(arrays),
             "data": digest_arrays([x, y]),
         }
@@ -303,7 +301,7 @@ class PrivacyGuard:
 
         plan = admission.plan
         assert plan is not None and plan.mode == "record"
-        mode = str(self.dp.get("grad_sample_mode", "auto"))
+        mode = self.dp.grad_sample_mode
         if mode == "auto" and self.model_name in EW_ONLY_MODELS:
             mode = "ew"
 
@@ -318,7 +316,7 @@ class PrivacyGuard:
                 optimizer,
                 secret,
                 noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=float(self.dp["max_grad_norm"]),
+                max_grad_norm=self.dp.max_grad_norm,
                 grad_sample_mode=mode,
                 noise_generator=self._generator("dp-sgd-noise", context),
                 site=self.site,
@@ -356,15 +354,13 @@ class PrivacyGuard:
         flat = np.concatenate(
             [(new[k].astype(np.float64) - old[k].astype(np.float64)).ravel() for k in names]
         )
-        clipped, _ = clip_update(flat, float(self.dp["clip_norm"]))
+        dp = self.dp  # TaskSpec guarantees these in site mode
+        assert dp.clip_norm and dp.site_noise_multiplier and dp.expected_sites
+        clipped, _ = clip_update(flat, dp.clip_norm)
         key = load_or_create_key(self.profile.noise_key_path)
         rng = np.random.default_rng(derive_seed(key, "site-noise", context))
         noisy = add_noise_share(
-            clipped,
-            float(self.dp["site_noise_multiplier"]),
-            float(self.dp["clip_norm"]),
-            int(self.dp["expected_sites"]),
-            rng,
+            clipped, dp.site_noise_multiplier, dp.clip_norm, dp.expected_sites, rng
         )
         out, i = {}, 0
         for k in names:
@@ -418,10 +414,10 @@ class PrivacyGuard:
                 kind=plan.mode,
             )
         return {
-            "epsilon": total,
-            "epsilon-round": total - admission.spent_before,
-            "dp-steps": steps,
-            "noise-multiplier": plan.noise_multiplier,
-            "sample-rate": plan.sample_rate,
-            "delta": plan.delta,
+            Metric.EPSILON: total,
+            Metric.EPSILON_ROUND: total - admission.spent_before,
+            Metric.DP_STEPS: steps,
+            Metric.NOISE_MULTIPLIER: plan.noise_multiplier,
+            Metric.SAMPLE_RATE: plan.sample_rate,
+            Metric.DELTA: plan.delta,
         }

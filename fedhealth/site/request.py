@@ -1,48 +1,108 @@
-"""What the coordinator asks of a site in one round, parsed from the message's config.
+"""What the coordinator asks of a site in one message, parsed once from its config record.
 
 Kept apart from :mod:`fedhealth.site.runtime` (which imports torch and the data readers)
-so that the ClientApp can read a request before deciding what it has to import.
+so that the ClientApp can read a request before deciding what it has to import. The
+ClientApp's audit decorator parses it (:meth:`SiteRequest.from_message`) and hands the
+same object to the handler, the runtime and the encrypted reply.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from fedhealth.protocol import HERound, Record, RoundConfig, TaskSpec
 
-@dataclass
-class RoundRequest:
-    """What the coordinator asks of a site in one round."""
 
-    experiment: str
-    round: int
-    spec: dict[str, Any]
-    proximal_mu: float = 0.0
-    norm_stats: dict[str, Any] | None = None
-    weight_exponent: float = 1.0
-    he_enabled: bool = False  # the update must leave encrypted (privacy.he; policy require_he)
-    run_id: str = ""  # the coordinator's MLflow run id; with the nonce, part of every seed
-    nonce: str = ""  # the encrypted round's fresh nonce (he-nonce), empty in plaintext rounds
+@dataclass(frozen=True)
+class SiteRequest:
+    """One parsed request to a site (train, evaluate or statistics).
+
+    Parameters
+    ----------
+    config : RoundConfig
+        The request's ``"config"`` record, typed.
+    """
+
+    config: RoundConfig
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> RoundRequest:
-        """Parse the ConfigRecord a strategy sent."""
-        spec = json.loads(str(config["spec"]))
-        stats = config.get("norm-stats")
-        return cls(
-            experiment=spec["experiment"],
-            round=int(config.get("server-round", 0)),
-            spec=spec,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            norm_stats=json.loads(str(stats)) if stats else None,
-            weight_exponent=float(config.get("weight-exponent", 1.0)),
-            he_enabled=bool(config.get("he-enabled", False)),
-            run_id=str(config.get("mlflow-run-id", "") or ""),
-            nonce=str(config.get("he-nonce", "") or ""),
-        )
+    def from_message(cls, msg: Any) -> SiteRequest:
+        """Parse a Flower message's ``"config"`` record.
+
+        Raises
+        ------
+        fedhealth.protocol.ProtocolError
+            A key is missing or malformed (the error names it).
+        """
+        content = msg.content
+        return cls(RoundConfig.from_record(content.get(Record.CONFIG)))
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The experiment's task spec."""
+        return self.config.spec
+
+    @property
+    def experiment(self) -> str:
+        """The experiment's name."""
+        return self.config.spec.experiment
+
+    @property
+    def round(self) -> int:
+        """The round (0: the consortium statistics query)."""
+        return self.config.server_round
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's proximal weight (0: none)."""
+        return self.config.proximal_mu
+
+    @property
+    def weight_exponent(self) -> float:
+        """Exponent of the aggregation weight ``n ** alpha`` (BalancedFedAvg)."""
+        return self.config.weight_exponent
+
+    @property
+    def norm_stats(self) -> dict[str, Any] | None:
+        """Consortium normalisation statistics (``mean``, ``std``), if sent."""
+        stats = self.config.norm_stats
+        return stats.model_dump() if stats is not None else None
+
+    @property
+    def he(self) -> HERound | None:
+        """The round's encrypted-aggregation announcement (``None``: plaintext)."""
+        return self.config.he
+
+    @property
+    def he_enabled(self) -> bool:
+        """Whether the update must leave encrypted (privacy.he; policy ``require_he``)."""
+        return self.config.he is not None
+
+    @property
+    def run_id(self) -> str:
+        """The coordinator's MLflow run id; with the nonce, part of every seed."""
+        return self.config.mlflow_run_id
+
+    @property
+    def nonce(self) -> str:
+        """The encrypted round's fresh nonce, empty in a plaintext round."""
+        return self.config.he.nonce if self.config.he is not None else ""
 
     @property
     def dp_enabled(self) -> bool:
         """Whether the experiment trains with differential privacy."""
-        return bool((self.spec.get("dp") or {}).get("enabled"))
+        return self.config.spec.dp.enabled
+
+    def audit_info(self) -> dict[str, Any]:
+        """What the site's audit log records about the request."""
+        info = {
+            "round": self.round,
+            "experiment": self.experiment,
+            "model": self.spec.model.name,
+            "dataset": self.spec.task.dataset,
+            # The MLflow run, and through it the model version, this round contributes to.
+            "mlflow_run": self.config.mlflow_run_id or None,
+            "registered_model": self.config.registered_model or None,
+        }
+        return {k: v for k, v in info.items() if v is not None}

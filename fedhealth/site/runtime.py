@@ -19,13 +19,14 @@ from fedhealth.data.normalisation import Standardizer
 from fedhealth.errors import FedHealthError
 from fedhealth.models import build_model
 from fedhealth.privacy.dp.randomness import training_seed
+from fedhealth.protocol import Metric
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
 from fedhealth.site.privacy_guard import PrivacyGuard
-from fedhealth.site.request import RoundRequest
+from fedhealth.site.request import SiteRequest
 from fedhealth.site.timing import phase
 from fedhealth.site.trainer import evaluate, train_local
 
-__all__ = ["RoundRequest", "SiteRuntime"]
+__all__ = ["SiteRequest", "SiteRuntime"]
 
 
 class SiteRuntime:
@@ -35,14 +36,15 @@ class SiteRuntime:
     ----------
     profile : SiteProfile
         The site's profile.
-    request : RoundRequest
-        The round's request.
+    request : SiteRequest
+        The round's request, parsed once by the ClientApp.
     """
 
-    def __init__(self, profile: SiteProfile, request: RoundRequest) -> None:
+    def __init__(self, profile: SiteProfile, request: SiteRequest) -> None:
         self.profile = profile
         self.request = request
-        self.task = request.spec["task"]
+        self.spec = request.spec
+        self.task = request.spec.task
         self.guard = PrivacyGuard(
             profile, request.experiment, request.round, request.spec, he_enabled=request.he_enabled
         )
@@ -57,10 +59,10 @@ class SiteRuntime:
     @property
     def norm(self) -> Standardizer | None:
         """The site's normaliser (built on first use: a statistics query needs none)."""
-        if self._norm is None and self.task["normalisation"] != "none":
+        if self._norm is None and self.task.normalisation != "none":
             with phase("load"):
                 self._norm = standardizer_for(
-                    self.data, self.task["normalisation"], self.request.norm_stats
+                    self.data, self.task.normalisation, self.request.norm_stats
                 )
         return self._norm
 
@@ -71,17 +73,15 @@ class SiteRuntime:
 
     def build_model(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """The experiment's model, loaded with the global weights ``arrays`` (by name)."""
-        spec = self.request.spec
-        model = build_model(
-            spec["model"], self.data.input_dim, int(self.task["num_classes"]), spec["seed"]
-        )
+        spec = self.spec
+        model = build_model(spec.model, self.data.input_dim, self.task.num_classes, spec.seed)
         expected = model.state_dict()
         if set(expected) != set(arrays) or any(
             tuple(expected[k].shape) != tuple(arrays[k].shape) for k in expected
         ):
             raise FedHealthError(
                 f"site {self.profile.name!r}, round {self.request.round}: the global model's "
-                f"tensors do not fit model {spec['model']['name']!r} with input width "
+                f"tensors do not fit model {spec.model.name!r} with input width "
                 f"{self.data.input_dim} here; check the experiment's schema against this site"
             )
         model.load_state_dict({k: torch.as_tensor(np.asarray(a)) for k, a in arrays.items()})
@@ -107,7 +107,7 @@ class SiteRuntime:
                 if guard.enabled
                 else {}
             )
-        seed = training_seed(self.request.spec["seed"], self.request.round, site_index, run, nonce)
+        seed = training_seed(self.spec.seed, self.request.round, site_index, run, nonce)
         x = self._x(self.data.x_train)
         with phase("train"):
             model = self.build_model(arrays)
@@ -115,7 +115,7 @@ class SiteRuntime:
                 model,
                 x,
                 self.data.y_train,
-                self.request.spec["training"],
+                self.spec.training,
                 seed=seed,
                 proximal_mu=self.request.proximal_mu,
                 wrap=guard.dp_sgd(admission, context) if guard.mode == "record" else None,
@@ -125,14 +125,14 @@ class SiteRuntime:
             with phase("privacy"):
                 new = guard.privatise_update(new, arrays, context)
         metrics = {
-            "num-examples": self.data.n_train,
+            Metric.NUM_EXAMPLES: self.data.n_train,
             # The aggregation weight; n for FedAvg, n ** alpha for BalancedFedAvg. Site-level
             # DP needs the plain mean of clipped updates: every site weighs 1.
-            "site-weight": 1.0
+            Metric.SITE_WEIGHT: 1.0
             if guard.mode == "site"
             else float(self.data.n_train) ** self.request.weight_exponent,
-            "train-loss": result.loss,
-            "local-steps": result.steps,
+            Metric.TRAIN_LOSS: result.loss,
+            Metric.LOCAL_STEPS: result.steps,
         }
         with phase("privacy"):
             metrics.update(guard.charge(admission, result.steps))  # durable before any reply

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedhealth.errors import ConfigError
+from fedhealth.protocol import Metric, TrainingSection
 from fedhealth.site.optim import SGD, Adam
 
 
@@ -49,19 +50,16 @@ class TrainResult:
     examples: int
 
 
-def make_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: TrainingSection) -> torch.optim.Optimizer:
     """The local optimiser named by the experiment's ``[training]`` section.
 
     :mod:`fedhealth.site.optim`'s SGD and Adam: the same updates as ``torch.optim``'s,
     without the second ``torch.optim`` spends importing ``torch._dynamo`` in every process.
     """
-    lr = float(spec["learning_rate"])
-    wd = float(spec.get("weight_decay", 0.0))
-    if spec.get("optimizer", "sgd") == "adam":
+    lr, wd = spec.learning_rate, spec.weight_decay
+    if spec.optimizer == "adam":
         return Adam(model.parameters(), lr=lr, weight_decay=wd)
-    return SGD(
-        model.parameters(), lr=lr, momentum=float(spec.get("momentum", 0.0)), weight_decay=wd
-    )
+    return SGD(model.parameters(), lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
 def _batches(loader: DataLoader, epochs: int, max_steps: int | None):
@@ -79,7 +77,7 @@ def train_local(
     model: nn.Module,
     x: np.ndarray,
     y: np.ndarray,
-    spec: dict,
+    spec: TrainingSection,
     seed: int,
     proximal_mu: float = 0.0,
     wrap: Wrap | None = None,
@@ -92,7 +90,7 @@ def train_local(
         The global model, already loaded with this round's weights.
     x, y : np.ndarray
         Training inputs (normalised) and integer labels.
-    spec : dict
+    spec : TrainingSection
         The experiment's ``[training]`` section.
     seed : int
         Seed of batch order. A DP ``wrap`` hook brings its own secret generators
@@ -112,7 +110,7 @@ def train_local(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ds = TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y))
-    loader = DataLoader(ds, batch_size=int(spec["batch_size"]), shuffle=True, generator=gen)
+    loader = DataLoader(ds, batch_size=spec.batch_size, shuffle=True, generator=gen)
     optimizer = make_optimizer(model, spec)
     net, loss_fn = model, nn.CrossEntropyLoss()
     wrapped = None
@@ -132,7 +130,7 @@ def train_local(
         with warnings.catch_warnings():
             # Opacus's ghost clipping backpropagates to module outputs; PyTorch warns each time.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for xb, yb in _batches(loader, int(spec["local_epochs"]), spec.get("max_steps")):
+            for xb, yb in _batches(loader, spec.local_epochs, spec.max_steps):
                 optimizer.zero_grad()
                 loss = loss_fn(net(xb), yb)
                 if anchor is not None:
@@ -170,4 +168,4 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 2
         total += float(loss_fn(out, yt[i : i + batch_size]))
         correct += int((out.argmax(1) == yt[i : i + batch_size]).sum())
     n = max(len(yt), 1)
-    return {"loss": total / n, "accuracy": correct / n, "num-examples": len(yt)}
+    return {Metric.LOSS: total / n, Metric.ACCURACY: correct / n, Metric.NUM_EXAMPLES: len(yt)}

@@ -156,8 +156,8 @@ def _cached_sigma(
 
 
 def plan_for_site(
-    dp: dict[str, Any],
-    training: dict[str, Any],
+    dp: Any,
+    training: Any,
     rounds: int,
     n_records: int,
     site: str,
@@ -167,10 +167,10 @@ def plan_for_site(
 
     Parameters
     ----------
-    dp : dict
+    dp : DPSection or dict
         The experiment's ``[privacy.dp]`` section (``ExperimentConfig.dp_spec()``),
         DP enabled.
-    training : dict
+    training : TrainingSection or dict
         The experiment's ``[training]`` section.
     rounds : int
         Planned rounds.
@@ -192,6 +192,8 @@ def plan_for_site(
         δ not below 1/n at this site; a target ε the planned steps cannot reach
         (stating the smallest feasible ε); a plan with no steps.
     """
+    dp = dp.model_dump() if hasattr(dp, "model_dump") else dp  # a protocol section, or a dict
+    training = training.model_dump() if hasattr(training, "model_dump") else training
     delta, accountant = float(dp["delta"]), str(dp["accountant"])
     if dp["mode"] == "site":
         k = int(dp["expected_sites"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Loaded on first use, so that importing a light submodule (``names``) does not load
+# Loaded on first use, so that importing this package does not load
 # TenSEAL: a deployed site starts a process per message.
 _EXPORTS = {
     "CoordinatorKeys": "ceremony",
