@@ -14,6 +14,7 @@ from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.federation import Federation
 from fedhealth.coordinator.guard import GuardedGrid
 from fedhealth.coordinator.runconfig import experiment_path, resume_run, tracking_uri
+from fedhealth.registry.retry import configure_mlflow_http
 from fedhealth.registry.store import default_tracking_uri
 
 app = ServerApp()
@@ -22,6 +23,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment named in the run config."""
+    configure_mlflow_http()  # before any MLflow call of this coordinator process
     rc = dict(context.run_config)
     cfg = load_experiment(experiment_path(rc))
     uri = tracking_uri(rc, cfg.tracking.uri, default_tracking_uri())

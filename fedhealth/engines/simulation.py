@@ -13,11 +13,12 @@ import os
 import warnings
 from pathlib import Path
 
+from fedhealth import settings
 from fedhealth.config.experiment import ExperimentConfig
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"
-SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # must match fedhealth.site.client_app
+SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name
 
 
 def _quiet(verbose: bool) -> None:

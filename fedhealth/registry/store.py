@@ -14,10 +14,12 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from fedhealth import settings
+
 
 def workspace_dir() -> Path:
     """The workspace: ``$FEDHEALTH_WORKSPACE`` or ``./workspace``."""
-    return Path(os.environ.get("FEDHEALTH_WORKSPACE", "workspace")).resolve()
+    return settings.WORKSPACE.get().resolve()
 
 
 def default_tracking_uri(workspace: Path | None = None) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,8 +35,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedhealth import settings
 from fedhealth.config.site import SiteProfile, load_site
-from fedhealth.site.audit import audited
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
 from fedhealth.privacy.he.names import (
     ANSWER_ARRAY,
@@ -47,6 +46,7 @@ from fedhealth.privacy.he.names import (
     IDENTIFY_ACTION,
     REQUEST_RECORD,
 )
+from fedhealth.site.audit import audited
 from fedhealth.site.request import RoundRequest
 from fedhealth.site.timing import phase
 
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 
-SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
+SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name  # set by the simulation engine
 REFUSAL_CODE = 4100  # error code of a site's deliberate refusal (policy, data)
 
 #: What reading a dataset of each kind imports beyond the site runtime (pandas, numpy).
@@ -77,7 +77,7 @@ def site_profile(context: Context) -> tuple[SiteProfile, int]:
     path = context.node_config.get("profile")
     if path:
         return _profile(str(path)), int(context.node_config.get("site-index", 0))
-    roster = context.run_config.get("site-profiles") or os.environ.get(SIM_ROSTER_ENV)
+    roster = context.run_config.get("site-profiles") or settings.SIM_SITE_PROFILES.get()
     if not roster:
         raise ConfigError(
             "this node has no site profile: start it with --node-config 'profile=\"PATH\"'"
