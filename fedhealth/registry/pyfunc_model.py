@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.pyfunc import PythonContext, PythonModel
+from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModelContext as PythonContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from torch import nn
 
