@@ -41,6 +41,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.pyfunc.model import PythonModelContext as PythonContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 from torch import nn
 
 SPEC_FILE = "preprocessing.json"
@@ -73,9 +74,9 @@ def signature(spec: dict[str, Any]) -> ModelSignature:
     if spec["kind"] != "tabular":
         return ModelSignature(Schema([ColSpec("string", PATH_COLUMN)]), outputs, params)
     schema = spec["schema"]
-    cols = [ColSpec("double", c) for c in schema["numeric"]]
-    for col, cats in schema["categorical"].items():
-        cols.append(ColSpec("double" if _numeric_categories(cats) else "string", col))
+    # Any type per column: MLflow's enforcement refuses int64 for a double column (a CSV
+    # column without a missing value reads as int64); predict checks every value itself.
+    cols = [ColSpec(AnyType(), c) for c in [*schema["numeric"], *schema["categorical"]]]
     return ModelSignature(Schema(cols), outputs, params)
 
 
