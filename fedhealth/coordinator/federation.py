@@ -92,7 +92,7 @@ def input_layout(cfg: ExperimentConfig, statistics: bool = True) -> str:
     elif not statistics:
         norm = (
             f"{task.normalisation!r}, but too few sites shared their sums, so the model holds "
-            "no statistics: pass params={'statistics': '{\"mean\": [...], \"std\": "
+            'no statistics: pass params={\'statistics\': \'{"mean": [...], "std": '
             "[...]}'} (one value per encoded feature or channel) or predict refuses."
         )
     elif task.normalisation == "consortium":
