@@ -107,7 +107,29 @@ def render_reference() -> str:
                 _section(src, f'datasets.<name>] kind = "{kind}" [', out)
             continue
         _section(_unwrap(field.annotation), name, out)
+    out += _environment()
     return "\n".join(out).rstrip() + "\n"
+
+
+def _environment() -> list[str]:
+    """The ``FEDHEALTH_*`` environment variables, from their declarations."""
+    from fedhealth import settings
+
+    out = [
+        "## Environment variables",
+        "",
+        "Declared in `fedhealth/settings.py`; an empty value means unset.",
+        "",
+        "| variable | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for var in settings.ALL:
+        kind = getattr(var.parse, "__name__", "str").lstrip("_").replace("seconds", "float (s)")
+        default = f"`{var.default}`" if var.default != "" else "unset"
+        if var is settings.SHARED_DATA:
+            default = "`../shared/data` beside the project"
+        out.append(f"| `{var.name}` | {kind} | {default} | {var.doc} |")
+    return [*out, ""]
 
 
 def _unwrap(ann: Any) -> type[BaseModel]:
