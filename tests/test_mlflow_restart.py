@@ -17,6 +17,7 @@ artifact root under ``tmp_path``, started with the coordinator's own flags) on 1
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -357,8 +358,12 @@ def test_lost_answers_create_nothing_twice(project, server, monkeypatch) -> None
     mlflow.set_registry_uri(server.uri)  # the recorder pointed both at the (closed) proxy
     model = mlflow.pyfunc.load_model("models:/lost-answers/1")
     names = model.metadata.get_input_schema().input_names()
-    probs = model.predict(pd.DataFrame({n: [1.0, 2.0] for n in names}))  # raw rows in
-    assert probs.shape == (2, 2)  # class probabilities out
+    rows = pd.DataFrame({n: [1.0, 2.0] for n in names})  # raw rows in
+    # Registered without a statistics phase: the site-normalised model never guesses them.
+    with pytest.raises(MlflowException, match="holds no statistics"):
+        model.predict(rows)
+    stats = json.dumps({"mean": [0.0] * len(names), "std": [1.0] * len(names)})
+    assert model.predict(rows, params={"statistics": stats}).shape == (2, 2)  # probabilities
 
 
 def test_unreachable_server_fails_after_the_deadline_naming_it() -> None:

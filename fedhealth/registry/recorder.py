@@ -482,7 +482,11 @@ class RunRecorder:
             save_file(state, str(weights))
             prep = Path(tmp) / pyfunc_model.SPEC_FILE
             prep.write_text(json.dumps(spec, indent=2, sort_keys=True))
-            tabular = spec["kind"] == "tabular"
+            # MLflow validates the example by predicting on it: only for a model that can
+            # predict without params (image files cannot travel; a table's is synthetic).
+            example = spec["kind"] == "tabular" and (
+                spec["normalisation"] == "none" or bool(spec.get("statistics"))
+            )
 
             def log() -> None:
                 mlflow.pyfunc.log_model(
@@ -491,8 +495,7 @@ class RunRecorder:
                     artifacts={"weights": str(weights), "preprocessing": str(prep)},
                     code_paths=[str(Path(fedhealth.__file__).parent)],
                     signature=pyfunc_model.signature(spec),
-                    # Image files cannot travel as an example; a table's is synthetic.
-                    input_example=pyfunc_model.input_example(spec) if tabular else None,
+                    input_example=pyfunc_model.input_example(spec) if example else None,
                     pip_requirements=_requirements(network),
                     model_id=logged.model_id,
                 )
