@@ -66,7 +66,7 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def test_split(frame: pd.DataFrame, y: np.ndarray, task: dict) -> pd.DataFrame:
+def split_rows(frame: pd.DataFrame, y: np.ndarray, task: dict) -> pd.DataFrame:
     """The test rows, by the rule the model card states (scikit-learn's split)."""
     _, test = train_test_split(
         frame, test_size=task["test_fraction"], random_state=task["split_seed"],
@@ -108,7 +108,7 @@ def test_tabular_federation_registers_a_model_that_loads_and_predicts(project):
     for site in sites:
         # The raw rows of the site's file, as the hospital holds them: no encoding, no scaling.
         frame = pd.read_csv(site.datasets["breast-cancer"].path)
-        test = test_split(frame, frame["diagnosis"], task)
+        test = split_rows(frame, frame["diagnosis"], task)
         reported = client.get_metric_history(mv.run_id, f"site/{site.name}/accuracy")[-1].value
         got = pyfunc_accuracy(model, test, test["diagnosis"])
         assert abs(got - reported) <= 0.02, (site.name, got, reported)
@@ -160,7 +160,7 @@ def test_imaging_federation_with_custom_strategy_on_dicom(project):
         source = site.datasets["phantoms"]
         labels = pd.read_csv(source.path / source.labels).sort_values("file")
         labels = labels.reset_index(drop=True)
-        test = test_split(labels, labels["label"], task)
+        test = split_rows(labels, labels["label"], task)
         frame = pd.DataFrame({"path": [str(source.path / f) for f in test["file"]]})
         reported = client.get_metric_history(mv.run_id, f"site/{site.name}/accuracy")[-1].value
         got = pyfunc_accuracy(model, frame, test["label"])
