@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+
+from fedhealth import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_data() -> Path:
     """``../shared/data`` beside the project (or ``$FEDHEALTH_SHARED_DATA``)."""
-    return Path(os.environ.get("FEDHEALTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    return settings.SHARED_DATA.get()
 
 
 @pytest.fixture

@@ -96,9 +96,9 @@ def _write(tmp: Path, model: str, strategy: str, extra: str = "") -> Path:
 def test_a_registered_model_reader_and_strategy_are_validated_used_and_documented(added, tmp_path):
     from fedhealth.coordinator.strategies import build_strategy
     from fedhealth.models import build_model
+    from fedhealth.protocol import RoundConfig
     from fedhealth.site.client_app import modules_for
     from fedhealth.site.dataset import load_site_data
-    from fedhealth.protocol import RoundConfig
     from fedhealth.site.request import SiteRequest
 
     cfg, sites = load_experiment_with_sites(_write(tmp_path, "tiny_linear", "fedavg_again"))

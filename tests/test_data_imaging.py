@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 from pathlib import Path
 
@@ -13,13 +12,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from fedhealth import settings
 from fedhealth.data.imaging import read_dicom_folder, read_image_folder, read_npz
 from fedhealth.errors import DataError
 
 
 def shared_data() -> Path:
-    env = os.environ.get("FEDHEALTH_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return settings.SHARED_DATA.get()
 
 
 def assert_close(actual: np.ndarray, expected: object, atol: float = 1e-6) -> None:

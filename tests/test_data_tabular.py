@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
+from fedhealth import settings
 from fedhealth.data.normalisation import (
     STD_FLOOR,
     Moments,
@@ -23,8 +23,7 @@ from fedhealth.errors import ConfigError, DataError
 
 
 def shared_data() -> Path:
-    env = os.environ.get("FEDHEALTH_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return settings.SHARED_DATA.get()
 
 
 HEART = shared_data() / "uci-heart-disease"

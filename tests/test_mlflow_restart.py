@@ -17,6 +17,7 @@ artifact root under ``tmp_path``, started with the coordinator's own flags) on 1
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -30,11 +31,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
-import torch
+import requests
 from flwr.app import ArrayRecord
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from fedhealth.config.experiment import load_experiment_with_sites
 from fedhealth.coordinator.federation import Federation
@@ -47,7 +50,12 @@ from fedhealth.deploy.processes import (
     kill_tree,
     port_open,
 )
-from fedhealth.registry.retry import TrackingUnavailable, is_transient, retrying
+from fedhealth.registry.retry import (
+    TrackingUnavailable,
+    configure_mlflow_http,
+    is_transient,
+    retrying,
+)
 from tests.deploy_harness import FEDHEALTH, SITES, Deployment, wait_for, write_experiment
 
 VERSION_TAGS = {
@@ -306,10 +314,11 @@ LOST_ANSWERS = {
 
 def test_lost_answers_create_nothing_twice(project, server, monkeypatch) -> None:
     """Every creating call whose answer is lost is retried without a second run, metric
-    point, logged model, output link or model version. MLflow's own re-sending is left at
-    its default here: fedhealth must switch it off for its calls (else MLflow itself would
-    re-send the lost "create" requests) and only for them."""
+    point, logged model, output link or model version. MLflow's own re-sending (else MLflow
+    itself would re-send the lost "create" requests) is switched off as a coordinator process
+    does at start (the ServerApp's main)."""
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    configure_mlflow_http()  # monkeypatch restores the environment after the test
     exp = write_experiment(project, "lost-answers", SITES, rounds=2)
     cfg, _ = load_experiment_with_sites(exp)
     proxy = LossyProxy(server.port, LOST_ANSWERS)
@@ -331,7 +340,6 @@ def test_lost_answers_create_nothing_twice(project, server, monkeypatch) -> None
         proxy.close()
     assert sorted(proxy.dropped) == sorted(LOST_ANSWERS), proxy.dropped
     assert version == "1"
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # nothing else is affected
     client = MlflowClient(server.uri, registry_uri=server.uri)
     exp_id = client.get_experiment_by_name("lost-answers").experiment_id
     runs = client.search_runs([exp_id])
@@ -348,8 +356,14 @@ def test_lost_answers_create_nothing_twice(project, server, monkeypatch) -> None
     assert set(versions[0].tags) >= VERSION_TAGS
     mlflow.set_tracking_uri(server.uri)
     mlflow.set_registry_uri(server.uri)  # the recorder pointed both at the (closed) proxy
-    model = mlflow.pytorch.load_model("models:/lost-answers/1")
-    assert model(torch.zeros(2, 5)).shape == (2, 2)  # raw features in, logits out
+    model = mlflow.pyfunc.load_model("models:/lost-answers/1")
+    names = model.metadata.get_input_schema().input_names()
+    rows = pd.DataFrame({n: [1.0, 2.0] for n in names})  # raw rows in
+    # Registered without a statistics phase: the site-normalised model never guesses them.
+    with pytest.raises(MlflowException, match="holds no statistics"):
+        model.predict(rows)
+    stats = json.dumps({"mean": [0.0] * len(names), "std": [1.0] * len(names)})
+    assert model.predict(rows, params={"statistics": stats}).shape == (2, 2)  # probabilities
 
 
 def test_unreachable_server_fails_after_the_deadline_naming_it() -> None:
@@ -366,9 +380,19 @@ def test_unreachable_server_fails_after_the_deadline_naming_it() -> None:
     assert f"http://127.0.0.1:{port}" in msg and "round 3" in msg and "Resume later." in msg
     assert "FEDHEALTH_MLFLOW_RETRY_SECONDS" in msg
     assert not is_transient(err.value)
-    # A run id that happens to contain "503" is not a gateway error.
+    # Transient by type, never by text: a run id that happens to contain "503" is not a
+    # gateway error; MLflow's code for an HTTP 503 answer is.
     assert not is_transient(MlflowException("Run 'a503f0' not found"))
-    assert is_transient(MlflowException("API request failed: 503 Service Unavailable"))
+    assert not is_transient(MlflowException("503 Service Unavailable"))
+    assert is_transient(MlflowException("unavailable", error_code=TEMPORARILY_UNAVAILABLE))
+    assert is_transient(MlflowException("API request failed")) is False
+    try:
+        try:
+            raise requests.ConnectionError("refused")
+        except requests.ConnectionError as inner:
+            raise MlflowException(f"API request failed with exception {inner}")  # noqa: B904
+    except MlflowException as wrapped:  # how MLflow's REST client reports a refused connection
+        assert is_transient(wrapped)
 
 
 def test_restart_budget_counts_restarts_in_a_window() -> None:

@@ -107,6 +107,7 @@ def render_reference() -> str:
                 _section(entry.options, prefix, out, f"Feeds {feeds} tasks.")
             continue
         _section(_unwrap(field.annotation), name, out)
+    out += _environment()
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -146,6 +147,27 @@ def _strategies(out: list[str]) -> None:
         prox = "yes" if PROXIMAL in entry.traits else "no"
         out.append(f"| `{entry.name}` | {mean} | {prox} | {entry.summary} |")
     out.append("")
+
+
+def _environment() -> list[str]:
+    """The ``FEDHEALTH_*`` environment variables, from their declarations."""
+    from fedhealth import settings
+
+    out = [
+        "## Environment variables",
+        "",
+        "Declared in `fedhealth/settings.py`; an empty value means unset.",
+        "",
+        "| variable | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for var in settings.ALL:
+        kind = getattr(var.parse, "__name__", "str").lstrip("_").replace("seconds", "float (s)")
+        default = f"`{var.default}`" if var.default != "" else "unset"
+        if var is settings.SHARED_DATA:
+            default = "`../shared/data` beside the project"
+        out.append(f"| `{var.name}` | {kind} | {default} | {var.doc} |")
+    return [*out, ""]
 
 
 def _unwrap(ann: Any) -> type[BaseModel]:

@@ -44,7 +44,6 @@ from fedhealth.coordinator.strategies import (
 )
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
-from fedhealth.models.standardize import Standardize
 from fedhealth.protocol import (
     Metric,
     NormStats,
@@ -54,6 +53,7 @@ from fedhealth.protocol import (
     SiteKey,
     StatsKey,
 )
+from fedhealth.registry.model_card import split_rule
 from fedhealth.registry.recorder import RunRecorder
 
 
@@ -81,26 +81,66 @@ def input_dim(cfg: ExperimentConfig) -> int:
     return 1
 
 
-def input_layout(cfg: ExperimentConfig) -> str:
-    """Documented input layout of the registered model (also in its model card)."""
-    if cfg.task.kind == "tabular":
-        names = cfg.task.schema_.feature_names()
-        norm = {
-            "consortium": "raw values: the model standardises them with consortium-wide "
-            "statistics built into its first layer",
-            "site": "each feature z-scored with the statistics of the site's own training split",
-            "none": "raw values",
-        }[cfg.task.normalisation]
+def input_layout(cfg: ExperimentConfig, statistics: bool = True) -> str:
+    """Documented input of the registered model's pyfunc (also in its model card).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    statistics : bool
+        Whether the registered model holds standardisation statistics.
+    """
+    task = cfg.task
+    out = (
+        f"Output: a DataFrame of class probabilities, one column per class "
+        f"({task.num_classes}), rows summing to 1."
+    )
+    if task.normalisation == "none":
+        norm = "none: the network takes the encoded values as they are."
+    elif not statistics:
+        norm = (
+            f"{task.normalisation!r}, but too few sites shared their sums, so the model holds "
+            'no statistics: pass params={\'statistics\': \'{"mean": [...], "std": '
+            "[...]}'} (one value per encoded feature or channel) or predict refuses."
+        )
+    elif task.normalisation == "consortium":
+        norm = "built in: the pooled mean/std of the sites' training splits (training used them)."
+    else:
+        norm = (
+            "built in: the pooled mean/std of the sites' training splits. Sites trained on "
+            "z-scores of their own training split; a consumer has no site, so the registered "
+            "model standardises with the pooled statistics, and the accuracies below were "
+            "measured by each site with exactly these statistics."
+        )
+    if task.kind == "tabular":
+        schema = task.schema_
+        names = schema.feature_names()
+        cats = "; ".join(f"{c}: {', '.join(map(str, v))}" for c, v in schema.categorical.items())
+        missing = {
+            "drop": "a row with a missing value gets NaN probabilities (the sites dropped "
+            "such rows before splitting)",
+            "error": "a missing value is an error naming the row and column",
+            "mean": "a missing value is imputed with the pooled training mean (category "
+            "frequencies for a categorical column)",
+        }[schema.missing]
         return (
-            f"float32 tensor of shape (n, {len(names)}); columns in this order: "
-            f"{', '.join(names)}. Categorical columns are one-hot. Values: {norm}. "
-            f"Output: logits of shape (n, {cfg.task.num_classes}); argmax is the class."
+            "`mlflow.pyfunc.load_model(uri).predict(df)` with `df` a pandas DataFrame of raw "
+            f"rows with the columns {', '.join(schema.numeric + list(schema.categorical))} "
+            f"(other columns are ignored). Categorical columns as their raw values ({cats}); "
+            "the model one-hot encodes them in this order"
+            + (" without the first category" if schema.drop_first else "")
+            + f". Missing values (NaN, None, `?` or empty) per the schema's policy "
+            f"`{schema.missing}`: {missing}. Encoded features, in order: {', '.join(names)}. "
+            f"Standardisation: {norm} {out}"
         )
     return (
-        f"float32 tensor of shape (n, 1, {cfg.task.image_size}, {cfg.task.image_size}): grey-scale "
-        "images resized to that size, each scaled to [0, 1] as fedhealth's readers do "
-        f"(DICOM: modality LUT applied, MONOCHROME1 inverted). Normalisation: "
-        f"{cfg.task.normalisation}. Output: logits of shape (n, {cfg.task.num_classes})."
+        "`mlflow.pyfunc.load_model(uri).predict(df)` with `df` a pandas DataFrame with a "
+        "column `path` of image files (DICOM, PNG or JPEG), read as the sites' readers do: "
+        "DICOM modality LUT applied, MONOCHROME1 inverted, grey-scale, scaled to [0, 1], "
+        f"resized to {task.image_size}x{task.image_size}. Standardisation: {norm} {out} "
+        "The network alone: `load_model(uri).unwrap_python_model().network` (a torch module "
+        f"on float32 tensors of shape (n, 1, {task.image_size}, {task.image_size}))."
     )
 
 
@@ -269,6 +309,20 @@ class Federation:
         self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
         self._notify("statistics", 0, sites=[_site(m) for m in ok], count=count)
 
+    def registry_statistics(self, grid: Grid) -> None:
+        """Pooled statistics for a ``site``-normalised model's registered version.
+
+        Sites train on their own z-scores; a consumer of the registered model has no site,
+        so the model standardises with the pooled mean/std of the sites' training splits
+        (the sums a site's ``share_statistics`` policy lets out, as for consortium
+        normalisation) and sites evaluate with them. If too few sites share, the model is
+        registered without statistics and its pyfunc asks the consumer for them.
+        """
+        try:
+            self.consortium_statistics(grid)
+        except FederationError:
+            self.norm_stats = None
+
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round of training and aggregation; returns the new global arrays."""
         config = self._config(round_)
@@ -336,6 +390,8 @@ class Federation:
         try:
             if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
+            elif cfg.task.normalisation == "site" and self.norm_stats is None:
+                self.registry_statistics(grid)
             if start.evaluate is not None and cfg.experiment.fraction_evaluate > 0:
                 # The crash came after aggregating this round, before its evaluation.
                 glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
@@ -372,26 +428,32 @@ class Federation:
         return summary
 
     def register(self, arrays: ArrayRecord, glob: dict, per_site: dict) -> str | None:
-        """Register the final global model with its provenance."""
+        """Register the final global model as a pyfunc on raw input, with its provenance."""
         cfg = self.cfg
         model = self.initial_model()
         model.load_state_dict(arrays.to_torch_state_dict())
-        if self.norm_stats is not None:
-            model = torch.nn.Sequential(Standardize(self.norm_stats), model)
-        dim = input_dim(cfg)
-        shape = (
-            (2, dim)
-            if cfg.task.kind == "tabular"
-            else (2, 1, cfg.task.image_size, cfg.task.image_size)
-        )
-        # A synthetic example: the registry must never hold a site's real record.
-        example = np.zeros(shape, dtype=np.float32)
+        task = self.spec.task.model_dump(mode="json", by_alias=True)
+        # Everything the pyfunc needs to turn raw rows or image files into the network's
+        # input, and to rebuild the network from the catalogue (no pickle).
+        spec = {
+            "kind": cfg.task.kind,
+            "model": self.spec.model.model_dump(mode="json"),
+            "input_dim": input_dim(cfg),
+            "num_classes": cfg.task.num_classes,
+            "image_size": cfg.task.image_size,
+            "normalisation": cfg.task.normalisation,
+            "statistics": self.norm_stats,
+            "schema": task.get("schema") if cfg.task.kind == "tabular" else None,
+            "split": {"test_fraction": cfg.task.test_fraction, "split_seed": cfg.task.split_seed},
+            "fedhealth_version": __version__,
+        }
         provenance = {
             "experiment": cfg.name,
             "task": cfg.task.model_dump(mode="json", by_alias=True),
             "model": cfg.model.name,
             "n_parameters": sum(p.numel() for p in model.parameters()),
-            "input_layout": input_layout(cfg),
+            "input_layout": input_layout(cfg, statistics=self.norm_stats is not None),
+            "split_rule": split_rule(task),
             "sites": sorted(per_site) or ["?"],
             "rounds": cfg.experiment.rounds,
             "strategy": cfg.strategy.name.rsplit("/", 1)[-1],
@@ -400,14 +462,15 @@ class Federation:
             "fedhealth_version": __version__,
             "global_metrics": glob,
             "site_metrics": per_site,
-            "statistics": "consortium normalisation: exact per-feature sums, sums of squares and "
-            "counts left the sites (outside the DP guarantee)"
+            "statistics": f"{cfg.task.normalisation} normalisation: exact per-feature sums, sums "
+            "of squares and counts of the training splits left the sites (outside the DP "
+            "guarantee); their pooled mean/std is built into the model"
             if self.norm_stats is not None
             else "none shared",
         }
         provenance.update(self.privacy.provenance())  # DP mode, accountant, δ, each site's ε
         provenance.update(self.encryption.provenance() if self.encryption else {"he": "off"})
-        return self.recorder.register(model, example, provenance)
+        return self.recorder.register(model, spec, provenance)
 
 
 def _prefix(m: dict, prefix: str) -> dict:

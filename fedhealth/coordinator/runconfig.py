@@ -12,14 +12,14 @@ Keys (declared in the FAB's ``[tool.flwr.app.config]``):
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedhealth import settings
 from fedhealth.errors import ConfigError
 
-TRACKING_ENV = "FEDHEALTH_TRACKING_URI"
+TRACKING_ENV = settings.TRACKING_URI.name
 KEYS = ("experiment", "experiment-toml", "tracking-uri", "resume-run-id")
 
 
@@ -46,7 +46,7 @@ def experiment_path(run_config: dict[str, Any]) -> Path:
 def tracking_uri(run_config: dict[str, Any], configured: str | None, default: str) -> str:
     """Run config, then the coordinator's MLflow server, then the experiment, then default."""
     return str(
-        run_config.get("tracking-uri") or os.environ.get(TRACKING_ENV) or configured or default
+        run_config.get("tracking-uri") or settings.TRACKING_URI.get() or configured or default
     )
 
 

@@ -16,11 +16,13 @@ from fedhealth.coordinator.federation import Federation, RunSummary
 from fedhealth.coordinator.guard import GuardedGrid
 from fedhealth.coordinator.progress import Observer
 from fedhealth.coordinator.runconfig import experiment_path, resume_run, tracking_uri
+from fedhealth.registry.retry import configure_mlflow_http
 from fedhealth.registry.store import default_tracking_uri
 
 
 def run_experiment(grid: Grid, context: Context, on_event: Observer | None = None) -> RunSummary:
     """Run the experiment named in the run config; returns its summary."""
+    configure_mlflow_http()  # before any MLflow call of this coordinator process
     rc = dict(context.run_config)
     cfg = load_experiment(experiment_path(rc))
     uri = tracking_uri(rc, cfg.tracking.uri, default_tracking_uri())

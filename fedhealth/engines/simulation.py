@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedhealth import settings
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import FederationError
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"
-SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # must match fedhealth.site.client_app
+SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name
 
 
 def _quiet(verbose: bool) -> None:

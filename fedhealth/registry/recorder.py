@@ -13,8 +13,8 @@ logged model once per run and the registered model version once per run.
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -24,9 +24,8 @@ from typing import Any, TypeVar
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.entities import LoggedModel, LoggedModelOutput, Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
 from mlflow.tracking.context.registry import resolve_tags
 
 import fedhealth
@@ -47,12 +46,24 @@ T = TypeVar("T")
 RUN_TOKEN_TAG = "fedhealth.start_token"  # finds the run again if "create run" lost its answer
 REGISTERED_TAG = "fedhealth.registered_version"
 GLOBAL_MODEL_TAG = "fedhealth.global_model"  # on the run's logged model (at most one per run)
+# What MLflow runs to load a registered model (models-from-code: nothing is unpickled).
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 FINISH_DEADLINE_AFTER_FAILURE = 5.0  # seconds: closing a run once the server stayed down
 
 
 def _requirements(model: torch.nn.Module) -> list[str]:
-    """What a consumer must install to load ``model``: torch, and MONAI for its networks."""
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    """What a consumer must install to load the pyfunc (fedhealth's code travels with it)."""
+    import mlflow as _mlflow
+    import pandas
+    import safetensors
+
+    reqs = [
+        f"mlflow=={_mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pandas.__version__}",
+        f"safetensors=={safetensors.__version__}",
+    ]
     if any(type(m).__module__.startswith("monai") for m in model.modules()):
         import monai
 
@@ -297,14 +308,28 @@ class RunRecorder:
 
     def register(
         self,
-        model: torch.nn.Module,
-        input_example: np.ndarray,
+        network: torch.nn.Module,
+        spec: dict[str, Any],
         provenance: dict[str, Any],
     ) -> str | None:
-        """Log the global model, its signature, input example and model card; register it.
+        """Log the global model as a pyfunc with its model card; register it.
 
-        Each step can be repeated: after a retry, or in a resumed run, it completes what an
-        earlier attempt left unfinished and never creates a second logged model or version.
+        The logged model holds the network's weights (safetensors), the preprocessing spec
+        (JSON) and :mod:`fedhealth.registry.model_code`; it loads with
+        ``mlflow.pyfunc.load_model`` and predicts on raw rows or image files
+        (:mod:`fedhealth.registry.pyfunc_model`). Each step can be repeated: after a retry,
+        or in a resumed run, it completes what an earlier attempt left unfinished and never
+        creates a second logged model or version.
+
+        Parameters
+        ----------
+        network : torch.nn.Module
+            The catalogue's network with the final global weights (no standardisation layer:
+            the spec's statistics are built in on load).
+        spec : dict
+            The preprocessing spec (kind, schema, statistics, architecture).
+        provenance : dict
+            What the model card and version tags say.
 
         Returns
         -------
@@ -319,12 +344,8 @@ class RunRecorder:
             self._tag_version(name, existing, tags)
             self.client.set_tag(self.run_id, REGISTERED_TAG, f"{name}/{existing}")
             return existing
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.as_tensor(input_example)).numpy()
-        signature = infer_signature(input_example, out)
         card = render_model_card(provenance)
-        model_id = self._log_model(model, input_example, signature)
+        model_id = self._log_model(network, spec)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model_card.md"
             path.write_text(card)
@@ -403,13 +424,21 @@ class RunRecorder:
             if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":  # e.g. our lost first attempt
                 raise
 
-    def _log_model(self, model: torch.nn.Module, input_example: np.ndarray, signature: Any) -> str:
-        """Log ``model`` as the run's one logged model (MLflow 3); returns its model id.
+    def _log_model(self, network: torch.nn.Module, spec: dict[str, Any]) -> str:
+        """Log the run's one logged model (MLflow 3) as a pyfunc; returns its model id.
 
-        What ``mlflow.pytorch.log_model`` does, in steps that can each be repeated: find or
-        create the logged model, upload its files (an upload replaces them), link it to the
-        run as an output unless it is linked, mark it ready.
+        ``mlflow.pyfunc.log_model`` writes and uploads the model, but it creates the logged
+        model and links it to the run in the same call: retried after a lost answer it
+        creates a second logged model and a second link (measured with the lossy proxy of
+        ``tests/test_mlflow_restart.py::test_lost_answers_create_nothing_twice``: two
+        logged models). So those two creating steps stay here, each found again before it
+        is repeated, and ``log_model`` is given the logged model's id (``model_id=``), which
+        makes the rest of it — read, save, upload, mark ready — safe to retry as a whole.
         """
+        from safetensors.torch import save_file
+
+        from fedhealth.registry import pyfunc_model
+
         run_id = str(self.run_id)
         if self.experiment_id is None:
             self.experiment_id = self.client.get_run(run_id).info.experiment_id
@@ -430,7 +459,7 @@ class RunRecorder:
                 exp_id,
                 name="model",
                 source_run_id=run_id,
-                # With the user and source tags mlflow.pytorch.log_model would set.
+                # With the user and source tags mlflow.pyfunc.log_model would set.
                 tags=resolve_tags({GLOBAL_MODEL_TAG: "true", "fedhealth.run_id": run_id}),
                 params={k: str(v) for k, v in params.items()},
             )
@@ -438,33 +467,6 @@ class RunRecorder:
         logged = self._call(
             find_or_create(find, create), what=f"creating the logged model of MLflow run {run_id}"
         )
-        # MLflow warns that pickles can run code on load; our consumers load what their own
-        # consortium registered, and the warning would only alarm the data scientist.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "model"
-            meta = Model(
-                artifact_path=logged.artifact_location,
-                run_id=run_id,
-                model_uuid=logged.model_id,
-                model_id=logged.model_id,
-            )
-            mlflow.pytorch.save_model(
-                model,
-                str(local),
-                mlflow_model=meta,
-                signature=signature,
-                input_example=input_example,
-                # A pickled nn.Module (not MLflow's default torch.export program) so that
-                # consumers get a model that supports .eval(), any batch size and fine-tuning;
-                # fedhealth's own layers travel with it as code.
-                serialization_format="pickle",
-                code_paths=[str(Path(fedhealth.__file__).parent)],
-                pip_requirements=_requirements(model),
-            )
-            for cache in list(local.rglob("__pycache__")):
-                shutil.rmtree(cache, ignore_errors=True)
-            self.client.log_model_artifacts(logged.model_id, str(local))
 
         def link() -> None:
             outputs = self._mlflow.get_run(run_id).outputs
@@ -474,5 +476,29 @@ class RunRecorder:
                 self._mlflow.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
 
         self._call(link, what=f"linking the logged model to MLflow run {run_id}")
-        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / pyfunc_model.WEIGHTS_FILE
+            state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+            save_file(state, str(weights))
+            prep = Path(tmp) / pyfunc_model.SPEC_FILE
+            prep.write_text(json.dumps(spec, indent=2, sort_keys=True))
+            # MLflow validates the example by predicting on it: only for a model that can
+            # predict without params (image files cannot travel; a table's is synthetic).
+            example = spec["kind"] == "tabular" and (
+                spec["normalisation"] == "none" or bool(spec.get("statistics"))
+            )
+
+            def log() -> None:
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(MODEL_CODE),  # code, not a pickle
+                    artifacts={"weights": str(weights), "preprocessing": str(prep)},
+                    code_paths=[str(Path(fedhealth.__file__).parent)],
+                    signature=pyfunc_model.signature(spec),
+                    input_example=pyfunc_model.input_example(spec) if example else None,
+                    pip_requirements=_requirements(network),
+                    model_id=logged.model_id,
+                )
+
+            self._call(log, what=f"uploading the model's files to MLflow run {run_id}")
         return logged.model_id

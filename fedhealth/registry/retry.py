@@ -1,16 +1,20 @@
 """Retry MLflow calls while the tracking server restarts, so no metric or version is lost.
 
-A server restart takes seconds to minutes. :func:`retrying` keeps trying connection-level
-failures with back-off up to a deadline (``$FEDHEALTH_MLFLOW_RETRY_SECONDS``, default 300),
-re-raises anything that is not a connection problem at once, and when the deadline passes
-raises :class:`TrackingUnavailable`, naming the server and what was being logged.
+A server restart takes seconds to minutes. :func:`retrying` retries (with tenacity)
+failures that are typed as transient — a connection refused, reset or timed out
+(``requests``/``urllib3``/OS errors, also when MLflow wraps them in an
+:class:`~mlflow.exceptions.MlflowException`), or an HTTP answer meaning "try again"
+(429, 502, 503, 504) — with exponential back-off up to a deadline
+(``$FEDHEALTH_MLFLOW_RETRY_SECONDS``, default 300). Anything else is re-raised at once;
+when the deadline passes it raises :class:`TrackingUnavailable`, naming the server and
+what was being logged.
 
 Retrying is only safe for a call that can be repeated. MLflow's own HTTP client re-sends
 any request, ``POST`` included, up to seven times over about four minutes, also when the
 request reached the server and only its response was lost; a re-sent "create run" or
-"create model version" then creates a second one. :func:`retrying` turns that off while
-its call runs (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` unless the operator set it), so that
-every retry goes through code that knows whether the call creates something:
+"create model version" then creates a second one. :func:`configure_mlflow_http` therefore
+switches MLflow's re-sending off once, when a coordinator process starts, so that every
+retry goes through code that knows whether the call creates something:
 :class:`RetryingClient` for calls that can be repeated as they are (reads, tags, params,
 artifacts, ending a run), and :func:`find_or_create` for calls that create something,
 which first look for what a lost attempt created.
@@ -18,39 +22,50 @@ which first look for what a lost attempt created.
 
 from __future__ import annotations
 
-import contextlib
+import http.client
 import logging
 import os
-import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
+import urllib3.exceptions
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from mlflow.exceptions import MlflowException
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from fedhealth import settings
 from fedhealth.errors import FederationError
 
 T = TypeVar("T")
 log = logging.getLogger("fedhealth.registry")
 
-DEADLINE_ENV = "FEDHEALTH_MLFLOW_RETRY_SECONDS"
-DEFAULT_DEADLINE = 300.0
+DEADLINE_ENV = settings.MLFLOW_RETRY_SECONDS.name
 MAX_DELAY = 5.0  # seconds between attempts at most, so a restarted server is noticed soon
-_TRANSIENT = (
-    "connection refused",
-    "max retries exceeded",
-    "failed to establish",
-    "connection reset",
-    "connection aborted",
-    "remote end closed",
-    "remotedisconnected",
-    "temporarily unavailable",
-    "timeout exception",
-    "timed out",
-    "database is locked",
+
+# The connection-level failures of an HTTP call: the server is down, restarting or slow.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,  # refused, reset, aborted (OSError subclasses)
+    TimeoutError,
+    http.client.RemoteDisconnected,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.RetryError,  # a 429/5xx answer with MLflow's re-sending switched off
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.MaxRetryError,
+    urllib3.exceptions.TimeoutError,
 )
-# Gateway and availability status codes as words, not inside ids such as a run's hex uuid.
-_TRANSIENT_STATUS = re.compile(r"(?<![0-9a-z])(429|502|503|504)(?![0-9a-z])")
+# MLflow error codes of the HTTP statuses 429, 503 (502/504 arrive as RetryError above).
+_TRANSIENT_CODES = {"REQUEST_LIMIT_EXCEEDED", "TEMPORARILY_UNAVAILABLE"}
 
 
 class TrackingUnavailable(FederationError):
@@ -59,62 +74,53 @@ class TrackingUnavailable(FederationError):
 
 def retry_seconds() -> float:
     """How long to keep retrying one MLflow call (``$FEDHEALTH_MLFLOW_RETRY_SECONDS``)."""
-    return float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE))
+    return settings.MLFLOW_RETRY_SECONDS.get()
 
 
-HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-_http = {"depth": 0, "set": False}
-_http_lock = threading.Lock()
+def configure_mlflow_http() -> None:
+    """Switch off MLflow's own re-sending of HTTP requests, once per coordinator process.
 
-
-@contextlib.contextmanager
-def own_http_retries() -> Iterator[None]:
-    """While inside, :func:`retrying` is the only place MLflow requests are retried.
-
-    Sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` (which MLflow reads at every request) unless
-    the operator set it, and removes it again when the outermost such block ends, so that
-    nothing else in the process is affected: MLflow's HTTP client would otherwise re-send a
-    request whose response was lost (creating a second run or model version) and could wait
-    minutes inside one call, past our deadline.
+    Called where a coordinator process starts (the ServerApp's main, before any MLflow
+    call). MLflow reads ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` at every request and offers no
+    per-client setting; its default re-sends a ``POST`` whose answer was lost (a second
+    run, logged model or version) and can wait minutes inside one call, past our deadline.
+    In a coordinator process every MLflow call goes through :func:`retrying`, so nothing
+    else loses retries. An operator's own value is kept.
     """
-    with _http_lock:
-        if _http["depth"] == 0:
-            _http["set"] = HTTP_RETRIES_ENV not in os.environ
-            if _http["set"]:
-                os.environ[HTTP_RETRIES_ENV] = "0"
-        _http["depth"] += 1
-    try:
-        yield
-    finally:
-        with _http_lock:
-            _http["depth"] -= 1
-            if _http["depth"] == 0 and _http["set"]:
-                os.environ.pop(HTTP_RETRIES_ENV, None)
-                _http["set"] = False
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "0")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (MLflow wraps
+    ``requests`` errors in an ``MlflowException`` raised inside the ``except``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` looks like the tracking server being briefly unreachable."""
+    """Whether ``exc`` means the tracking server is briefly unreachable (by type, not text)."""
     if isinstance(exc, TrackingUnavailable):
         return False  # an inner retry already waited the whole deadline
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__}: {exc}".lower()
-    return any(t in text for t in _TRANSIENT) or bool(_TRANSIENT_STATUS.search(text))
+    for e in _chain(exc):
+        if isinstance(e, _CONNECTION_ERRORS):
+            return True
+        if isinstance(e, MlflowException) and e.error_code in _TRANSIENT_CODES:
+            return True
+    return False
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
-    """The informative part of an MLflow/urllib3 error: ``[Errno 111] Connection refused``."""
-    text = " ".join(str(exc).split())
-    errno = re.search(r"\[Errno -?\d+\][^\"'()]*", text)
-    if errno:
-        return errno.group(0).strip()
-    reason = re.search(r"\w+Error\(-?\d+, '([^']+)'\)", text)  # ConnectionResetError(104, ..)
-    if reason:
-        return reason.group(1)
-    cause = text.rfind("Caused by ")
-    if cause >= 0:  # urllib3's nested message: the cause is the informative part
-        text = text[cause + len("Caused by ") :].rstrip(")")
+    """The innermost connection error of ``exc`` in a few words, for messages."""
+    inner = [e for e in _chain(exc) if isinstance(e, _CONNECTION_ERRORS)]
+    e = inner[-1] if inner else exc
+    reason = getattr(e, "reason", None)  # urllib3's MaxRetryError/NewConnectionError
+    if isinstance(reason, BaseException):
+        e = reason
+    text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -154,36 +160,40 @@ def retrying(
     """
     limit = deadline if deadline is not None else retry_seconds()
     server = f"the MLflow server at {uri}" if uri else "the MLflow tracking store"
-    start, delay, failures = time.monotonic(), 0.5, 0
-    while True:
-        try:
-            with own_http_retries():
-                result = fn(*args, **kwargs)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            waited = time.monotonic() - start
-            if waited >= limit:
-                raise TrackingUnavailable(
-                    f"{server} did not answer for {waited:.0f} s while {what} "
-                    f"(last error: {_short(exc)}). {hint}".rstrip()
-                    + f" Set {DEADLINE_ENV} (now {limit:.0f} s) to wait longer."
-                ) from exc
-            if failures == 0:
-                log.warning(
-                    "%s is unreachable while %s (%s); retrying for up to %.0f s",
-                    server, what, _short(exc, 120), limit,
-                )  # fmt: skip
-            failures += 1
-            time.sleep(min(delay, max(limit - waited, 0.05)))
-            delay = min(delay * 2, MAX_DELAY)
-            continue
-        if failures:
+    start = time.monotonic()
+
+    def warn_first(state: RetryCallState) -> None:
+        if state.attempt_number == 1 and state.outcome is not None:
             log.warning(
-                "%s answered again after %.1f s (%d retries); done %s",
-                server, time.monotonic() - start, failures, what,
+                "%s is unreachable while %s (%s); retrying for up to %.0f s",
+                server, what, _short(state.outcome.exception(), 120), limit,
             )  # fmt: skip
-        return result
+
+    def give_up(state: RetryCallState) -> T:
+        exc = state.outcome.exception() if state.outcome else None
+        waited = time.monotonic() - start
+        raise TrackingUnavailable(
+            f"{server} did not answer for {waited:.0f} s while {what} "
+            f"(last error: {_short(exc) if exc else 'none'}). {hint}".rstrip()
+            + f" Set {DEADLINE_ENV} (now {limit:.0f} s) to wait longer."
+        ) from exc
+
+    retryer = Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_delay(limit),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=MAX_DELAY),
+        before_sleep=warn_first,
+        retry_error_callback=give_up,
+        reraise=True,
+    )
+    result = retryer(fn, *args, **kwargs)
+    attempts = retryer.statistics.get("attempt_number", 1)
+    if attempts > 1:
+        log.warning(
+            "%s answered again after %.1f s (%d retries); done %s",
+            server, time.monotonic() - start, attempts - 1, what,
+        )  # fmt: skip
+    return result
 
 
 def find_or_create(find: Callable[[], T | None], create: Callable[[], T]) -> Callable[[], T]:

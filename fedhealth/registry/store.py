@@ -13,11 +13,14 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SADeprecationWarning
+
+from fedhealth import settings
 
 
 def workspace_dir() -> Path:
     """The workspace: ``$FEDHEALTH_WORKSPACE`` or ``./workspace``."""
-    return Path(os.environ.get("FEDHEALTH_WORKSPACE", "workspace")).resolve()
+    return settings.WORKSPACE.get().resolve()
 
 
 def default_tracking_uri(workspace: Path | None = None) -> str:
@@ -41,12 +44,23 @@ def use_store(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with warnings.catch_warnings():
-        # Opening a SQL store makes SQLAlchemy warn about MLflow's mappers; not ours to fix.
-        warnings.simplefilter("ignore")
-        _ = client._tracking_client.store
-    return client
+    _ignore_mlflow_noload_warning()
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _ignore_mlflow_noload_warning() -> None:
+    """Silence the one SQLAlchemy deprecation MLflow's SQL stores trigger, and only it.
+
+    MLflow's tracking store maps a relationship with ``lazy="noload"``, which SQLAlchemy
+    2.1 deprecates; every store opened (tracking, registry, the one ``log_model`` opens)
+    printed it to the user. It is MLflow's to fix, so this filter matches that message and
+    category exactly; every other warning still shows.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The ``noload`` loader strategy is deprecated",
+        category=SADeprecationWarning,
+    )
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:

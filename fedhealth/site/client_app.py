@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +37,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedhealth import settings
 from fedhealth.catalogue import READERS
 from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.errors import ConfigError, FedHealthError, PolicyError
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 
-SIM_ROSTER_ENV = "FEDHEALTH_SIM_SITE_PROFILES"  # set by the simulation engine
+SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name  # set by the simulation engine
 
 
 @lru_cache(maxsize=64)
@@ -74,7 +74,7 @@ def site_profile(context: Context) -> tuple[SiteProfile, int]:
     path = context.node_config.get("profile")
     if path:
         return _profile(str(path)), int(context.node_config.get("site-index", 0))
-    roster = context.run_config.get("site-profiles") or os.environ.get(SIM_ROSTER_ENV)
+    roster = context.run_config.get("site-profiles") or settings.SIM_SITE_PROFILES.get()
     if not roster:
         raise ConfigError(
             "this node has no site profile: start it with --node-config 'profile=\"PATH\"'"

@@ -139,8 +139,18 @@ class SiteRuntime:
         return new, metrics
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
-        """Evaluate the global weights on the site's test split."""
-        x = self._x(self.data.x_test)
+        """Evaluate the global weights on the site's test split.
+
+        Under ``site`` normalisation the site trains on its own z-scores, but the registered
+        model standardises with the pooled statistics the coordinator sends (a consumer has
+        no site); evaluating with those reports the accuracy the registered model gives.
+        """
+        pooled = self.request.norm_stats if self.task.normalisation == "site" else None
+        if pooled:
+            with phase("load"):
+                x = Standardizer.from_dict(pooled).transform(self.data.x_test)
+        else:
+            x = self._x(self.data.x_test)
         with phase("evaluate"):
             model = self.build_model(arrays)
             return evaluate(model, x, self.data.y_test)
