@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedhealth.config.site import load_site
@@ -118,7 +119,10 @@ def print_audit(
                 + (f" ε={eps:.4g}" if isinstance(eps, (int, float)) else "")
             )
         elif event == "refused":
-            detail = f"[yellow]{r.get('rule')}[/]: {r.get('message', '')}"
+            detail = f"[yellow]{escape(str(r.get('rule')))}[/]: {escape(str(r.get('message', '')))}"
+        elif event == "skipped-files":
+            names = ", ".join(str(f.get("file")) for f in r.get("files", []))
+            detail = escape(f"dataset {r.get('dataset')}: {r.get('count', 0)} file(s): {names}")
         else:
             detail = ""
         table.add_row(

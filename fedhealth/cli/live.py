@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -16,7 +17,7 @@ class LiveRun:
     def __init__(self, console: Console, experiment: str, rounds: int) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn(f"[bold]{experiment}[/]"),
+            TextColumn(f"[bold]{escape(experiment)}[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("rounds"),
@@ -56,7 +57,7 @@ class LiveRun:
             if dp:
                 row.append(f"{m['epsilon']:.4g}" if "epsilon" in m else "-")
             table.add_row(*row)
-        parts = [self.progress, table] + [f"[yellow]{n}[/]" for n in self.notes[-5:]]
+        parts = [self.progress, table] + [f"[yellow]{escape(n)}[/]" for n in self.notes[-5:]]
         return Group(*parts)
 
     def __call__(self, event: Event) -> None:

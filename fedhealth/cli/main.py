@@ -11,7 +11,7 @@ from rich.console import Console
 
 from fedhealth import __version__
 from fedhealth.cli import consortium_cmd, coordinator_cmd, models_cmd, site_cmd
-from fedhealth.cli.errors import guarded
+from fedhealth.cli.errors import guarded, print_error
 from fedhealth.errors import ConfigError
 
 app = typer.Typer(
@@ -128,5 +128,5 @@ def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         sys.exit(exc.exit_code)

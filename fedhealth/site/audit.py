@@ -43,6 +43,19 @@ def append(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def record_skipped_files(
+    workspace: Path, site: str, dataset: str, skipped: list[tuple[str, str]]
+) -> None:
+    """Record, by name and reason, the files a dataset's reader skipped (``skip_bad_files``).
+
+    The names stay here, at the site: a file name can carry a patient identifier, so only
+    their count is ever reported to the coordinator.
+    """
+    files = [{"file": name, "reason": why} for name, why in skipped]
+    append(audit_path(workspace), {"ts": time.time(), "event": "skipped-files", "site": site,
+                                   "dataset": dataset, "count": len(files), "files": files})  # fmt: skip
+
+
 def read(path: Path) -> Iterator[dict[str, Any]]:
     """The audit records, oldest first (a torn last line is skipped)."""
     if not path.is_file():

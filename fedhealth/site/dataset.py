@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from fedhealth.data.normalisation import Moments, Standardizer, local_moments
 from fedhealth.data.splits import train_test_split_indices
 from fedhealth.data.tabular import TabularSchema, read_table
 from fedhealth.errors import DataError
+from fedhealth.site.audit import record_skipped_files
+
+log = logging.getLogger("fedhealth.site")
 
 
 @dataclass
@@ -57,7 +61,8 @@ class SiteData:
 
     def counts(self) -> dict[str, int]:
         """Aggregate counts a site may report: sizes and label counts, never rows."""
-        out = {"n-train": self.n_train, "n-test": self.n_test}
+        # Skipped bad files are counted, never named: a file name can identify a patient.
+        out = {"n-train": self.n_train, "n-test": self.n_test, "skipped-files": len(self.skipped)}
         for label, n in zip(*np.unique(self.y_train, return_counts=True), strict=True):
             out[f"n-train-label-{int(label)}"] = int(n)
         return out
@@ -135,6 +140,13 @@ def load_site_data(profile: SiteProfile, task: dict[str, Any]) -> SiteData:
     if key in _CACHE:
         return _CACHE[key]
     x, y, names, skipped = _read(profile, task)
+    if skipped:  # named in the site's own log and audit log, never sent anywhere
+        log.warning(
+            "site %s, dataset %s: skipped %d unreadable file(s) (skip_bad_files = true): %s",
+            profile.name, task["dataset"], len(skipped),
+            "; ".join(f"{name} ({why})" for name, why in skipped),
+        )  # fmt: skip
+        record_skipped_files(profile.workspace, profile.name, str(task["dataset"]), skipped)
     n_classes = int(task.get("num_classes", 2))
     if y.size and (y.min() < 0 or y.max() >= n_classes):
         raise DataError(

@@ -130,6 +130,7 @@ class SiteRuntime:
             else float(self.data.n_train) ** self.request.weight_exponent,
             "train-loss": result.loss,
             "local-steps": result.steps,
+            "skipped-files": len(self.data.skipped),  # a count only, never the names
         }
         with phase("privacy"):
             metrics.update(guard.charge(admission, result.steps))  # durable before any reply

@@ -242,6 +242,14 @@ def check_participation(
         )
 
 
+# Without DP a round's ε is unbounded: no amount of rounds or noise fits an ε cap.
+_NO_DP_TODO = (
+    "Without differential privacy a round's ε is unbounded: enable DP in the experiment's "
+    "`[privacy.dp]` section, or ask the site operator to exempt the dataset "
+    "(`privacy.exempt_datasets`)."
+)
+
+
 def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
     """Refuse a round that breaks the site's privacy policy.
 
@@ -313,7 +321,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             f"{req.dataset!r} is {_num(cap)}, this round would bring experiment "
             f"{req.experiment!r} to ε={_num(projected)}" + ("" if req.dp_enabled else " (no DP)"),
             "Ask the site operator to raise `privacy.max_epsilon_per_experiment` or plan fewer "
-            "rounds / more noise.",
+            "rounds / more noise."
+            if req.dp_enabled
+            else _NO_DP_TODO,
             cap,
             projected,
         )
@@ -329,7 +339,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
                 f"experiments, this round would bring it to {_num(total)}"
                 + ("" if req.dp_enabled else " (no DP)"),
                 "Ask the site operator to raise `privacy.lifetime_epsilon_budget` or plan fewer "
-                "rounds / more noise.",
+                "rounds / more noise."
+                if req.dp_enabled
+                else _NO_DP_TODO,
                 budget,
                 total,
             )
