@@ -116,6 +116,33 @@ def _labels(source: DicomSource | ImageFolderSource) -> Path:
     return source.labels if source.labels.is_absolute() else source.path / source.labels
 
 
+def _class_count_error(
+    profile: SiteProfile, task: dict[str, Any], y: np.ndarray, n_classes: int
+) -> DataError:
+    """Labels outside 0..num_classes-1: name the file, the label column, the classes, the fix."""
+    name = task["dataset"]
+    source = profile.datasets[name]
+    if isinstance(source, TabularSource):
+        where = f"{source.path}, label column {task['schema']['label']!r}"
+    elif isinstance(source, (DicomSource, ImageFolderSource)):
+        where = f"{_labels(source)}, label column 'label'"
+    else:
+        where = f"{source.path}, its labels"
+    classes = [int(c) for c in np.unique(y)]
+    shown = ", ".join(map(str, classes[:20])) + (", …" if len(classes) > 20 else "")
+    fix = (
+        f"Set `task.num_classes = {int(y.max()) + 1}` in the experiment"
+        if y.min() >= 0
+        else "Labels must be 0..num_classes-1: give a `task.schema.label_map`"
+    )
+    return DataError(
+        f"site {profile.name!r}, dataset {name!r} ({where}): {len(classes)} classes found "
+        f"({shown}) but the experiment declares `task.num_classes = {n_classes}` (labels "
+        f"0..{n_classes - 1}). {fix}, or map the labels to fewer classes "
+        "(`task.schema.label_map` / `binarize_label_above` for a table)."
+    )
+
+
 _CACHE: dict[str, SiteData] = {}
 
 
@@ -149,10 +176,7 @@ def load_site_data(profile: SiteProfile, task: dict[str, Any]) -> SiteData:
         record_skipped_files(profile.workspace, profile.name, str(task["dataset"]), skipped)
     n_classes = int(task.get("num_classes", 2))
     if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise DataError(
-            f"site {profile.name!r}, dataset {task['dataset']!r}: labels range "
-            f"{int(y.min())}..{int(y.max())} but the task declares num_classes={n_classes}"
-        )
+        raise _class_count_error(profile, task, y, n_classes)
     if len(y) < 4:
         raise DataError(
             f"site {profile.name!r}, dataset {task['dataset']!r}: only {len(y)} usable records"

@@ -297,7 +297,11 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             f"{_num(policy.min_noise_multiplier)}, the round uses {_num(sigma)}"
             + ("" if req.dp_enabled else " (DP is off)"),
             "Raise the experiment's noise multiplier, or ask the site operator to lower "
-            "`privacy.min_noise_multiplier`.",
+            "`privacy.min_noise_multiplier`."
+            if req.dp_enabled
+            else "Enable DP in the experiment's `[privacy.dp]` section with at least that "
+            "noise multiplier, or ask the site operator to exempt the dataset "
+            "(`privacy.exempt_datasets`).",
             policy.min_noise_multiplier,
             sigma,
         )
