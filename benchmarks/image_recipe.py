@@ -19,6 +19,7 @@ Reads ``../shared/data/medmnist-pneumoniamnist`` beside the project (or
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -106,7 +107,17 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=60, help="Images per class and site.")
     ap.add_argument("--rounds", type=int, default=10, help="Federated rounds.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the image draw.")
+    ap.add_argument(
+        "--setting",
+        action="append",
+        metavar="NAME=JSON",
+        help='Compare this [training] instead, e.g. adam-e5=\'{"optimizer": "adam", '
+        '"learning_rate": 0.002, "local_epochs": 5}\' (repeatable).',
+    )
     args = ap.parse_args()
+    settings = SETTINGS
+    if args.setting:
+        settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.setting)}
     if not NPZ.is_file():
         sys.exit(f"PneumoniaMNIST not found at {NPZ} (set FEDHEALTH_SHARED_DATA)")
     from rich.console import Console
@@ -123,7 +134,7 @@ def main() -> None:
             f"{args.rounds} rounds, small_cnn, 2 local epochs, batch 16"
         )
         print(f"{'setting':<24} {'accuracy (all)':>15} {'mean over sites':>16} {'seconds':>8}")
-        for key, training in SETTINGS.items():
+        for key, training in settings.items():
             path = experiment(out, profiles, key, training, args.rounds)
             start = time.perf_counter()
             [summary] = run_experiments(quiet, [path], f"sqlite:///{out}/mlflow.db", False)

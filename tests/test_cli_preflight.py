@@ -20,7 +20,7 @@ from fedhealth.engines import simulation
 from fedhealth.privacy.he.demo import ensure_consortium
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dp_consortium import reply_metrics, train_round  # noqa: E402
+from dp_consortium import reply_metrics, train_round
 
 runner = CliRunner()
 SITES = ["st-olav", "karolinska", "charite"]
@@ -128,7 +128,11 @@ def test_a_dataset_the_site_lacks_keeps_its_bracketed_fix(project):
 
 def test_more_classes_than_num_classes_names_file_column_and_fix(project):
     exp = project / "experiments" / "quickstart.toml"
-    patch(exp, "label_map = { benign = 0, malignant = 1 }", "label_map = { benign = 0, malignant = 2 }")
+    patch(
+        exp,
+        "label_map = { benign = 0, malignant = 1 }",
+        "label_map = { benign = 0, malignant = 2 }",
+    )
     code, out = cli("validate", str(exp))
     assert code == 3
     csv = project / "workspace" / "demo-data" / "st-olav" / "breast-cancer.csv"
@@ -143,9 +147,7 @@ def test_site_profile_with_a_missing_data_path(project):
     assert "[datasets.phantoms]" in out and "dicom not found" in out
 
 
-def test_skipped_files_are_named_at_the_site_and_only_counted_to_the_coordinator(
-    project, caplog
-):
+def test_skipped_files_are_named_at_the_site_and_only_counted_to_the_coordinator(project, caplog):
     folder = project / "workspace" / "demo-data" / "st-olav" / "dicom"
     victims = sorted(folder.glob("*.dcm"))[2:4]
     for v in victims:

@@ -88,7 +88,9 @@ def validate_files(console: Console, files: list[Path]) -> None:
             problems += found
         else:
             console.print(
-                f"[green]ok[/] {escape(str(f))}: {escape(str(what))}", soft_wrap=True, highlight=False
+                f"[green]ok[/] {escape(str(f))}: {escape(str(what))}",
+                soft_wrap=True,
+                highlight=False,
             )
     if problems:
         raise PreflightError(problems)

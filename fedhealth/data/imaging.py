@@ -370,9 +370,7 @@ def _read_without_preamble(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
-        has_pixels = any(
-            k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-        )
+        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails any way
         has_pixels = False
     if not has_pixels:

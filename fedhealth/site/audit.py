@@ -52,8 +52,8 @@ def record_skipped_files(
     their count is ever reported to the coordinator.
     """
     files = [{"file": name, "reason": why} for name, why in skipped]
-    append(audit_path(workspace), {"ts": time.time(), "event": "skipped-files", "site": site,
-                                   "dataset": dataset, "count": len(files), "files": files})  # fmt: skip
+    record = {"ts": time.time(), "event": "skipped-files", "site": site, "dataset": dataset}
+    append(audit_path(workspace), {**record, "count": len(files), "files": files})
 
 
 def read(path: Path) -> Iterator[dict[str, Any]]:
