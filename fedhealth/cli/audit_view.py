@@ -72,9 +72,9 @@ def ledger_links(ledger_path: Path, records: list[dict]) -> dict[int, str]:
 
 def model_versions(tracking_uri: str, runs: set[str]) -> dict[str, str]:
     """``run id -> "<registered model> v<version>"`` for the runs that registered one."""
-    import mlflow
+    from fedhealth.registry.store import use_store
 
-    client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = use_store(tracking_uri)  # (quiet about MLflow's SQLAlchemy warning)
     out: dict[str, str] = {}
     for run in sorted(runs):
         found = client.search_model_versions(f"run_id = '{run}'")

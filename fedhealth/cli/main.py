@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import typer
@@ -43,9 +42,8 @@ def _main(
     ),
 ) -> None:
     """fedhealth: train models across hospitals; raw data never leaves a site."""
-    # Library deprecation chatter (SQLAlchemy under MLflow) is not the user's business.
-    warnings.filterwarnings("ignore", message=r".*noload.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Third-party warnings are filtered narrowly where they arise (registry/store.py for
+    # MLflow's SQL store), not here for every library at once.
 
 
 @app.command()

@@ -89,6 +89,7 @@ def run_experiments(
             f"{cfg.experiment.rounds} rounds, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}, "
             f"model {cfg.model.name}",
             highlight=False,
+            soft_wrap=True,  # one line when redirected (80 columns), as a terminal shows it
         )
         _print_outlook(console, cfg, checked.outlook)
         console.print(f"  {checked.he_line}", highlight=False, soft_wrap=True)
@@ -186,12 +187,16 @@ def print_summary(console: Console, s: RunSummary) -> None:
                 highlight=False,
             )
     _print_refusals(console, s.refusals)
-    console.print(f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)")
+    console.print(
+        f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)",
+        soft_wrap=True,
+    )
     if s.version:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "
             f"[bold green]{s.version}[/]  ->  "
-            f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")'
+            f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")',
+            soft_wrap=True,
         )
 
 

@@ -41,10 +41,17 @@ def use_store(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with warnings.catch_warnings():
-        # Opening a SQL store makes SQLAlchemy warn about MLflow's mappers; not ours to fix.
-        warnings.simplefilter("ignore")
+        # Importing MLflow's SQL store (here: the client opens it) makes SQLAlchemy warn that
+        # MLflow uses the deprecated ``noload`` strategy. MLflow's to fix, not the user's:
+        # ignore exactly that one. A module-level filter would not do: Ray puts a "once"
+        # filter for every DeprecationWarning in front of it.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The ``noload`` loader strategy is deprecated",
+            category=DeprecationWarning,
+        )
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         _ = client._tracking_client.store
     return client
 
