@@ -56,11 +56,6 @@ class Preflight:
         if self.problems:
             raise PreflightError(self.problems)
 
-    def raise_problems_or_sizes(self) -> dict[str, int]:
-        """Site name -> training records, after :meth:`raise_problems`."""
-        self.raise_problems()
-        return dict(self.sizes)
-
 
 def check_experiment(cfg: ExperimentConfig, sites: list[SiteProfile]) -> Preflight:
     """Run every pre-flight check of ``cfg`` against its ``sites``; collect every problem.

@@ -38,7 +38,9 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]
     PreflightError
         Every problem found, in one message.
     """
-    return check_experiment(cfg, sites).raise_problems_or_sizes()
+    checked = check_experiment(cfg, sites)
+    checked.raise_problems()
+    return checked.sizes
 
 
 def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePrivacyOutlook]):
