@@ -128,6 +128,7 @@ class Metric:
     SITE_WEIGHT: Final = "site-weight"  # aggregation weight (BalancedFedAvg, site-level DP)
     TRAIN_LOSS: Final = "train-loss"
     LOCAL_STEPS: Final = "local-steps"
+    SKIPPED_FILES: Final = "skipped-files"  # a count of unreadable files skipped; never names
     LOSS: Final = "loss"
     ACCURACY: Final = "accuracy"
     EPSILON: Final = "epsilon"

@@ -46,7 +46,8 @@ def write(
 ) -> Path:
     for s in set(sites):
         (tmp / f"{s}.toml").write_text(SITE.format(name=s))
-        (tmp / f"{s}.csv").write_text("a,b,y\n1,2,0\n3,4,1\n")
+        # eight rows: validate reads the data as run does (at least 4 usable records)
+        (tmp / f"{s}.csv").write_text("a,b,y\n" + "1,2,0\n3,4,1\n" * 4)
     listed = listed or [f'"{s}.toml"' for s in sites]
     path = tmp / "exp.toml"
     path.write_text(

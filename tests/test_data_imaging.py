@@ -313,3 +313,58 @@ def test_real_breastmnist():
     assert np.bincount(data.y).tolist() == [147, 399]
     assert data.X.min() == 0.0 and data.X.max() == 1.0
     assert read_npz(BREAST, "all", image_size=28).X.shape[0] == 780
+
+
+# --- several bad files; DICOM without preamble (newcomer defects) ---------------
+
+
+def test_every_bad_file_is_named_in_one_error(tmp_path):
+    labels = bad_folder(tmp_path)
+    with pytest.raises(DataError) as err:
+        read_dicom_folder(tmp_path, labels, image_size=2)
+    msg = str(err.value)
+    assert "3 files cannot be read as DICOM" in msg and "skip_bad_files = true" in msg
+    for name in ("trunc.dcm", "notes.txt", "nopix.dcm"):
+        assert str(tmp_path / name) in msg
+
+
+def write_without_preamble(path: Path, file_meta: bool) -> Path:
+    """The DICOM of ``write_dicom`` without its 128-byte preamble and 'DICM' prefix (and,
+    with ``file_meta=False``, without its file meta group: a bare implicit-VR data set)."""
+    import io
+
+    full = write_dicom(path)
+    if file_meta:
+        path.write_bytes(full.read_bytes()[132:])
+        return path
+    ds = pydicom.dcmread(full)
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("file_meta", [True, False])
+def test_dicom_without_preamble_is_read_with_a_warning(tmp_path, caplog, file_meta):
+    write_dicom(tmp_path / "a.dcm")
+    bare = write_without_preamble(tmp_path / "b.dcm", file_meta)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(bare)  # what rejected it before
+    labels = write_labels(tmp_path, {"a.dcm": 0, "b.dcm": 1})
+    with caplog.at_level("WARNING", logger="fedhealth.data.imaging"):
+        data = read_dicom_folder(tmp_path, labels, image_size=2)
+    assert data.files == ["a.dcm", "b.dcm"] and data.skipped == []
+    assert_close(data.X[1, 0], data.X[0, 0])  # the same pixels as the standard file
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(str(bare) in m and "no DICOM preamble" in m for m in warned)
+    assert not any("a.dcm" in m for m in warned)
+
+
+def test_text_file_is_still_not_dicom_when_forced(tmp_path):
+    write_dicom(tmp_path / "a.dcm")
+    (tmp_path / "notes.txt").write_bytes(b"\x08\x00\x16\x00" + b"not an image" * 20)
+    labels = write_labels(tmp_path, {"a.dcm": 0, "notes.txt": 1})
+    with pytest.raises(DataError, match=r"notes\.txt: cannot read as DICOM: not a DICOM file"):
+        read_dicom_folder(tmp_path, labels, image_size=2)

@@ -6,7 +6,9 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedhealth.config.site import load_site
@@ -70,9 +72,9 @@ def ledger_links(ledger_path: Path, records: list[dict]) -> dict[int, str]:
 
 def model_versions(tracking_uri: str, runs: set[str]) -> dict[str, str]:
     """``run id -> "<registered model> v<version>"`` for the runs that registered one."""
-    import mlflow
+    from fedhealth.registry.store import use_store
 
-    client = mlflow.tracking.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = use_store(tracking_uri)  # (quiet about MLflow's SQLAlchemy warning)
     out: dict[str, str] = {}
     for run in sorted(runs):
         found = client.search_model_versions(f"run_id = '{run}'")
@@ -102,32 +104,8 @@ def print_audit(
     charges = ledger_links(profile.ledger_path, records)
     runs = {str(r["mlflow_run"]) for r in records if r.get("mlflow_run")}
     versions = model_versions(tracking_uri, runs) if tracking_uri and runs else {}
-    table = Table(title=f"site {profile.name}: audit log {path}")
-    for col in ("time", "event", "request", "experiment", "round", "what left / why refused"):
-        table.add_column(col)
-    table.add_column("ledger charge · model version")
-    table.add_column("site time (process start + handler)")
-    for i, r in enumerate(records):
-        when = dt.datetime.fromtimestamp(r.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
-        event = r.get("event", "?")
-        if event == "sent":
-            eps = r.get("epsilon")
-            detail = (
-                f"{r.get('bytes', 0)} B sha256 {str(r.get('sha256', ''))[:16]}… "
-                f"({', '.join(r.get('records', []))})"
-                + (f" ε={eps:.4g}" if isinstance(eps, (int, float)) else "")
-            )
-        elif event == "refused":
-            detail = f"[yellow]{r.get('rule')}[/]: {r.get('message', '')}"
-        elif str(event).startswith("ledger-"):  # the privacy ledger's head, anchored
-            detail = f"{r.get('ledger')} counter {r.get('counter')} head {str(r.get('head'))[:16]}…"
-        else:
-            detail = ""
-        table.add_row(
-            when, event, str(r.get("message_type", "")), str(r.get("experiment") or ""),
-            str(r.get("round", "")), detail, _link(r, charges.get(i), versions),
-            timing_summary(r.get("timing")),
-        )  # fmt: skip
+    table = audit_table(records, charges, versions)
+    console.print(f"site {profile.name}: audit log {path}", highlight=False, soft_wrap=True)
     console.print(table)
     if runs and not tracking_uri:
         console.print(
@@ -135,6 +113,61 @@ def print_audit(
             "the version each run registered",
             highlight=False,
         )
+
+
+def audit_table(records: list[dict], charges: dict[int, str], versions: dict[str, str]) -> Table:
+    """The audit records as a table that stays readable at 100 columns: the short columns
+    never wrap, and what left (or why refused), the ledger charge, the model version and
+    where the site's time went share one wide column, one line each."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("time", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("experiment", overflow="fold", max_width=16)
+    table.add_column("round", justify="right", no_wrap=True)
+    table.add_column(
+        "what left / why refused; ledger charge, model; where time went",
+        min_width=30,
+        overflow="fold",
+    )
+    table.add_column("site s", justify="right", no_wrap=True)
+    for i, r in enumerate(records):
+        when = dt.datetime.fromtimestamp(r.get("ts", 0)).strftime("%m-%d %H:%M:%S")
+        event = r.get("event", "?")
+        lines = [_detail(r)]
+        link = _link(r, charges.get(i), versions)
+        if link:
+            lines.append(f"→ {escape(link)}")
+        timing = r.get("timing")
+        if isinstance(timing, dict):
+            lines.append(f"[dim]{escape(timing_summary(timing).partition(': ')[2])}[/]")
+        total = timing_summary(timing).partition(" s:")[0]
+        table.add_row(
+            when, escape(f"{event}\n{r.get('message_type', '')}".strip()),
+            escape(str(r.get("experiment") or "")), str(r.get("round", "")),
+            "\n".join(line for line in lines if line), total,
+        )  # fmt: skip
+    return table
+
+
+def _detail(r: dict) -> str:
+    """What left the site, why it refused, or which files it skipped (Rich markup)."""
+    event = r.get("event")
+    if event == "sent":
+        eps = r.get("epsilon")
+        return escape(
+            f"{r.get('bytes', 0)} B sha256 {str(r.get('sha256', ''))[:16]}… "
+            f"({', '.join(r.get('records', []))})"
+            + (f" ε={eps:.4g}" if isinstance(eps, (int, float)) else "")
+        )
+    if event == "refused":
+        return f"[yellow]{escape(str(r.get('rule')))}[/]: {escape(str(r.get('message', '')))}"
+    if event == "skipped-files":
+        names = ", ".join(str(f.get("file")) for f in r.get("files", []))
+        return escape(f"dataset {r.get('dataset')}: {r.get('count', 0)} file(s) skipped: {names}")
+    if str(event).startswith("ledger-"):  # the privacy ledger's head, anchored here
+        head = str(r.get("head"))[:16]
+        return escape(f"{r.get('ledger')} counter {r.get('counter')} head {head}…")
+    return ""
 
 
 def _link(record: dict, charge: str | None, versions: dict[str, str]) -> str:

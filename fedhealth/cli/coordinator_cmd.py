@@ -44,11 +44,10 @@ def start(
     ),
 ) -> None:
     """Start the SuperLink (TLS, SuperNode auth, persistent state) and the MLflow server.
-
-    Runs until Ctrl-C or SIGTERM, then stops both cleanly. If the MLflow server exits, it
+    Both run until Ctrl-C or SIGTERM, then stop cleanly. If the MLflow server exits, it
     is restarted on the same port with the same store (runs retry their MLflow calls
     meanwhile); the SuperLink keeps running.
-    """
+    """  # one paragraph: typer keeps the line breaks of later ones, mid-sentence
     from fedhealth.coordinator.runconfig import TRACKING_ENV
     from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
     from fedhealth.deploy.submit import remember_tracking_uri, write_app_dir

@@ -1,9 +1,14 @@
-"""A live view of a simulated run: a progress bar over rounds and a table of site metrics."""
+"""A live view of a simulated run: a progress bar over rounds and a table of site metrics.
+
+When the output is not a terminal (CI, nohup, a redirect) a live display would print
+nothing until the end, so a long run would look hung: then one plain line per round.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -17,7 +22,7 @@ class LiveRun:
     def __init__(self, console: Console, experiment: str, rounds: int) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn(f"[bold]{experiment}[/]"),
+            TextColumn(f"[bold]{escape(experiment)}[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("rounds"),
@@ -26,17 +31,24 @@ class LiveRun:
             console=console,
         )
         self.task = self.progress.add_task("starting sites…", total=rounds)
+        self.rounds = rounds
         self.sites: dict[str, dict] = {}
         self.notes: list[str] = []
+        self.plain = not console.is_terminal  # one line per round instead of a live display
         self.live = Live(self._render(), console=console, refresh_per_second=8, transient=True)
 
     def __enter__(self) -> LiveRun:
-        self.live.__enter__()
+        if not self.plain:
+            self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.update(self._render())
-        self.live.__exit__(*exc)
+        if not self.plain:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False)
@@ -57,7 +69,7 @@ class LiveRun:
             if dp:
                 row.append(f"{m[Metric.EPSILON]:.4g}" if Metric.EPSILON in m else "-")
             table.add_row(*row)
-        parts = [self.progress, table] + [f"[yellow]{n}[/]" for n in self.notes[-5:]]
+        parts = [self.progress, table] + [f"[yellow]{escape(n)}[/]" for n in self.notes[-5:]]
         return Group(*parts)
 
     def __call__(self, event: Event) -> None:
@@ -74,13 +86,31 @@ class LiveRun:
         elif event.kind == "evaluate-done":
             for site, m in event.data["sites"].items():
                 self.sites.setdefault(site, {}).update(m)
-            acc = event.data["global_metrics"].get("accuracy", float("nan"))
+            g = event.data["global_metrics"]
+            acc = g.get("accuracy", float("nan"))
             self.progress.update(self.task, advance=1, description=f"accuracy {acc:.4f}")
+            if self.plain:
+                self._line(self._round_line(event.round, g))
         elif event.kind == "site-refused":
             d = event.data
             self.notes.append(
                 f"round {event.round}: site {d['site']} refused ({d['rule']}): {d['message']}"
             )
+            if self.plain:
+                self._line(self.notes[-1])
         elif event.kind == "statistics":
             self.progress.update(self.task, description="consortium statistics done")
-        self.live.update(self._render())
+        if not self.plain:
+            self.live.update(self._render())
+
+    def _round_line(self, round_: int, g: dict) -> str:
+        """``round 3/5: accuracy 0.9123, loss 0.2345, 3 sites (ε 0.61-0.72)``."""
+        parts = [f"round {round_}/{self.rounds}:"]
+        parts.append(f"accuracy {g['accuracy']:.4f}," if "accuracy" in g else "accuracy -,")
+        if "loss" in g:
+            parts.append(f"loss {g['loss']:.4f},")
+        parts.append(f"{len(self.sites)} sites")
+        eps = [m["epsilon"] for m in self.sites.values() if "epsilon" in m]
+        if eps:
+            parts.append(f"(ε {min(eps):.4g}-{max(eps):.4g})")
+        return " ".join(parts)

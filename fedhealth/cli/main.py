@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import typer
@@ -11,7 +10,7 @@ from rich.console import Console
 
 from fedhealth import __version__
 from fedhealth.cli import consortium_cmd, coordinator_cmd, models_cmd, site_cmd
-from fedhealth.cli.errors import guarded
+from fedhealth.cli.errors import guarded, print_error
 from fedhealth.errors import ConfigError
 
 app = typer.Typer(
@@ -43,9 +42,8 @@ def _main(
     ),
 ) -> None:
     """fedhealth: train models across hospitals; raw data never leaves a site."""
-    # Library deprecation chatter (SQLAlchemy under MLflow) is not the user's business.
-    warnings.filterwarnings("ignore", message=r".*noload.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Third-party warnings are filtered narrowly where they arise (registry/store.py for
+    # MLflow's SQL store), not here for every library at once.
 
 
 @app.command()
@@ -151,5 +149,5 @@ def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         sys.exit(exc.exit_code)

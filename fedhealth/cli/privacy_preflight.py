@@ -29,12 +29,14 @@ from fedhealth.privacy.dp.policy import RoundRequest as PolicyRequest
 
 @dataclass
 class SitePrivacyOutlook:
-    """One site's plan, what it will have spent after the run, and any refusal to expect."""
+    """One site's plan, what it will have spent after the run, and any refusal to expect
+    (``refusal_round``: the first round the site refuses)."""
 
     site: str
     plan: DPPlan | None
     epsilon_after_run: float
     refusal: str | None = None
+    refusal_round: int | None = None
 
 
 def _history(site: SiteProfile, dataset: str, experiment: str, kind: str):
@@ -94,16 +96,17 @@ class _Projection:
             return projected, str(exc)
         return projected, None
 
-    def first_refusal(self, rounds: int) -> tuple[float, str | None]:
-        """ε after all ``rounds``, and the refusal of the first round the site refuses."""
+    def first_refusal(self, rounds: int) -> tuple[float, str | None, int | None]:
+        """ε after all ``rounds``, and the refusal and number of the first round the site
+        refuses (``None, None`` when it takes part in every round)."""
         projected, refusal = self.verdict(rounds)
         if refusal is None:
-            return projected, None
+            return projected, None, None
         lo, hi = 0, rounds  # spend only grows with rounds: bisect for the first refusal
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if self.verdict(mid)[1] else (mid, hi)
-        return projected, self.verdict(hi)[1]
+        return projected, self.verdict(hi)[1], hi
 
 
 def privacy_outlook(
@@ -142,6 +145,6 @@ def privacy_outlook(
             other = lifetime - before
         policy = PrivacyPolicy.from_mapping(site.privacy)
         projection = _Projection(cfg, site.name, policy, plan, acc, before, other)
-        projected, refusal = projection.first_refusal(rounds)
-        out.append(SitePrivacyOutlook(site.name, plan, projected, refusal))
+        projected, refusal, when = projection.first_refusal(rounds)
+        out.append(SitePrivacyOutlook(site.name, plan, projected, refusal, when))
     return out

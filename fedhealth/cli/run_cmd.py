@@ -5,36 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fedhealth.cli.he_preflight import he_outlook
 from fedhealth.cli.live import LiveRun
-from fedhealth.cli.privacy_preflight import SitePrivacyOutlook, privacy_outlook
+from fedhealth.cli.preflight import check_experiment
+from fedhealth.cli.privacy_preflight import SitePrivacyOutlook
 from fedhealth.config.experiment import ExperimentConfig, load_experiment_with_sites
 from fedhealth.config.site import SiteProfile
 from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
-from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.errors import ConfigError, FederationError, FedHealthError
 from fedhealth.protocol import Metric
 from fedhealth.registry.store import default_tracking_uri
 
 
 def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]:
-    """Read every site's data once before any training, so bad data fails fast.
+    """Run every pre-flight check before any training, so bad input fails fast.
 
     In simulation all sites live on this machine; in a real deployment each
-    site checks its own data when its node starts. With DP on, each site's
-    privacy plan is computed too: δ >= 1/n at a site, or a target ε the planned
-    steps cannot reach, fails here (naming the key and the site).
-    """
-    from fedhealth.site.dataset import load_site_data
+    site checks its own data when its node starts. The checks are those of
+    ``fedhealth validate`` (:func:`fedhealth.cli.preflight.check_experiment`):
+    data, DP plans, HE keys, and enough sites taking part in every round.
 
-    build_strategy(cfg)  # a broken custom strategy fails here, not mid-run
-    task = cfg.task_spec().task
-    sizes = {s.name: load_site_data(s, task).n_train for s in sites}
-    privacy_outlook(cfg, sites, sizes)
-    return sizes
+    Returns
+    -------
+    dict
+        Site name -> training records.
+
+    Raises
+    ------
+    PreflightError
+        Every problem found, in one message.
+    """
+    checked = check_experiment(cfg, sites)
+    checked.raise_problems()
+    return checked.sizes
 
 
 def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePrivacyOutlook]):
@@ -58,7 +64,7 @@ def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePr
         console.print("  privacy: differential privacy off", highlight=False)
     for o in outlook:
         if o.refusal:
-            console.print(f"  [yellow]will refuse:[/] {o.refusal}", highlight=False)
+            console.print(f"  [yellow]will refuse:[/] {escape(o.refusal)}", highlight=False)
 
 
 def run_experiments(
@@ -76,15 +82,19 @@ def run_experiments(
     summaries = []
     for path, cfg, sites in loaded:
         uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
-        sizes = preflight(cfg, sites)
+        checked = check_experiment(cfg, sites)
+        checked.raise_problems()  # before any engine (Ray) starts
+        sizes = checked.sizes
         console.print(
-            f"[bold]{cfg.name}[/]: {len(sites)} sites "
+            f"[bold]{escape(cfg.name)}[/]: {len(sites)} sites "
             f"({', '.join(f'{k} {v}' for k, v in sizes.items())} training records), "
             f"{cfg.experiment.rounds} rounds, strategy {cfg.strategy.name.rsplit('/', 1)[-1]}, "
-            f"model {cfg.model.name}"
+            f"model {cfg.model.name}",
+            highlight=False,
+            soft_wrap=True,  # one line when redirected (80 columns), as a terminal shows it
         )
-        _print_outlook(console, cfg, privacy_outlook(cfg, sites, sizes))
-        console.print(f"  {he_outlook(cfg, sites)}", highlight=False, soft_wrap=True)
+        _print_outlook(console, cfg, checked.outlook)
+        console.print(f"  {checked.he_line}", highlight=False, soft_wrap=True)
         if resume:
             console.print(f"  resuming MLflow run {resume} from its last checkpoint")
         summaries.append(_simulate(console, path, cfg, uri, verbose, resume))
@@ -162,12 +172,16 @@ def print_summary(console: Console, s: RunSummary) -> None:
                 highlight=False,
             )
     _print_refusals(console, s.refusals)
-    console.print(f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)")
+    console.print(
+        f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)",
+        soft_wrap=True,
+    )
     if s.version:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "
             f"[bold green]{s.version}[/]  ->  "
-            f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")'
+            f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")',
+            soft_wrap=True,
         )
 
 
@@ -180,7 +194,8 @@ def _print_refusals(console: Console, refusals: list) -> None:
         rounds = sorted({getattr(r, "round", 0) for r in rs})
         when = f" in round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}"
         console.print(
-            f"[yellow]site {site} refused ({rule}){when}:[/] {rs[-1].message}",
+            f"[yellow]site {escape(site)} refused ({escape(rule)}){when}:[/] "
+            f"{escape(rs[-1].message)}",
             highlight=False,
             soft_wrap=True,
         )

@@ -14,7 +14,9 @@ from rich.console import Console
 from fedhealth.cli.errors import guarded
 
 app = typer.Typer(
-    help="Run and inspect a hospital site: its privacy ledger and budget.", no_args_is_help=True
+    help="Run and inspect a hospital site: start its SuperNode, read its privacy ledger and "
+    "its audit log.",
+    no_args_is_help=True,
 )
 console = Console()
 
@@ -36,13 +38,19 @@ def ledger(
 def start(
     profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
     superlink: str = typer.Option(
-        None, "--superlink", help="Coordinator's SuperLink host:port (default: [deploy])."
+        None,
+        "--superlink",
+        help="Coordinator's SuperLink host:port (default: the profile's \\[deploy] table).",
     ),
     root_certificate: Path = typer.Option(
-        None, "--root-certificate", help="Consortium CA certificate (default: [deploy])."
+        None,
+        "--root-certificate",
+        help="Consortium CA certificate (default: the profile's \\[deploy] table).",
     ),
     auth_key: Path = typer.Option(
-        None, "--auth-key", help="SuperNode authentication private key (default: [deploy])."
+        None,
+        "--auth-key",
+        help="SuperNode authentication private key (default: the profile's \\[deploy] table).",
     ),
     port: int = typer.Option(None, "--port", help="This SuperNode's local API port."),
 ) -> None:

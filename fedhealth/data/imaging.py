@@ -18,6 +18,7 @@ interpolation; an image already S x S is left untouched.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from pydantic import Field
 from fedhealth.catalogue import READERS
 from fedhealth.config.site import DataSourceBase
 from fedhealth.errors import DataError
+
+log = logging.getLogger(__name__)
 
 NPZ_SPLITS = ("train", "val", "test")
 # Files in an image folder that are never images to label.
@@ -308,16 +311,23 @@ def _read_folder(
         try:
             image = load(folder / name)
         except _BadFile as exc:
-            if not skip_bad_files:
-                raise DataError(
-                    f"{folder / name}: cannot read as {kind}: {exc}. Fix or remove the "
-                    "file, or set skip_bad_files to load the rest."
-                ) from None
             skipped.append((name, str(exc)))
             continue
         images.append(_resize(image, image_size))
         ys.append(labels[name])
         names.append(name)
+    if skipped and not skip_bad_files:  # every bad file at once, not one per attempt
+        if len(skipped) == 1:
+            name, why = skipped[0]
+            raise DataError(
+                f"{folder / name}: cannot read as {kind}: {why}. Fix or remove the file, or "
+                "set skip_bad_files = true in the dataset's table to load the rest."
+            )
+        listed = "; ".join(f"{folder / name}: {why}" for name, why in skipped)
+        raise DataError(
+            f"{folder}: {len(skipped)} files cannot be read as {kind}: {listed}. Fix or "
+            "remove them, or set skip_bad_files = true in the dataset's table to load the rest."
+        )
     if not images:
         raise DataError(f"{folder}: none of the {len(files)} {kind} files could be read")
     X = np.stack(images)[:, None].astype(np.float32)
@@ -403,7 +413,7 @@ def _load_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
             warnings.simplefilter("ignore")  # pydicom warns on odd but readable files
             ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise _BadFile("not a DICOM file (no 'DICM' file header)") from None
+        ds = _read_without_preamble(path)
     except Exception as exc:  # EOFError, struct errors, ... on damaged files
         raise _BadFile(f"damaged or truncated file ({type(exc).__name__}: {exc})") from exc
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -424,6 +434,37 @@ def _load_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     image = _unit_range(values, window)
     return 1.0 - image if photometric == "MONOCHROME1" else image
+
+
+def _read_without_preamble(path: Path):
+    """A DICOM file without the 128-byte preamble and 'DICM' prefix, as pydicom reads it with
+    ``force=True``; a file that is not DICOM at all (no pixel data then) stays a bad file."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails any way
+        has_pixels = False
+    if not has_pixels:
+        raise _BadFile("not a DICOM file (no 'DICM' file header)")
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:  # no file meta either: the encoding pydicom found
+        implicit, little = ds.original_encoding
+        if not little:
+            raise _BadFile("no file meta header and big-endian encoding: cannot decode")
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.file_meta = meta
+    log.warning(
+        "%s: no DICOM preamble ('DICM' header missing); read as DICOM anyway (pydicom "
+        "force=True). Rewrite it with a standard DICOM writer to silence this warning.",
+        path,
+    )
+    return ds
 
 
 def _load_picture(path: Path) -> np.ndarray:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from sqlalchemy.exc import SADeprecationWarning
 
 from fedhealth import settings
 
@@ -44,23 +43,19 @@ def use_store(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    _ignore_mlflow_noload_warning()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def _ignore_mlflow_noload_warning() -> None:
-    """Silence the one SQLAlchemy deprecation MLflow's SQL stores trigger, and only it.
-
-    MLflow's tracking store maps a relationship with ``lazy="noload"``, which SQLAlchemy
-    2.1 deprecates; every store opened (tracking, registry, the one ``log_model`` opens)
-    printed it to the user. It is MLflow's to fix, so this filter matches that message and
-    category exactly; every other warning still shows.
-    """
-    warnings.filterwarnings(
-        "ignore",
-        message=r"The ``noload`` loader strategy is deprecated",
-        category=SADeprecationWarning,
-    )
+    with warnings.catch_warnings():
+        # Importing MLflow's SQL store (here: the client opens it) makes SQLAlchemy warn that
+        # MLflow uses the deprecated ``noload`` strategy. MLflow's to fix, not the user's:
+        # ignore exactly that one. A module-level filter would not do: Ray puts a "once"
+        # filter for every DeprecationWarning in front of it.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The ``noload`` loader strategy is deprecated",
+            category=DeprecationWarning,
+        )
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        _ = client._tracking_client.store
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:

@@ -35,6 +35,19 @@ def audit_path(workspace: Path) -> Path:
     return Path(workspace) / AUDIT_FILE
 
 
+def record_skipped_files(
+    workspace: Path, site: str, dataset: str, skipped: list[tuple[str, str]]
+) -> None:
+    """Record, by name and reason, the files a dataset's reader skipped (``skip_bad_files``).
+
+    The names stay here, at the site: a file name can carry a patient identifier, so only
+    their count is ever reported to the coordinator.
+    """
+    files = [{"file": name, "reason": why} for name, why in skipped]
+    record = {"ts": time.time(), "event": "skipped-files", "site": site, "dataset": dataset}
+    append(audit_path(workspace), {**record, "count": len(files), "files": files})
+
+
 def content_digest(content: Any) -> tuple[int, str, list[str]]:
     """Bytes, SHA-256 and record names of a reply's content (a Flower ``RecordDict``).
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ from fedhealth.config.site import SiteProfile
 from fedhealth.data.normalisation import Moments, Standardizer, local_moments
 from fedhealth.data.splits import train_test_split_indices
 from fedhealth.errors import DataError
+from fedhealth.site.audit import record_skipped_files
+
+log = logging.getLogger("fedhealth.site")
 
 
 @dataclass
@@ -49,7 +54,8 @@ class SiteData:
 
     def counts(self) -> dict[str, int]:
         """Aggregate counts a site may report: sizes and label counts, never rows."""
-        out = {"n-train": self.n_train, "n-test": self.n_test}
+        # Skipped bad files are counted, never named: a file name can identify a patient.
+        out = {"n-train": self.n_train, "n-test": self.n_test, "skipped-files": len(self.skipped)}
         for label, n in zip(*np.unique(self.y_train, return_counts=True), strict=True):
             out[f"n-train-label-{int(label)}"] = int(n)
         return out
@@ -65,6 +71,35 @@ def _read(profile: SiteProfile, task: dict[str, Any]) -> tuple[np.ndarray, np.nd
         )
     # The reader of the source's kind, from the catalogue (fedhealth/data/ registers them).
     return READERS.get(source.kind).load()(source, task)
+
+
+def _class_count_error(
+    profile: SiteProfile, task: dict[str, Any], y: np.ndarray, n_classes: int
+) -> DataError:
+    """Labels outside 0..num_classes-1: name the file, the label column, the classes, the fix."""
+    name = task["dataset"]
+    source = profile.datasets[name]
+    labels = getattr(source, "labels", None)  # image folders: a labels CSV (file,label)
+    if task.get("schema"):
+        where = f"{source.path}, label column {task['schema']['label']!r}"
+    elif labels is not None:
+        labels_csv = labels if Path(labels).is_absolute() else Path(source.path) / labels
+        where = f"{labels_csv}, label column 'label'"
+    else:
+        where = f"{source.path}, its labels"
+    classes = [int(c) for c in np.unique(y)]
+    shown = ", ".join(map(str, classes[:20])) + (", …" if len(classes) > 20 else "")
+    fix = (
+        f"Set `task.num_classes = {int(y.max()) + 1}` in the experiment"
+        if y.min() >= 0
+        else "Labels must be 0..num_classes-1: give a `task.schema.label_map`"
+    )
+    return DataError(
+        f"site {profile.name!r}, dataset {name!r} ({where}): {len(classes)} classes found "
+        f"({shown}) but the experiment declares `task.num_classes = {n_classes}` (labels "
+        f"0..{n_classes - 1}). {fix}, or map the labels to fewer classes "
+        "(`task.schema.label_map` / `binarize_label_above` for a table)."
+    )
 
 
 _CACHE: dict[str, SiteData] = {}
@@ -93,12 +128,16 @@ def load_site_data(profile: SiteProfile, task: Any) -> SiteData:
     if key in _CACHE:
         return _CACHE[key]
     x, y, names, skipped = _read(profile, task)
+    if skipped:  # named in the site's own log and audit log, never sent anywhere
+        log.warning(
+            "site %s, dataset %s: skipped %d unreadable file(s) (skip_bad_files = true): %s",
+            profile.name, task["dataset"], len(skipped),
+            "; ".join(f"{name} ({why})" for name, why in skipped),
+        )  # fmt: skip
+        record_skipped_files(profile.workspace, profile.name, str(task["dataset"]), skipped)
     n_classes = int(task.get("num_classes", 2))
     if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise DataError(
-            f"site {profile.name!r}, dataset {task['dataset']!r}: labels range "
-            f"{int(y.min())}..{int(y.max())} but the task declares num_classes={n_classes}"
-        )
+        raise _class_count_error(profile, task, y, n_classes)
     if len(y) < 4:
         raise DataError(
             f"site {profile.name!r}, dataset {task['dataset']!r}: only {len(y)} usable records"

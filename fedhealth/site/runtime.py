@@ -133,6 +133,7 @@ class SiteRuntime:
             else float(self.data.n_train) ** self.request.weight_exponent,
             Metric.TRAIN_LOSS: result.loss,
             Metric.LOCAL_STEPS: result.steps,
+            Metric.SKIPPED_FILES: len(self.data.skipped),  # a count only, never the names
         }
         with phase("privacy"):
             metrics.update(guard.charge(admission, result.steps))  # durable before any reply

@@ -242,6 +242,14 @@ def check_participation(
         )
 
 
+# Without DP a round's ε is unbounded: no amount of rounds or noise fits an ε cap.
+_NO_DP_TODO = (
+    "Without differential privacy a round's ε is unbounded: enable DP in the experiment's "
+    "`[privacy.dp]` section, or ask the site operator to exempt the dataset "
+    "(`privacy.exempt_datasets`)."
+)
+
+
 def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
     """Refuse a round that breaks the site's privacy policy.
 
@@ -289,7 +297,11 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             f"{_num(policy.min_noise_multiplier)}, the round uses {_num(sigma)}"
             + ("" if req.dp_enabled else " (DP is off)"),
             "Raise the experiment's noise multiplier, or ask the site operator to lower "
-            "`privacy.min_noise_multiplier`.",
+            "`privacy.min_noise_multiplier`."
+            if req.dp_enabled
+            else "Enable DP in the experiment's `[privacy.dp]` section with at least that "
+            "noise multiplier, or ask the site operator to exempt the dataset "
+            "(`privacy.exempt_datasets`).",
             policy.min_noise_multiplier,
             sigma,
         )
@@ -313,7 +325,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
             f"{req.dataset!r} is {_num(cap)}, this round would bring experiment "
             f"{req.experiment!r} to ε={_num(projected)}" + ("" if req.dp_enabled else " (no DP)"),
             "Ask the site operator to raise `privacy.max_epsilon_per_experiment` or plan fewer "
-            "rounds / more noise.",
+            "rounds / more noise."
+            if req.dp_enabled
+            else _NO_DP_TODO,
             cap,
             projected,
         )
@@ -329,7 +343,9 @@ def check_request(policy: PrivacyPolicy, req: RoundRequest) -> None:
                 f"experiments, this round would bring it to {_num(total)}"
                 + ("" if req.dp_enabled else " (no DP)"),
                 "Ask the site operator to raise `privacy.lifetime_epsilon_budget` or plan fewer "
-                "rounds / more noise.",
+                "rounds / more noise."
+                if req.dp_enabled
+                else _NO_DP_TODO,
                 budget,
                 total,
             )
