@@ -64,7 +64,7 @@ def cases(quick: bool, steps: int) -> list[Case]:
             (30,),
             16,
             steps * 4,
-            ("auto", "ghost"),
+            ("auto", "hooks"),
         ),
         Case(
             "MLP (30-128-128-2)",
@@ -80,7 +80,7 @@ def cases(quick: bool, steps: int) -> list[Case]:
             (13,),
             64,
             steps * 4,
-            ("auto", "ghost"),
+            ("auto", "hooks"),
         ),
         Case(
             "small_cnn [16,32] 32x32",
@@ -90,7 +90,7 @@ def cases(quick: bool, steps: int) -> list[Case]:
             (1, 32, 32),
             16,
             steps,
-            ("auto", "ghost"),
+            ("auto", "hooks"),
         ),
     ]
     if not quick:
@@ -101,7 +101,17 @@ def cases(quick: bool, steps: int) -> list[Case]:
                 (1, 64, 64),
                 8,
                 max(steps // 4, 3),
-                ("auto",),
+                ("auto", "hooks"),
+            )
+        )
+        out.append(
+            Case(
+                "ResNet18 1x64x64",
+                lambda: build_model({"name": "resnet18", "groups": 8}, 1, 2, seed=0),
+                (1, 64, 64),
+                8,
+                max(steps // 4, 3),
+                ("auto", "ew"),
             )
         )
     return out

@@ -218,19 +218,22 @@ class BookKeeping:
         setattr(model, HOOKS_ATTR, handles)
         self.params = [p for _, ps in self.layers for p in ps]
         self._taps: list[list[Any]] = []  # [module, input, output gradient] per forward call
+        self._outputs: list[torch.Tensor] = []  # the layers' outputs, to backpropagate to
         self.summed: list[torch.Tensor] | None = None  # clipped sums of the last backward
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and module.training and output.requires_grad):
             return
-        tap = [module, inputs[0].detach(), None]
+        tap: list[Any] = [module, inputs[0].detach(), None]
         self._taps.append(tap)
+        self._outputs.append(output)
 
+        # The hook must not reference ``output`` (a cycle would keep every graph alive
+        # until the garbage collector runs, and make it run often).
         def keep(grad: torch.Tensor) -> None:
             tap[2] = grad
 
         output.register_hook(keep)
-        tap.append(output)
 
     def remove(self) -> None:
         """Detach every hook from the model."""
@@ -238,11 +241,11 @@ class BookKeeping:
             handle.remove()
         if hasattr(self.model, HOOKS_ATTR):
             delattr(self.model, HOOKS_ATTR)
-        self._taps, self.summed = [], None
+        self.reset()
 
     def reset(self) -> None:
         """Forget recorded activations and clipped sums (``zero_grad``)."""
-        self._taps, self.summed = [], None
+        self._taps, self._outputs, self.summed = [], [], None
 
     def backward(self, loss: torch.Tensor, batch: int, scale: float) -> None:
         """Clipped per-sample gradient sums of ``loss`` over a batch of ``batch`` records.
@@ -256,15 +259,16 @@ class BookKeeping:
         scale : float
             Factor turning ``loss`` into a sum of per-sample losses (``batch`` for "mean").
         """
-        taps, self._taps = self._taps, []
+        taps, outputs = self._taps, self._outputs
+        self._taps, self._outputs = [], []
         if batch == 0:
             self.summed = [torch.zeros_like(p) for p in self.params]
             return
-        outputs = [t[3] for t in taps]
         torch.autograd.grad(loss * scale if scale != 1 else loss, outputs, allow_unused=True)
+        del outputs
         results = {}
         norms2 = None
-        for module, a, g, _ in taps:
+        for module, a, g in taps:
             if g is None or len(a) != batch:
                 raise FedHealthError(
                     f"DP-SGD: layer {type(module).__name__} saw a batch of {len(a)} records "
