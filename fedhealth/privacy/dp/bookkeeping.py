@@ -169,10 +169,10 @@ def _norm_layer(
 ) -> LayerResult:
     n = len(a)
     if isinstance(module, nn.GroupNorm):
-        xhat = F.group_norm(a, module.num_groups, eps=module.eps)
+        xhat = torch.group_norm(a, module.num_groups, None, None, module.eps)
         dims = tuple(range(2, a.dim()))  # sum over positions, one value per channel
     else:
-        xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        xhat = torch.layer_norm(a, module.normalized_shape, None, None, module.eps)
         dims = tuple(range(1, a.dim() - len(module.normalized_shape)))
     per_sample = []
     if module.weight is not None and module.weight.requires_grad:

@@ -238,7 +238,7 @@ def validate_model(model: nn.Module, site: str | None = None) -> None:
 
 
 def pick_grad_sample_mode(model: nn.Module, batch_size: int | None = None) -> str:
-    """The per-sample-gradient path ``auto`` uses for ``model``: "ghost" or "hooks".
+    """The Opacus path ``auto`` uses when book-keeping cannot: "ghost" or "hooks".
 
     Parameters
     ----------
