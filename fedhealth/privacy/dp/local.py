@@ -1,10 +1,18 @@
-"""Record-level DP-SGD at a site: Opacus's ``PrivacyEngine.make_private`` made safe.
+"""Record-level DP-SGD at a site: book-keeping or Opacus's ``PrivacyEngine.make_private``, made safe.
 
 :func:`make_private` validates the model (naming any layer that breaks DP),
 picks the per-sample-gradient path, wraps model, optimiser and loader, and
 returns them with the criterion the training loop must use.
 
-Per-sample-gradient paths ("grad_sample_mode"), measured on Opacus 1.6.0 /
+``auto`` picks ``"bk"`` -- fedhealth's book-keeping DP-SGD
+(:mod:`fedhealth.privacy.dp.bookkeeping`, with the vectorised Poisson loader of
+:mod:`fedhealth.privacy.dp.poisson`) -- whenever every trainable layer is a Linear,
+Conv2d, LayerNorm or GroupNorm (every model of the zoo) and ``secure_mode`` is off. It
+computes the same clipped, noised gradient as Opacus from the same generators, without
+Opacus's per-step bookkeeping; ``benchmarks/dp_throughput.py`` measures both. Other
+models go to Opacus, where ``auto`` chooses as follows.
+
+Opacus's per-sample-gradient paths, measured on Opacus 1.6.0 /
 torch 2.13 CPU, one thread, median step time (log. reg. 512->2 and MLP
 512-512-512-2 at batch 256; CNN conv32-conv64 on 32x32 at batch 64;
 DenseNet121 on 1x64x64 at batch 16). All four train with both ``hooks`` and
@@ -43,7 +51,7 @@ being modified inplace"); :func:`make_private` switches every module's
 ``forward`` (e.g. MONAI ResNet's ``out += residual``) cannot be fixed from
 outside: such a model needs ``grad_sample_mode="ew"``.
 
-The training loop contract (same for every path)::
+The training loop contract (same for every path; ``bk`` and ghost need ``pt.criterion``)::
 
     pt = make_private(model, optimizer, loader, noise_multiplier=1.1, max_grad_norm=1.0)
     for x, y in pt.data_loader:          # Poisson batches, possibly empty
@@ -52,7 +60,7 @@ The training loop contract (same for every path)::
         loss.backward()                  # ghost: two backward passes inside
         pt.optimizer.step()
 
-With ghost clipping the loss **must** come from ``pt.criterion``: a plain
+With book-keeping or ghost clipping the loss **must** come from ``pt.criterion``: a plain
 loss would skip clipping. A guard refuses the optimiser step if that happens.
 Count every loader iteration (empty batches included) as a step for the
 accountant; ``steps_per_epoch`` gives the number Opacus's loader yields.
