@@ -43,7 +43,6 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from fedhealth.models import build_model  # noqa: E402
 from fedhealth.privacy.dp.local import make_private  # noqa: E402
 
-
 #: DP-SGD may take at most this many times the plaintext step time (issue 14).
 GOAL = 2.0
 

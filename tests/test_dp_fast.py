@@ -34,7 +34,9 @@ def _one_thread():
 
 def _data(shape: tuple[int, ...], n: int = 32) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, *shape, generator=g) * 3, torch.randint(0, 2, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, *shape, generator=g) * 3, torch.randint(0, 2, (n,), generator=g)
+    )
 
 
 def _train(base: nn.Module, ds: TensorDataset, mode: str, sigma: float, steps: int = 3):

@@ -112,7 +112,7 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
         def clipped(c: torch.Tensor) -> list[torch.Tensor]:
             cg = g * c.unsqueeze(1)
             out = [cg.t() @ a] if has_weight else []
-            return out + [cg.sum(0)] if has_bias else out
+            return [*out, cg.sum(0)] if has_bias else out
 
         return norms2, clipped
     per_sample = []
@@ -394,9 +394,7 @@ class BKOptimizer:
         if self.std > 0:
             for s in summed:
                 s.add_(
-                    torch.normal(
-                        0.0, self.std, s.shape, generator=self.generator, dtype=s.dtype
-                    )
+                    torch.normal(0.0, self.std, s.shape, generator=self.generator, dtype=s.dtype)
                 )
         if self.loss_reduction == "mean":
             torch._foreach_div_(summed, float(self.expected_batch_size))

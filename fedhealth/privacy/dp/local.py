@@ -1,4 +1,4 @@
-"""Record-level DP-SGD at a site: book-keeping or Opacus's ``PrivacyEngine.make_private``, made safe.
+"""Record-level DP-SGD at a site: book-keeping or Opacus's ``make_private``, made safe.
 
 :func:`make_private` validates the model (naming any layer that breaks DP),
 picks the per-sample-gradient path, wraps model, optimiser and loader, and
