@@ -334,10 +334,11 @@ class DPSection(_Wire):
     accountant: Literal["rdp", "prv"] = Field(
         "rdp", description="Privacy accountant: Rényi DP ('rdp') or PRV composition ('prv')."
     )
-    grad_sample_mode: Literal["auto", "hooks", "ghost", "ew"] = Field(
+    grad_sample_mode: Literal["auto", "bk", "hooks", "ghost", "ew"] = Field(
         "auto",
-        description="Opacus per-sample-gradient path; 'auto' picks ghost clipping when Linear "
-        "layers hold most parameters, else hooks ('ew' is needed for resnet18).",
+        description="Per-sample-gradient path; 'auto' picks fedhealth's book-keeping ('bk', "
+        "every zoo model), else Opacus's ghost clipping when Linear layers hold most "
+        "parameters, else hooks ('ew' is needed for resnet18 outside 'bk').",
     )
     clip_norm: float | None = Field(
         None,

@@ -52,7 +52,9 @@ class Preflight:
     problems: list[FedHealthError] = field(default_factory=list)
 
     def raise_problems(self) -> None:
-        """Raise :class:`PreflightError` listing every problem, if there is any."""
+        """Raise the one problem found (its own type), or :class:`PreflightError` listing all."""
+        if len(self.problems) == 1:
+            raise self.problems[0]
         if self.problems:
             raise PreflightError(self.problems)
 

@@ -301,11 +301,14 @@ class PrivacyGuard:
 
         plan = admission.plan
         assert plan is not None and plan.mode == "record"
-        mode = self.dp.grad_sample_mode
-        if mode == "auto" and self.model_name in EW_ONLY_MODELS:
-            mode = "ew"
+        from fedhealth.privacy.dp.bookkeeping import supports
+
+        requested = self.dp.grad_sample_mode
 
         def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader):
+            mode = requested  # book-keeping handles resnet18's in-place ops; Opacus needs ew
+            if mode == "auto" and self.model_name in EW_ONLY_MODELS and supports(model):
+                mode = "ew"
             secret = DataLoader(
                 loader.dataset,
                 batch_size=loader.batch_size,

@@ -1,10 +1,18 @@
-"""Record-level DP-SGD at a site: Opacus's ``PrivacyEngine.make_private`` made safe.
+"""Record-level DP-SGD at a site: book-keeping or Opacus's ``make_private``, made safe.
 
 :func:`make_private` validates the model (naming any layer that breaks DP),
 picks the per-sample-gradient path, wraps model, optimiser and loader, and
 returns them with the criterion the training loop must use.
 
-Per-sample-gradient paths ("grad_sample_mode"), measured on Opacus 1.6.0 /
+``auto`` picks ``"bk"`` -- fedhealth's book-keeping DP-SGD
+(:mod:`fedhealth.privacy.dp.bookkeeping`, with the vectorised Poisson loader of
+:mod:`fedhealth.privacy.dp.poisson`) -- whenever every trainable layer is a Linear,
+Conv2d, LayerNorm or GroupNorm (every model of the zoo) and ``secure_mode`` is off. It
+computes the same clipped, noised gradient as Opacus from the same generators, without
+Opacus's per-step bookkeeping; ``benchmarks/dp_throughput.py`` measures both. Other
+models go to Opacus, where ``auto`` chooses as follows.
+
+Opacus's per-sample-gradient paths, measured on Opacus 1.6.0 /
 torch 2.13 CPU, one thread, median step time (log. reg. 512->2 and MLP
 512-512-512-2 at batch 256; CNN conv32-conv64 on 32x32 at batch 64;
 DenseNet121 on 1x64x64 at batch 16). All four train with both ``hooks`` and
@@ -43,7 +51,7 @@ being modified inplace"); :func:`make_private` switches every module's
 ``forward`` (e.g. MONAI ResNet's ``out += residual``) cannot be fixed from
 outside: such a model needs ``grad_sample_mode="ew"``.
 
-The training loop contract (same for every path)::
+The training loop contract (same for every path; ``bk`` and ghost need ``pt.criterion``)::
 
     pt = make_private(model, optimizer, loader, noise_multiplier=1.1, max_grad_norm=1.0)
     for x, y in pt.data_loader:          # Poisson batches, possibly empty
@@ -52,7 +60,7 @@ The training loop contract (same for every path)::
         loss.backward()                  # ghost: two backward passes inside
         pt.optimizer.step()
 
-With ghost clipping the loss **must** come from ``pt.criterion``: a plain
+With book-keeping or ghost clipping the loss **must** come from ``pt.criterion``: a plain
 loss would skip clipping. A guard refuses the optimiser step if that happens.
 Count every loader iteration (empty batches included) as a step for the
 accountant; ``steps_per_epoch`` gives the number Opacus's loader yields.
@@ -63,6 +71,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +81,7 @@ from torch.utils.data import DataLoader
 
 from fedhealth.errors import ConfigError, FedHealthError
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost", "ew", "functorch")
 
 #: ``auto`` uses ghost clipping when at least this fraction of the trainable
 #: parameters is in layers Opacus can ghost-clip (Linear, Embedding).
@@ -119,14 +128,18 @@ class PrivateTraining:
     noise_multiplier: float
     max_grad_norm: float
     notes: list[str] = field(default_factory=list)
+    _release: Callable[[], None] | None = field(default=None, repr=False)
 
     def release(self) -> nn.Module:
-        """Remove Opacus's hooks and return the plain model (e.g. to re-wrap next round).
+        """Remove the DP-SGD hooks and return the plain model (e.g. to re-wrap next round).
 
         Returns
         -------
         nn.Module
         """
+        if self._release is not None:
+            self._release()
+            return self.model
         to_standard = getattr(self.model, "to_standard_module", None)
         return to_standard() if to_standard is not None else self.model
 
@@ -233,7 +246,7 @@ def validate_model(model: nn.Module, site: str | None = None) -> None:
 
 
 def pick_grad_sample_mode(model: nn.Module, batch_size: int | None = None) -> str:
-    """The per-sample-gradient path ``auto`` uses for ``model``: "ghost" or "hooks".
+    """The Opacus path ``auto`` uses when book-keeping cannot: "ghost" or "hooks".
 
     Parameters
     ----------
@@ -334,7 +347,7 @@ def make_private(
     secure_mode: bool = False,
     site: str | None = None,
 ) -> PrivateTraining:
-    """Wrap model, optimiser and loader for record-level DP-SGD (Opacus).
+    """Wrap model, optimiser and loader for record-level DP-SGD.
 
     Parameters
     ----------
@@ -349,9 +362,9 @@ def make_private(
     max_grad_norm : float
         C: per-sample gradient clipping norm.
     poisson_sampling : bool
-        Replace the loader by Opacus's Poisson loader (required for the
+        Replace the loader by a Poisson-sampling loader (required for the
         accountant's guarantee; False is only an approximation).
-    grad_sample_mode : {"auto", "hooks", "ghost", "ew", "functorch"}
+    grad_sample_mode : {"auto", "bk", "hooks", "ghost", "ew", "functorch"}
         Per-sample-gradient path; see the module docstring for what ``auto`` picks.
     criterion : callable, optional
         Loss module (default ``nn.CrossEntropyLoss()``); its ``reduction``
@@ -359,7 +372,7 @@ def make_private(
     noise_generator : torch.Generator, optional
         Seeded noise for reproducible tests only -- a known seed voids the privacy.
     secure_mode : bool
-        Opacus's cryptographically secure noise (needs ``torchcsprng``).
+        Opacus's cryptographically secure noise (needs ``torchcsprng``; Opacus paths only).
     site : str, optional
         Site name for error messages.
 
@@ -373,19 +386,44 @@ def make_private(
         Invalid parameters, a model DP-SGD cannot train (naming the layer), or
         a per-sample-gradient path that does not work for the model.
     """
-    from opacus import PrivacyEngine
-
     where = f" at site {site!r}" if site else ""
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ConfigError(
-            f"unknown grad_sample_mode {grad_sample_mode!r}{where}; choose one of "
-            f"{', '.join(GRAD_SAMPLE_MODES)}"
-        )
+    sigma, clip = _check_noise(noise_multiplier, max_grad_norm, where)
+    criterion, reduction = _check_criterion(criterion, where)
+    notes = _prepare_model(model, where, site)
+    mode = _choose_mode(model, grad_sample_mode, data_loader, secure_mode, notes, where)
+    if not poisson_sampling:
+        notes.append("poisson_sampling=False: the accountant's guarantee is only approximate")
+    args = _Args(sigma, clip, criterion, reduction, poisson_sampling, noise_generator, secure_mode)
+    if mode == "bk":
+        return _wrap_bookkeeping(model, optimizer, data_loader, args, notes)
+    return _wrap_opacus(model, optimizer, data_loader, args, mode, grad_sample_mode, notes, where)
+
+
+@dataclass
+class _Args:
+    """The validated DP-SGD settings every wrapping path needs."""
+
+    sigma: float
+    clip: float
+    criterion: Any
+    reduction: str
+    poisson_sampling: bool
+    noise_generator: torch.Generator | None
+    secure_mode: bool
+
+
+def _check_noise(noise_multiplier: float, max_grad_norm: float, where: str) -> tuple:
+    """σ and C as floats, refused unless σ >= 0 and C > 0 (both finite)."""
     sigma, clip = float(noise_multiplier), float(max_grad_norm)
     if not math.isfinite(sigma) or sigma < 0:
         raise ConfigError(f"noise multiplier must be >= 0{where}, got {noise_multiplier!r}")
     if not math.isfinite(clip) or clip <= 0:
         raise ConfigError(f"max_grad_norm must be > 0{where}, got {max_grad_norm!r}")
+    return sigma, clip
+
+
+def _check_criterion(criterion: Any, where: str) -> tuple[Any, str]:
+    """The loss (default cross-entropy) and its reduction, which must be "mean" or "sum"."""
     if criterion is None:
         criterion = nn.CrossEntropyLoss()
     reduction = getattr(criterion, "reduction", "mean")
@@ -393,10 +431,16 @@ def make_private(
         raise ConfigError(
             f"the loss must reduce with 'mean' or 'sum' for DP-SGD{where}, got {reduction!r}"
         )
+    return criterion, reduction
 
-    if hasattr(model, "autograd_grad_sample_hooks"):
+
+def _prepare_model(model: nn.Module, where: str, site: str | None) -> list[str]:
+    """Refuse a model still wrapped or unfit for DP-SGD; train mode, no in-place ops."""
+    from fedhealth.privacy.dp.bookkeeping import HOOKS_ATTR
+
+    if hasattr(model, "autograd_grad_sample_hooks") or hasattr(model, HOOKS_ATTR):
         raise ConfigError(
-            f"the model{where} still carries Opacus hooks from an earlier make_private; call "
+            f"the model{where} still carries DP-SGD hooks from an earlier make_private; call "
             "PrivateTraining.release() after each round (or build a fresh model) before "
             "wrapping it again"
         )
@@ -411,55 +455,152 @@ def make_private(
     validate_model(model, site)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"the model has no trainable parameters{where}")
+    return notes
 
-    mode = grad_sample_mode
-    if mode == "auto":
+
+def _choose_mode(
+    model: nn.Module,
+    requested: str,
+    data_loader: DataLoader,
+    secure_mode: bool,
+    notes: list[str],
+    where: str,
+) -> str:
+    """The per-sample-gradient path: ``requested``, or what ``auto`` picks (noted)."""
+    from fedhealth.privacy.dp.bookkeeping import supports
+
+    if requested not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"unknown grad_sample_mode {requested!r}{where}; choose one of "
+            f"{', '.join(GRAD_SAMPLE_MODES)}"
+        )
+    if requested == "bk":
+        why = "secure_mode needs Opacus's noise" if secure_mode else supports(model)
+        if why:
+            raise ConfigError(f"grad_sample_mode 'bk' cannot train the model{where}: {why}")
+        return "bk"
+    if requested == "auto":
+        why = "secure_mode" if secure_mode else supports(model)
+        if why is None:
+            notes.append("grad_sample_mode auto -> bk")
+            return "bk"
         mode = pick_grad_sample_mode(model, getattr(data_loader, "batch_size", None))
-        notes.append(f"grad_sample_mode auto -> {mode}")
-    elif mode == "ghost" and not _ghost_api_available():
+        notes.append(f"grad_sample_mode auto -> {mode} (book-keeping not possible: {why})")
+        return mode
+    if requested == "ghost" and not _ghost_api_available():
         raise ConfigError(
             f"grad_sample_mode 'ghost'{where} is not available in the installed Opacus; "
             "use 'hooks' or 'auto'"
         )
-    if not poisson_sampling:
-        notes.append("poisson_sampling=False: the accountant's guarantee is only approximate")
+    return requested
 
-    def wrap(m: str) -> tuple:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-        kwargs: dict[str, Any] = {}
-        if m == "ghost":
-            kwargs["criterion"] = criterion
-        return engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            noise_multiplier=sigma,
-            max_grad_norm=clip,
-            loss_reduction=reduction,
-            poisson_sampling=poisson_sampling,
-            grad_sample_mode=m,
-            noise_generator=noise_generator,
-            **kwargs,
-        )
 
+def _wrap_bookkeeping(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    args: _Args,
+    notes: list[str],
+) -> PrivateTraining:
+    """fedhealth's book-keeping DP-SGD (:mod:`fedhealth.privacy.dp.bookkeeping`)."""
+    from opacus.data_loader import DPDataLoader
+
+    from fedhealth.privacy.dp.bookkeeping import (
+        BKCriterion,
+        BKOptimizer,
+        BookKeeping,
+        expected_batch_size,
+    )
+    from fedhealth.privacy.dp.poisson import PoissonLoader, fast_loader_applies
+
+    q = 1 / len(data_loader)
+    loader: Any = data_loader
+    if args.poisson_sampling:
+        if fast_loader_applies(data_loader):
+            loader = PoissonLoader(data_loader.dataset, q, data_loader.generator)
+        else:
+            loader = DPDataLoader.from_data_loader(data_loader)
+    engine = BookKeeping(model, args.clip)
     try:
-        out = wrap(mode)
+        dp_optimizer = BKOptimizer(
+            optimizer,
+            engine,
+            args.sigma,
+            expected_batch_size(len(data_loader.dataset), q),
+            args.reduction,
+            args.noise_generator,
+        )
+    except FedHealthError as exc:
+        engine.remove()
+        raise ConfigError(str(exc)) from None
+    return PrivateTraining(
+        model=model,
+        optimizer=dp_optimizer,  # type: ignore[arg-type]
+        data_loader=loader,
+        criterion=BKCriterion(args.criterion, engine),
+        grad_sample_mode="bk",
+        sample_rate=q,
+        steps_per_epoch=len(loader),
+        noise_multiplier=args.sigma,
+        max_grad_norm=args.clip,
+        notes=notes,
+        _release=engine.remove,
+    )
+
+
+def _opacus_make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    args: _Args,
+    mode: str,
+) -> tuple:
+    """One call of Opacus's ``PrivacyEngine.make_private`` with ``mode``."""
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=args.secure_mode)
+    kwargs: dict[str, Any] = {"criterion": args.criterion} if mode == "ghost" else {}
+    return engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=args.sigma,
+        max_grad_norm=args.clip,
+        loss_reduction=args.reduction,
+        poisson_sampling=args.poisson_sampling,
+        grad_sample_mode=mode,
+        noise_generator=args.noise_generator,
+        **kwargs,
+    )
+
+
+def _wrap_opacus(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    args: _Args,
+    mode: str,
+    requested: str,
+    notes: list[str],
+    where: str,
+) -> PrivateTraining:
+    """Opacus's DP-SGD with ``mode``; ``auto``'s ghost falls back to hooks if Opacus fails."""
+    try:
+        out = _opacus_make_private(model, optimizer, data_loader, args, mode)
     except ImportError as exc:
         raise ConfigError(f"secure_mode needs torchcsprng{where}: {exc}") from exc
     except Exception as exc:
         _rollback_hooks(model)
-        if grad_sample_mode == "auto" and mode == "ghost":
-            notes.append(f"ghost clipping failed ({type(exc).__name__}: {exc}); fell back to hooks")
-            mode = "hooks"
-            out = wrap(mode)
-        else:
+        if not (requested == "auto" and mode == "ghost"):
             raise ConfigError(
                 f"Opacus could not wrap the model with grad_sample_mode {mode!r}{where}: "
                 f"{type(exc).__name__}: {exc}. Try grad_sample_mode='auto' or 'hooks'."
             ) from exc
-
+        notes.append(f"ghost clipping failed ({type(exc).__name__}: {exc}); fell back to hooks")
+        mode = "hooks"
+        out = _opacus_make_private(model, optimizer, data_loader, args, mode)
     if mode == "ghost":
         if len(out) != 4:  # pragma: no cover - guards against an Opacus API change
             raise ConfigError(f"Opacus returned {len(out)} objects for ghost clipping, expected 4")
@@ -467,17 +608,16 @@ def make_private(
         _guard_ghost_step(wrapped, dp_optimizer)
     else:
         wrapped, dp_optimizer, loader = out
-        dp_criterion = criterion
-    q = float(getattr(loader, "sample_rate", 1 / len(data_loader)))
+        dp_criterion = args.criterion
     return PrivateTraining(
         model=wrapped,
         optimizer=dp_optimizer,
         data_loader=loader,
         criterion=dp_criterion,
         grad_sample_mode=mode,
-        sample_rate=q,
+        sample_rate=float(getattr(loader, "sample_rate", 1 / len(data_loader))),
         steps_per_epoch=len(loader),
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
+        noise_multiplier=args.sigma,
+        max_grad_norm=args.clip,
         notes=notes,
     )
