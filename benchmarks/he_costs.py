@@ -52,11 +52,9 @@ from fedhealth.privacy.he.ckks import (  # noqa: E402
     make_secret_context,
     public_context,
 )
-from fedhealth.privacy.he.contributions import (  # noqa: E402
-    EncryptedSum,
-    make_contribution,
-    verify_and_decrypt,
-)
+from fedhealth.privacy.he.contribute import make_contribution  # noqa: E402
+from fedhealth.privacy.he.decrypt import verify_and_decrypt  # noqa: E402
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum  # noqa: E402
 
 PARAM_SETS: dict[str, HEParams] = {
     "fedhealth [60,60] sym": HEParams(),

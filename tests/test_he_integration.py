@@ -26,14 +26,11 @@ from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.data.demo import breast_cancer_feature_names, write_breast_cancer_sites
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.ceremony import init_consortium, load_coordinator_keys, load_site_keys
-from fedhealth.privacy.he.contributions import (
-    Contribution,
-    DecryptionRequest,
-    SiteLedger,
-    make_contribution,
-)
+from fedhealth.privacy.he.contribute import make_contribution
 from fedhealth.privacy.he.demo import ensure_consortium
 from fedhealth.privacy.he.keys import generate_identity, sign
+from fedhealth.privacy.he.ledger import SiteLedger
+from fedhealth.privacy.he.records import Contribution, DecryptionRequest
 from fedhealth.privacy.he.wire import (
     CONTRIBUTION_RECORD,
     DECRYPT_MESSAGE_TYPE,

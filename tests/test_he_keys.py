@@ -20,7 +20,9 @@ from fedhealth.privacy.he.ceremony import (
     load_site_keys,
 )
 from fedhealth.privacy.he.ckks import HEParams
-from fedhealth.privacy.he.contributions import EncryptedSum, make_contribution, verify_and_decrypt
+from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.keys import (
     generate_identity,
     load_private,

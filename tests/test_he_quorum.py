@@ -14,6 +14,7 @@ import pytest
 import tenseal.sealapi as sealapi
 
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.answers import answers_agree, split_aggregate
 from fedhealth.privacy.he.ceremony import (
     SiteKeys,
     init_consortium,
@@ -21,18 +22,12 @@ from fedhealth.privacy.he.ceremony import (
     load_site_keys,
 )
 from fedhealth.privacy.he.ckks import HEParams
-from fedhealth.privacy.he.contributions import (
-    Contribution,
-    DecryptionRequest,
-    EncryptedSum,
-    SiteLedger,
-    answers_agree,
-    chunks_digest,
-    make_contribution,
-    split_aggregate,
-    verify_and_decrypt,
-)
+from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.keys import generate_identity, sign
+from fedhealth.privacy.he.ledger import SiteLedger
+from fedhealth.privacy.he.records import Contribution, DecryptionRequest, chunks_digest
 
 SITES = ["alpha", "beta", "gamma"]
 N_VALUES = 5000  # two chunks

@@ -40,9 +40,10 @@ from mlflow.entities import Param
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, send_and_receive
 from fedhealth.errors import ConfigError, CryptoError, FederationError
+from fedhealth.privacy.he.answers import answers_agree, split_aggregate
 from fedhealth.privacy.he.ceremony import CoordinatorKeys, load_coordinator_keys
 from fedhealth.privacy.he.ckks import FlatSpec, HEParams, flatten_state, unflatten
-from fedhealth.privacy.he.contributions import EncryptedSum, answers_agree, split_aggregate
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.wire import (
     ANSWER_ARRAY,
     ANSWER_RECORD,

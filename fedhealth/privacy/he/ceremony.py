@@ -40,7 +40,6 @@ from fedhealth.privacy.he.ckks import (
     make_secret_context,
     public_context,
 )
-from fedhealth.privacy.he.contributions import SiteLedger
 from fedhealth.privacy.he.keys import (
     SiteIdentity,
     ed25519_public,
@@ -51,6 +50,7 @@ from fedhealth.privacy.he.keys import (
     write_private_file,
     write_public_file,
 )
+from fedhealth.privacy.he.ledger import SiteLedger
 
 REGISTRY_FORMAT = "fedhealth-consortium-registry/1"
 _SECRET_MAGIC = b"FHHESEC1"

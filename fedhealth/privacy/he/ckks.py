@@ -621,7 +621,7 @@ def decrypt_sum(
     """Decrypt summed chunks (site only) and unpack them.
 
     This is the bare decryption: it performs no protocol checks. Use
-    ``contributions.verify_and_decrypt`` for anything the coordinator sends.
+    ``decrypt.verify_and_decrypt`` for anything the coordinator sends.
 
     Returns
     -------

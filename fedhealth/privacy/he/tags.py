@@ -1,0 +1,88 @@
+"""Per-round membership tags: positions and values derived from the consortium's tag key.
+
+Sites only (the coordinator never holds the tag key). Why the tags and their hidden positions
+stop forged sums is argued in ``docs/security.md`` ("The cryptographic argument").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedhealth.errors import CryptoError
+from fedhealth.privacy.he.binding import length_prefixed
+from fedhealth.privacy.he.ckks import HEParams, SlotLayout
+
+__all__ = ["TagSchedule"]
+
+
+class TagSchedule:
+    """Tag positions and values for one (experiment, round, nonce), from the tag key.
+
+    Parameters
+    ----------
+    tag_key
+        The consortium's 32-byte tag key (sites only).
+    experiment_id, round_, nonce
+        The round binding.
+    params
+        Consortium parameters (slots, ``hidden_tags``).
+    """
+
+    def __init__(
+        self, tag_key: bytes, experiment_id: str, round_: int, nonce: str, params: HEParams
+    ) -> None:
+        if len(tag_key) != 32:
+            raise CryptoError("the consortium tag key must be 32 bytes; re-run the key ceremony")
+        self.params = params
+        self._key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=b"fedhealth/he-tags/v1",
+            info=length_prefixed(experiment_id, round_, nonce),
+        ).derive(tag_key)
+        self._positions: dict[int, np.ndarray] = {}
+        self.layout = SlotLayout(params.slots, params.reserved_slots, self.positions)
+
+    def _stream(self, label: bytes, n_bytes: int, *fields: bytes | str | int) -> bytes:
+        seed = hmac.new(self._key, length_prefixed(label, *fields), hashlib.sha256).digest()
+        return hashlib.shake_256(seed).digest(n_bytes)
+
+    def positions(self, c: int) -> np.ndarray:
+        """Reserved slots of chunk ``c``: ``[0 (tag), 1 (weight), hidden tag slots...]``."""
+        pos = self._positions.get(c)
+        if pos is None:
+            k = self.params.hidden_tags
+            span = self.params.slots - 2
+            chosen: dict[int, None] = {}
+            attempt = 0
+            while len(chosen) < k:
+                raw = np.frombuffer(self._stream(b"positions", 8 * k, c, attempt), dtype="<u4")
+                for x in (raw % span + 2).tolist():
+                    if len(chosen) < k:
+                        chosen.setdefault(int(x))
+                attempt += 1
+            pos = np.array([0, 1, *chosen], dtype=np.int64)
+            self._positions[c] = pos
+        return pos
+
+    def tags(self, site: str, n_chunks: int) -> np.ndarray:
+        """Tags of ``site``: array ``[n_chunks, 1 + hidden_tags]`` of floats in [1, 2)."""
+        per = 1 + self.params.hidden_tags
+        raw = np.frombuffer(self._stream(b"tags", 8 * per * n_chunks, site), dtype="<u8")
+        return (1.0 + (raw >> np.uint64(11)).astype(np.float64) / 2.0**53).reshape(n_chunks, per)
+
+    def flood(self, fingerprint: str, n: int) -> np.ndarray:
+        """Deterministic N(0, (2^-flood_bits)^2) noise for a request (zeros if disabled)."""
+        bits = self.params.flood_bits
+        if bits is None or n == 0:
+            return np.zeros(n)
+        raw = np.frombuffer(self._stream(b"flood", 16 * n, fingerprint), dtype="<u8")
+        u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53  # (0, 1]
+        u1, u2 = u[:n], u[n:]
+        return 2.0**-bits * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
