@@ -80,6 +80,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.compact import compact, expand
 
 #: SEAL's maximum total coefficient-modulus bits for 128-bit security (HE standard).
 SEAL_MAX_COEFF_BITS_128: dict[int, int] = {
@@ -136,6 +137,13 @@ class HEParams:
     flood_bits
         Released aggregates get deterministic Gaussian noise of std ``2**-flood_bits`` to
         hide the decryption noise (``None`` disables).
+    complex_slots
+        Use the imaginary part of every slot too: a chunk carries ``2 * slots`` real values
+        ("lanes") for the cost of ``slots``. ``False`` uses real parts only (the format
+        before 2026-12, kept for comparisons).
+    compact_wire
+        Ciphertexts travel in :mod:`~fedhealth.privacy.he.compact` form (each residue in the
+        bit length of its prime) instead of SEAL's zstd stream.
     """
 
     poly_modulus_degree: int = 8192
@@ -147,6 +155,8 @@ class HEParams:
     max_abs_value: float = 100.0
     max_sites: int = 1000
     flood_bits: int | None = 20
+    complex_slots: bool = True
+    compact_wire: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -157,6 +167,11 @@ class HEParams:
     def slots(self) -> int:
         """Slots per ciphertext (N/2)."""
         return self.poly_modulus_degree // 2
+
+    @property
+    def lanes(self) -> int:
+        """Real values per ciphertext: ``2 * slots`` with complex slots, else ``slots``."""
+        return self.slots * (2 if self.complex_slots else 1)
 
     @property
     def scale(self) -> float:
@@ -176,7 +191,7 @@ class HEParams:
     @property
     def chunk_capacity(self) -> int:
         """Update values per ciphertext chunk."""
-        return self.slots - self.reserved_slots
+        return self.lanes - self.reserved_slots
 
     def validate(self) -> HEParams:
         """Check security and headroom; return ``self``.
@@ -205,13 +220,17 @@ class HEParams:
                 f"{SEAL_MAX_COEFF_BITS_128[n]} allowed for 128-bit security at N={n}; "
                 "use fewer/smaller primes or a larger poly_modulus_degree"
             )
-        need = self.global_scale_bits + math.log2(self.max_abs_value * self.max_sites) + 2
+        # A slot holds up to sqrt(2) * max_abs_value in modulus with complex slots.
+        peak = self.max_abs_value * self.max_sites * (math.sqrt(2) if self.complex_slots else 1)
+        need = self.global_scale_bits + math.log2(peak) + 2
         if need > self.data_bits:
             raise ConfigError(
                 f"HE scale 2^{self.global_scale_bits} x max_abs_value {self.max_abs_value} x "
                 f"max_sites {self.max_sites} needs {need:.1f} bits but ciphertexts carry "
                 f"{self.data_bits}; lower global_scale_bits or max_abs_value"
             )
+        if self.max_sites < 2:
+            raise ConfigError(f"HE max_sites must be >= 2, got {self.max_sites}")
         if self.hidden_tags < 0 or self.reserved_slots >= self.slots // 2:
             raise ConfigError(
                 f"HE hidden_tags {self.hidden_tags} out of range for {self.slots} slots"
@@ -356,6 +375,7 @@ class CKKSContext:
         self.encoder = sealapi.CKKSEncoder(self._seal)
         self.evaluator = sealapi.Evaluator(self._seal)
         self.data_parms_id = list(self._seal.first_parms_id())
+        self._moduli_bits = [m.bit_count() for m in first.coeff_modulus()]
         self.can_decrypt = bool(ts_context.is_private())
         self._encryptor: Any = None
         self._decryptor: Any = None
@@ -378,9 +398,20 @@ class CKKSContext:
                 "public context); only consortium sites can do this"
             )
 
-    def encrypt(self, slots: np.ndarray) -> bytes:
-        """Encrypt one chunk of exactly ``params.slots`` real values; return wire bytes."""
+    def encrypt(self, lanes: np.ndarray) -> bytes:
+        """Encrypt one chunk of exactly ``params.lanes`` real values; return wire bytes.
+
+        With complex slots, values ``[0, slots)`` go to the real parts of the slots and
+        ``[slots, 2 * slots)`` to their imaginary parts.
+        """
         self._need_secret("encrypt")
+        lanes = np.asarray(lanes, dtype=np.float64)
+        if lanes.shape != (self.params.lanes,):
+            raise ConfigError(
+                f"a chunk holds exactly {self.params.lanes} values, got shape {lanes.shape}"
+            )
+        n = self.params.slots
+        values = (lanes[:n] + 1j * lanes[n:]) if self.params.complex_slots else lanes
         if self._encryptor is None:
             sk = self.ts_context.data.secret_key()
             if self.params.symmetric:
@@ -389,24 +420,27 @@ class CKKSContext:
                 self._encryptor = sealapi.Encryptor(self._seal, self.ts_context.data.public_key())
         pt = sealapi.Plaintext()
         try:
-            self.encoder.encode(slots.tolist(), self.params.scale, pt)
+            self.encoder.encode(values.tolist(), self.params.scale, pt)
         except ValueError as exc:
             raise CryptoError(
                 f"cannot encode chunk ({exc}); values too large for the HE scale"
             ) from exc
         if self.params.symmetric:
-            return _save(self._encryptor.encrypt_symmetric(pt))
+            return self._to_wire(_save(self._encryptor.encrypt_symmetric(pt)))
         ct = sealapi.Ciphertext()
         self._encryptor.encrypt(pt, ct)
-        return _save(ct)
+        return self._to_wire(_save(ct))
 
     def decrypt(self, ct: Any) -> np.ndarray:
-        """Decrypt and decode a loaded ciphertext into ``params.slots`` real values."""
+        """Decrypt and decode a loaded ciphertext into ``params.lanes`` real values."""
         self._need_secret("decrypt")
         if self._decryptor is None:
             self._decryptor = sealapi.Decryptor(self._seal, self.ts_context.data.secret_key())
         pt = sealapi.Plaintext()
         self._decryptor.decrypt(ct, pt)
+        if self.params.complex_slots:
+            z = np.asarray(self.encoder.decode_complex(pt), dtype=np.complex128)
+            return np.concatenate((z.real, z.imag))
         return np.asarray(self.encoder.decode_double(pt), dtype=np.float64)
 
     # -- both sides --------------------------------------------------------------------
@@ -426,6 +460,8 @@ class CKKSContext:
         path = _scratch_path()
         ct = sealapi.Ciphertext()
         try:
+            if self.params.compact_wire:
+                data = expand(data, self._moduli_bits)
             with open(path, "wb") as fh:
                 fh.write(data)
             ct.load(self._seal, path)
@@ -450,7 +486,10 @@ class CKKSContext:
 
     def dump(self, ct: Any) -> bytes:
         """Serialize a loaded ciphertext (full size: sums are not seeded)."""
-        return _save(ct)
+        return self._to_wire(_save(ct))
+
+    def _to_wire(self, seal_bytes: bytes) -> bytes:
+        return compact(seal_bytes, self._moduli_bits) if self.params.compact_wire else seal_bytes
 
     def add_inplace(self, acc: Any, ct: Any) -> None:
         """``acc += ct`` (exact in Z_q)."""
@@ -475,8 +514,8 @@ class SlotLayout:
 
     Attributes
     ----------
-    slots
-        Slots per ciphertext.
+    lanes
+        Real values per ciphertext (:attr:`HEParams.lanes`).
     n_reserved
         Reserved slots per chunk (constant).
     positions
@@ -484,14 +523,14 @@ class SlotLayout:
         ``c`` (distinct). ``None`` means no reserved slots.
     """
 
-    slots: int
+    lanes: int
     n_reserved: int = 0
     positions: Callable[[int], np.ndarray] | None = None
 
     @property
     def capacity(self) -> int:
         """Update values per chunk."""
-        return self.slots - self.n_reserved
+        return self.lanes - self.n_reserved
 
     def n_chunks(self, n_values: int) -> int:
         """Chunks needed for ``n_values`` values (at least one)."""
@@ -506,7 +545,7 @@ class SlotLayout:
     @classmethod
     def plain(cls, params: HEParams) -> SlotLayout:
         """A layout without reserved slots."""
-        return cls(params.slots)
+        return cls(params.lanes)
 
 
 def pack(
@@ -528,18 +567,18 @@ def pack(
     Returns
     -------
     list of np.ndarray
-        ``layout.n_chunks(len(vec))`` arrays of ``layout.slots`` float64 each; the last
+        ``layout.n_chunks(len(vec))`` arrays of ``layout.lanes`` float64 each; the last
         chunk is zero-padded.
     """
     v = np.asarray(vec, dtype=np.float64).ravel()
     cap = layout.capacity
     out = []
     for c in range(layout.n_chunks(v.size)):
-        arr = np.zeros(layout.slots, dtype=np.float64)
+        arr = np.zeros(layout.lanes, dtype=np.float64)
         seg = v[c * cap : (c + 1) * cap]
         pos = layout.reserved(c)
         if pos.size:
-            mask = np.ones(layout.slots, dtype=bool)
+            mask = np.ones(layout.lanes, dtype=bool)
             mask[pos] = False
             data_idx = np.flatnonzero(mask)[: seg.size]
             arr[data_idx] = seg
@@ -567,7 +606,7 @@ def unpack(
     for c, arr in enumerate(slot_arrays):
         pos = layout.reserved(c)
         if pos.size:
-            mask = np.ones(layout.slots, dtype=bool)
+            mask = np.ones(layout.lanes, dtype=bool)
             mask[pos] = False
             parts.append(arr[mask])
             res[c] = arr[pos]

@@ -81,6 +81,11 @@ def verify_and_decrypt(
             f"{where}: it claims {len(seen)} contribution(s) {sorted(seen)}, fewer than "
             f"min_sites={min_sites}; an aggregate of so few sites would disclose them"
         )
+    if len(seen) > site_keys.params.max_sites:
+        raise CryptoError(
+            f"{where}: it claims {len(seen)} contributions, more than the HE parameters' "
+            f"max_sites={site_keys.params.max_sites}; such a sum can wrap around the modulus"
+        )
     first = request.contributions[0]
     if any(
         (c.n_chunks, c.n_values) != (first.n_chunks, first.n_values) for c in request.contributions

@@ -73,6 +73,11 @@ class EncryptedSum:
         who = f"contribution of site {c.site!r} ({round_label(self.experiment_id, self.round)})"
         verify_signed(c, self.registry, who)
         check_round(c, self.experiment_id, self.round, self.nonce, who)
+        if len(self._contributions) >= self.ctx.params.max_sites:
+            raise CryptoError(
+                f"{who}: the sum already holds max_sites={self.ctx.params.max_sites} "
+                "contributions; one more could wrap around the CKKS modulus"
+            )
         if c.site in self.sites:
             raise CryptoError(
                 f"{who} is a duplicate: this site's contribution is already in the sum"

@@ -31,7 +31,7 @@ class TagSchedule:
     experiment_id, round_, nonce
         The round binding.
     params
-        Consortium parameters (slots, ``hidden_tags``).
+        Consortium parameters (slots, lanes, ``hidden_tags``).
     """
 
     def __init__(
@@ -47,27 +47,33 @@ class TagSchedule:
             info=length_prefixed(experiment_id, round_, nonce),
         ).derive(tag_key)
         self._positions: dict[int, np.ndarray] = {}
-        self.layout = SlotLayout(params.slots, params.reserved_slots, self.positions)
+        self.layout = SlotLayout(params.lanes, params.reserved_slots, self.positions)
 
     def _stream(self, label: bytes, n_bytes: int, *fields: bytes | str | int) -> bytes:
         seed = hmac.new(self._key, length_prefixed(label, *fields), hashlib.sha256).digest()
         return hashlib.shake_256(seed).digest(n_bytes)
 
     def positions(self, c: int) -> np.ndarray:
-        """Reserved slots of chunk ``c``: ``[0 (tag), 1 (weight), hidden tag slots...]``."""
+        """Reserved lanes of chunk ``c``: ``[0 (tag), 1 (weight), hidden tag lanes...]``.
+
+        Hidden tags sit in distinct slots ``>= 2``, each in the slot's real or imaginary
+        part (with complex slots), so every hidden tag constrains a different slot.
+        """
         pos = self._positions.get(c)
         if pos is None:
             k = self.params.hidden_tags
-            span = self.params.slots - 2
-            chosen: dict[int, None] = {}
+            slots = self.params.slots
+            imaginary = self.params.complex_slots
+            chosen: dict[int, int] = {}
             attempt = 0
             while len(chosen) < k:
                 raw = np.frombuffer(self._stream(b"positions", 8 * k, c, attempt), dtype="<u4")
-                for x in (raw % span + 2).tolist():
+                for x, part in raw.reshape(k, 2).tolist():
                     if len(chosen) < k:
-                        chosen.setdefault(int(x))
+                        chosen.setdefault(x % (slots - 2) + 2, part & 1 if imaginary else 0)
                 attempt += 1
-            pos = np.array([0, 1, *chosen], dtype=np.int64)
+            hidden = [slot + part * slots for slot, part in chosen.items()]
+            pos = np.array([0, 1, *hidden], dtype=np.int64)
             self._positions[c] = pos
         return pos
 
