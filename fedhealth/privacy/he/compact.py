@@ -86,15 +86,37 @@ def _widths(n: int, n_primes: int, n_words: int, moduli_bits: Sequence[int]) -> 
     return [int(moduli_bits[(b % n_primes)]) for b in range(n_words // n)]
 
 
+def _paired(bits: int, count: int) -> bool:
+    """Whether two ``bits``-bit words fit a whole number of bytes across one u64 boundary."""
+    return 32 < bits < 64 and bits % 4 == 0 and count % 2 == 0
+
+
 def _pack(words: np.ndarray, bits: int) -> bytes:
     if bits < 64 and np.any(words >> np.uint64(bits)):
         raise CryptoError(f"a residue does not fit {bits} bits; not a ciphertext of these primes")
+    if _paired(bits, words.size):  # fast path (60-bit primes): 2 words -> 2 * bits / 8 bytes
+        a, c = words[0::2], words[1::2]
+        out = np.empty((a.size, 16), dtype=np.uint8)
+        out[:, :8] = (a | (c << np.uint64(bits))).view(np.uint8).reshape(-1, 8)
+        out[:, 8:] = (c >> np.uint64(64 - bits)).view(np.uint8).reshape(-1, 8)
+        return out[:, : bits // 4].tobytes()
     b = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     return np.packbits(b[:, :bits], bitorder="little").tobytes()
 
 
 def _unpack(data: bytes, count: int, bits: int) -> np.ndarray:
-    b = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if _paired(bits, count):
+        pairs = np.zeros((count // 2, 16), dtype=np.uint8)
+        pairs[:, : bits // 4] = raw.reshape(count // 2, bits // 4)
+        lo = pairs[:, :8].copy().view("<u8").ravel()
+        hi = pairs[:, 8:].copy().view("<u8").ravel()
+        mask = np.uint64((1 << bits) - 1)
+        out = np.empty(count, dtype="<u8")
+        out[0::2] = lo & mask
+        out[1::2] = ((lo >> np.uint64(bits)) | (hi << np.uint64(64 - bits))) & mask
+        return out
+    b = np.unpackbits(raw, bitorder="little")
     full = np.zeros((count, 64), dtype=np.uint8)
     full[:, :bits] = b[: count * bits].reshape(count, bits)
     return np.packbits(full, axis=1, bitorder="little").view("<u8").ravel()
