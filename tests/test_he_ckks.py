@@ -48,7 +48,7 @@ def _add_all(pub, per_site: list[list[bytes]]) -> list[bytes]:
 def test_default_params_are_128_bit_and_have_headroom() -> None:
     p = HEParams().validate()
     assert sum(p.coeff_mod_bit_sizes) <= 218
-    assert p.slots == 4096 and p.lanes == 8192 and p.chunk_capacity == 8192 - 33
+    assert p.slots == 4096 and p.lanes == 8192 and p.chunk_capacity == 8192 - 66
     assert HEParams.from_dict(p.to_dict()) == p
 
 
@@ -115,7 +115,7 @@ def test_wire_size_100k_values(contexts) -> None:
     secret, _ = contexts
     vec = np.random.default_rng(2).normal(0, 1, 100_000)
     chunks = encrypt_update(
-        vec, secret, layout=SlotLayout(PARAMS.lanes, PARAMS.reserved_slots, lambda c: np.arange(33))
+        vec, secret, layout=SlotLayout(PARAMS.lanes, PARAMS.reserved_lanes, lambda c: np.arange(66))
     )
     assert sum(map(len, chunks)) / vec.size <= 8.05  # 13 chunks, the last one 30 % full
 

@@ -31,7 +31,7 @@ from fedhealth.privacy.he.ledger import SiteLedger
 from fedhealth.privacy.he.records import Contribution, DecryptionRequest, chunks_digest
 
 SITES = ["alpha", "beta", "gamma"]
-N_VALUES = 10_000  # two chunks (8,159 values each)
+N_VALUES = 10_000  # two chunks (8,126 values each)
 EXP, RND, NONCE = "exp-1", 4, "nonce-4"
 COUNTS = {"alpha": 120, "beta": 300, "gamma": 80}
 WS = 1000.0
@@ -507,10 +507,11 @@ def _selective_multiplier(n: int, slots: int) -> np.ndarray:
     return sum(int(a) * zeta ** int(e) for a, e in zip(coeffs, exps, strict=True))
 
 
-def _selective_attack(coord, request, victim_chunks) -> list[bytes]:
+def _selective_attack(coord, request, victim_chunks, m=None) -> list[bytes]:
     """Legitimate sum + m * (victim's ciphertext): scale stays 2^40, shape stays fresh."""
     ctx = coord.public_context
-    m = _selective_multiplier(ctx.params.poly_modulus_degree, ctx.params.slots)
+    if m is None:
+        m = _selective_multiplier(ctx.params.poly_modulus_degree, ctx.params.slots)
     pt = sealapi.Plaintext()
     ctx.encoder.encode(m.tolist(), 1.0, pt)  # exactly the integer polynomial m
     out = []
@@ -532,10 +533,10 @@ def test_hidden_tags_stop_slot_selective_attack_that_breaks_fixed_slot_tags(
     replies, request = _legit(bare_keys, bare_coord)
     forged, m = _selective_attack(bare_coord, request, replies["beta"][0])
     leaked = _decrypt(dataclasses.replace(request, sum_chunks=forged), bare_keys["alpha"])
-    # chunk 0's data lanes: real parts of slots 2.., then imaginary parts of slots 0..
+    # chunk 0's data lanes: real parts of slots 2.., then imaginary parts of slots 2..
     slots = bare_keys["alpha"].params.slots
     data_slots = np.arange(2, slots)
-    decrypted = leaked[: slots - 2] + 1j * leaked[slots : 2 * slots - 2]
+    decrypted = leaked[: slots - 2] + 1j * leaked[slots - 2 : 2 * slots - 4]
     strong = np.abs(m[data_slots]) > 20
     estimate = np.real(decrypted[strong] / m[data_slots][strong])  # the attacker knows m
     truth = (COUNTS["beta"] / WS) * UPDATES["beta"][: data_slots.size][strong]
@@ -545,6 +546,35 @@ def test_hidden_tags_stop_slot_selective_attack_that_breaks_fixed_slot_tags(
     # With hidden tag slots (the default) the same attack is refused.
     replies, request = _legit(keys, coord)
     forged, _ = _selective_attack(coord, request, replies["beta"][0])
+    with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
+        _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
+
+
+def test_paired_tags_stop_a_purely_imaginary_multiplier(keys, coord) -> None:
+    """q = X^k - X^-k is purely imaginary in every slot: q * z swaps the real and imaginary
+    parts of z (times Im q). A tag alone in its slot, beside a zero of a sparse update, would
+    not see it (0 * tag + Im q * 0 = 0), and the victim's values would land in released
+    lanes. With a tag in both parts of every reserved slot the swap moves a tag: refused."""
+    n, slots = coord.public_context.params.poly_modulus_degree, coord.public_context.params.slots
+    sparse = np.zeros(N_VALUES)
+    sparse[np.random.default_rng(7).choice(N_VALUES, 20, replace=False)] = 1.0
+    replies = {
+        s: make_contribution(
+            sparse if s == "beta" else UPDATES[s],
+            COUNTS[s],
+            keys[s],
+            experiment_id=EXP,
+            round=RND,
+            nonce=NONCE,
+            weight_scale=WS,
+        )
+        for s in SITES
+    }
+    request = _sum(coord, replies).decryption_request()
+    zeta = np.exp(1j * np.pi * np.array([pow(3, j, 2 * n) for j in range(slots)]) / n)
+    q = zeta**5 - zeta ** (2 * n - 5)  # X^5 - X^-5, as X^(2N) = 1
+    assert np.max(np.abs(q.real)) < 1e-9 and np.max(np.abs(q.imag)) > 1.9
+    forged, _ = _selective_attack(coord, request, replies["beta"][0], m=q)
     with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
         _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
 

@@ -5,51 +5,31 @@ Parameter choice (default :class:`HEParams`)
 Aggregation only ever *adds* ciphertexts, so no multiplication, rescaling, relinearisation or
 rotation is needed and one ciphertext prime is enough:
 
-* ``poly_modulus_degree = 8192`` (4096 slots per ciphertext);
-* ``coeff_mod_bit_sizes = (60, 60)``: the first 60-bit prime is the only prime a ciphertext
-  carries; the second is SEAL's *special* (key-switching) prime, which TenSEAL insists on
-  because it creates relinearisation keys with every context. It never appears on the wire.
-  Total 120 bits, far below SEAL's 218-bit limit for 128-bit security at N = 8192;
-* ``global_scale_bits = 40`` (scale 2^40): sums with ``|x| < 2^19 ~ 5e5`` per slot decrypt
-  correctly; the defaults ``max_sites = 1000`` x ``max_abs_value = 100`` per site use 1e5 of
-  that (checked in :meth:`HEParams.validate` and at packing time);
-* ``symmetric = True``: sites encrypt with the secret key. SEAL then stores the second
-  ciphertext polynomial as a 64-byte PRNG seed (``Encryptor.encrypt_symmetric`` returning a
-  ``Serializable``, reached through ``tenseal.sealapi``; TenSEAL's own ``CKKSVector`` path
-  drops the seed and ships both polynomials). The coordinator's context has *no* key at
-  all - it cannot encrypt, only add. SEAL's zstd compression is on (its default) but gains
-  nothing on uniformly random 60-bit residues. A 50-bit prime with scale 2^32 would
-  compress to 14.4 B/param (-10 %) at 250x worse precision (2e-6 for 100 sites), so we
-  keep 60 bits.
+* ``poly_modulus_degree = 8192``: 4096 complex slots per ciphertext; with
+  ``complex_slots`` each carries two values (real and imaginary part), 8192 "lanes";
+* ``coeff_mod_bit_sizes = (60, 60)``: a ciphertext carries the first 60-bit prime only; the
+  second is SEAL's special (key-switching) prime, which TenSEAL insists on. It never appears
+  on the wire. The total, 120 bits, is what the 128-bit security bound limits (218 at
+  N = 8192); ``docs/security.md`` gives the argument;
+* ``global_scale_bits = 40``: sums with ``|x| < 2^19`` per value decrypt correctly; the
+  defaults ``max_sites = 1000`` x ``max_abs_value = 100`` use ``sqrt(2) * 1e5`` of that
+  (checked in :meth:`HEParams.validate`, at packing time, at the ceremony and in the sum);
+* ``symmetric = True``: sites encrypt with the secret key, and SEAL sends the second
+  polynomial as a 64-byte seed (``Encryptor.encrypt_symmetric`` through ``tenseal.sealapi``).
+  The coordinator's context holds no key at all - it cannot encrypt, only add;
+* ``compact_wire = True``: ciphertexts travel in :mod:`~fedhealth.privacy.he.compact` form,
+  each residue in 60 bits instead of SEAL's 64-bit words.
 
-Measured (``benchmarks/he_costs.py``, one shared core, 3 sites, medians of 3)
-------------------------------------------------------------------------------
-=========================  ==========  ==========  ==========
-parameter set              B/param up  B/param dn  enc M/s
-=========================  ==========  ==========  ==========
-this: [60,60] 2^40 sym       16.2        32.3       2.4 - 3.0
-FLARE-like [60,40,40] asym   57.9        57.9       0.8 - 1.0
-[60,40,40,60] asym           81.6        81.6       0.5 - 0.65
-=========================  ==========  ==========  ==========
-
-(DenseNet121, 7.0 M values; a 100 k vector pays 16.4 B for last-chunk padding.) "up" is a
-site's upload: a seeded ciphertext is 8192 x 8 bytes + ~200 bytes of header and seed per
-4063 values (33 of the 4096 slots are reserved, 0.8 %); "dn" is the summed (unseeded)
-ciphertext a decrypting site downloads. Encryption throughput is end to end
-(``make_contribution``: pack, encode, encrypt, serialize, digest, sign); SEAL's
-``encrypt_symmetric`` is ~40 % of it, encoding ~20 %, the zstd save ~15 % (wasted on random
-60-bit residues, but ``tenseal.sealapi`` does not expose the compression mode). Precision: the
-sum of 100 sites' vectors uniform in [-10, 10] decrypts with max absolute error 7e-9
-(FLARE-like: 1e-7); released values then carry the 2^-20 ~ 1e-6 flooding noise (see
-``contributions``), so FedAvg is exact to ~1e-6 / sum(w) per value - well inside the 1e-4
-target for ``sum(w) >~ 0.05``.
+Measured figures (bytes per parameter, throughput, precision) and the command that prints
+them are in ``docs/benchmarks.md``.
 
 Packing and weighting
 ---------------------
 A model update is flattened (:func:`flatten_state`) into one float64 vector and cut into
-chunks of ``slots - reserved`` values; each chunk becomes one ciphertext. Reserved slots
-(positions chosen by a :class:`SlotLayout`) carry protocol values - the membership tags and
-the aggregation weight, see ``contributions``. A site multiplies its update by its weight
+chunks of ``lanes - reserved`` values; each chunk becomes one ciphertext (lanes ``[0, slots)``
+are the real parts of the slots, ``[slots, 2 * slots)`` their imaginary parts). Reserved
+lanes (positions chosen by a :class:`SlotLayout`) carry protocol values - the membership tags
+and the aggregation weight, see ``tags``. A site multiplies its update by its weight
 ``w = n_examples / weight_scale`` and puts ``w`` itself in a reserved slot, so the decrypted
 sum yields ``sum_i w_i u_i`` and ``sum_i w_i``. ``weight_scale`` is a public, consortium-wide
 number chosen so that ``w * |u| <= max_abs_value`` (100) and the total weight is not tiny
@@ -189,9 +169,15 @@ class HEParams:
         return 2 + self.hidden_tags
 
     @property
+    def reserved_lanes(self) -> int:
+        """Protocol lanes per chunk: both parts of every reserved slot with complex slots
+        (a tag beside each tag and beside the weight), else their real parts."""
+        return self.reserved_slots * (2 if self.complex_slots else 1)
+
+    @property
     def chunk_capacity(self) -> int:
         """Update values per ciphertext chunk."""
-        return self.lanes - self.reserved_slots
+        return self.lanes - self.reserved_lanes
 
     def validate(self) -> HEParams:
         """Check security and headroom; return ``self``.

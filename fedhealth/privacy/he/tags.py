@@ -47,39 +47,45 @@ class TagSchedule:
             info=length_prefixed(experiment_id, round_, nonce),
         ).derive(tag_key)
         self._positions: dict[int, np.ndarray] = {}
-        self.layout = SlotLayout(params.lanes, params.reserved_slots, self.positions)
+        self.layout = SlotLayout(params.lanes, params.reserved_lanes, self.positions)
 
     def _stream(self, label: bytes, n_bytes: int, *fields: bytes | str | int) -> bytes:
         seed = hmac.new(self._key, length_prefixed(label, *fields), hashlib.sha256).digest()
         return hashlib.shake_256(seed).digest(n_bytes)
 
     def positions(self, c: int) -> np.ndarray:
-        """Reserved lanes of chunk ``c``: ``[0 (tag), 1 (weight), hidden tag lanes...]``.
+        """Reserved lanes of chunk ``c``: ``[0 (tag), 1 (weight), further tag lanes...]``.
 
-        Hidden tags sit in distinct slots ``>= 2``, each in the slot's real or imaginary
-        part (with complex slots), so every hidden tag constrains a different slot.
+        The further tags sit in ``hidden_tags`` distinct slots ``>= 2`` drawn from the tag key.
+        With complex slots both parts of every reserved slot are reserved (slot 0's and 1's
+        imaginary parts hold tags too): a multiplier then passes a tag slot only if it
+        vanishes there as a complex number, whatever the data (see ``docs/security.md``).
         """
         pos = self._positions.get(c)
         if pos is None:
             k = self.params.hidden_tags
             slots = self.params.slots
-            imaginary = self.params.complex_slots
-            chosen: dict[int, int] = {}
+            chosen: dict[int, None] = {}
             attempt = 0
             while len(chosen) < k:
                 raw = np.frombuffer(self._stream(b"positions", 8 * k, c, attempt), dtype="<u4")
-                for x, part in raw.reshape(k, 2).tolist():
+                for x in (raw % (slots - 2) + 2).tolist():
                     if len(chosen) < k:
-                        chosen.setdefault(x % (slots - 2) + 2, part & 1 if imaginary else 0)
+                        chosen.setdefault(int(x))
                 attempt += 1
-            hidden = [slot + part * slots for slot, part in chosen.items()]
-            pos = np.array([0, 1, *hidden], dtype=np.int64)
+            if self.params.complex_slots:
+                pos = np.array(
+                    [0, 1, slots, slots + 1, *(lane for j in chosen for lane in (j, slots + j))],
+                    dtype=np.int64,
+                )
+            else:
+                pos = np.array([0, 1, *chosen], dtype=np.int64)
             self._positions[c] = pos
         return pos
 
     def tags(self, site: str, n_chunks: int) -> np.ndarray:
-        """Tags of ``site``: array ``[n_chunks, 1 + hidden_tags]`` of floats in [1, 2)."""
-        per = 1 + self.params.hidden_tags
+        """Tags of ``site``: array ``[n_chunks, reserved_lanes - 1]`` of floats in [1, 2)."""
+        per = self.params.reserved_lanes - 1
         raw = np.frombuffer(self._stream(b"tags", 8 * per * n_chunks, site), dtype="<u8")
         return (1.0 + (raw >> np.uint64(11)).astype(np.float64) / 2.0**53).reshape(n_chunks, per)
 
