@@ -5,11 +5,11 @@ decryption) for three sites, for a 100 k-parameter vector and for a MONAI DenseN
 (2-D, 1 channel, 2 classes; ~7 M parameters) state dict, under three CKKS parameter sets side
 by side:
 
-* ``fedhealth``: N=8192, primes [60, 60], scale 2^40, symmetric (seeded) encryption, two
-  values per slot (real and imaginary part), residues sent in 60 bits - the default
+* ``fedhealth``: N=8192, primes [59, 60], scale 2^40, symmetric (seeded) encryption, two
+  values per slot (real and imaginary part), residues sent in 59 bits - the default
   :class:`~fedhealth.privacy.he.ckks.HEParams`;
-* ``before``: the same with real parts only and SEAL's own (zstd) serialisation - the
-  default until 2026-12;
+* ``before``: N=8192, primes [60, 60], scale 2^40, symmetric, real parts only, SEAL's own
+  (zstd) serialisation - the default until 2026-12;
 * ``FLARE-like``: N=8192, [60, 40, 40], scale 2^40, public-key encryption, real parts, SEAL's
   serialisation.
 
@@ -68,8 +68,8 @@ from fedhealth.privacy.he.encrypted_sum import EncryptedSum  # noqa: E402
 
 _SEAL_REAL = {"complex_slots": False, "compact_wire": False}
 PARAM_SETS: dict[str, HEParams] = {
-    "fedhealth [60,60] sym": HEParams(),
-    "before: real, SEAL zstd": HEParams(**_SEAL_REAL),
+    "fedhealth [59,60] sym": HEParams(),
+    "before: [60,60] real": HEParams(coeff_mod_bit_sizes=(60, 60), max_sites=1000, **_SEAL_REAL),
     "FLARE-like [60,40,40]": HEParams(
         coeff_mod_bit_sizes=(60, 40, 40), symmetric=False, **_SEAL_REAL
     ),

@@ -7,18 +7,19 @@ rotation is needed and one ciphertext prime is enough:
 
 * ``poly_modulus_degree = 8192``: 4096 complex slots per ciphertext; with
   ``complex_slots`` each carries two values (real and imaginary part), 8192 "lanes";
-* ``coeff_mod_bit_sizes = (60, 60)``: a ciphertext carries the first 60-bit prime only; the
-  second is SEAL's special (key-switching) prime, which TenSEAL insists on. It never appears
-  on the wire. The total, 120 bits, is what the 128-bit security bound limits (218 at
-  N = 8192); ``docs/security.md`` gives the argument;
-* ``global_scale_bits = 40``: sums with ``|x| < 2^19`` per value decrypt correctly; the
-  defaults ``max_sites = 1000`` x ``max_abs_value = 100`` use ``sqrt(2) * 1e5`` of that
+* ``coeff_mod_bit_sizes = (59, 60)``: a ciphertext carries the first, 59-bit prime only (a
+  residue costs 59 bits on the wire); the second is SEAL's special (key-switching) prime,
+  which TenSEAL insists on. It never appears on the wire. The total, 119 bits, is what the
+  128-bit security bound limits (218 at N = 8192); ``docs/security.md`` gives the argument;
+* ``global_scale_bits = 40``: sums with ``|x| < 2^17`` per value decrypt correctly (2 bits
+  kept for the prime being below 2^59 and for the coefficient bound); the defaults
+  ``max_sites = 512`` x ``max_abs_value = 100`` use ``sqrt(2) * 51200 < 2^16.2`` of that
   (checked in :meth:`HEParams.validate`, at packing time, at the ceremony and in the sum);
 * ``symmetric = True``: sites encrypt with the secret key, and SEAL sends the second
   polynomial as a 64-byte seed (``Encryptor.encrypt_symmetric`` through ``tenseal.sealapi``).
   The coordinator's context holds no key at all - it cannot encrypt, only add;
 * ``compact_wire = True``: ciphertexts travel in :mod:`~fedhealth.privacy.he.compact` form,
-  each residue in 60 bits instead of SEAL's 64-bit words.
+  each residue in 59 bits instead of SEAL's 64-bit words.
 
 Measured figures (bytes per parameter, throughput, precision) and the command that prints
 them are in ``docs/benchmarks.md``.
@@ -127,13 +128,13 @@ class HEParams:
     """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
+    coeff_mod_bit_sizes: tuple[int, ...] = (59, 60)
     global_scale_bits: int = 40
     symmetric: bool = True
     hidden_tags: int = 31
     tag_atol: float = 1e-6
     max_abs_value: float = 100.0
-    max_sites: int = 1000
+    max_sites: int = 512
     flood_bits: int | None = 20
     complex_slots: bool = True
     compact_wire: bool = True
