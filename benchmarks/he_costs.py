@@ -15,7 +15,10 @@ by side:
 
 Printed per update and parameter set: bytes per parameter a site uploads (``up B/p``) and a
 decrypting site downloads (``down B/p``), end-to-end encryption throughput (``enc Mp/s``:
-``make_contribution`` - pack, encode, encrypt, serialise, digest, sign), the coordinator's
+``make_contribution`` - pack, encode, encrypt, serialise, digest, sign - per second of wall
+time, and ``Mp/cpu-s`` per second of this process's CPU time: the per-core rate, which
+other jobs on a shared machine do not change, and the one the target is checked on), the
+coordinator's
 add per site, the checked decryption, and the error of the released aggregate against the
 plaintext ``sum_i w_i u_i``: ``rel err`` = ||decrypted - plaintext||_2 / ||plaintext||_2 and
 ``max err`` = max |decrypted - plaintext| (both include the 2^-20 flooding noise).
@@ -106,12 +109,12 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
     total = EncryptedSum(coord.public_context, "bench", 1, "n1", coord.registry)
     rng = np.random.default_rng(0)
     counts = rng.integers(50, 500, n_sites)
-    enc_t, add_t, up_bytes = [], [], []
+    enc_t, enc_cpu, add_t, up_bytes = [], [], [], []
     expected = np.zeros(vec.size)
     for i, s in enumerate(sites):
         update = vec * (1.0 + 0.1 * i)  # distinct updates, same magnitude
         expected += (counts[i] / WEIGHT_SCALE) * update
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         chunks, contribution = make_contribution(
             update,
             int(counts[i]),
@@ -122,6 +125,7 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
             weight_scale=WEIGHT_SCALE,
         )
         enc_t.append(time.perf_counter() - t0)
+        enc_cpu.append(time.process_time() - c0)
         up_bytes.append(sum(map(len, chunks)))
         t0 = time.perf_counter()
         total.add(chunks, contribution)
@@ -145,6 +149,7 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
         "up": statistics.median(up_bytes) / vec.size,
         "down": down / vec.size,
         "enc": vec.size / statistics.median(enc_t),
+        "enc_cpu": vec.size / statistics.median(enc_cpu),
         "add": statistics.median(add_t),
         "dec": statistics.median(dec_t),
         "err": float(np.max(np.abs(out[:-1] - expected))),
@@ -214,7 +219,7 @@ def main() -> None:
     )
     header = (
         f"{'update':<15} {'params':>10}  {'parameter set':<23} {'up B/p':>7} "
-        f"{'down B/p':>8} {'enc Mp/s':>8} {'add s/site':>10} {'decrypt s':>9} "
+        f"{'down B/p':>8} {'enc Mp/s':>8} {'Mp/cpu-s':>8} {'add s/site':>10} {'decrypt s':>9} "
         f"{'rel err':>8} {'max err':>8}"
     )
     print(header)
@@ -227,7 +232,8 @@ def main() -> None:
             results[(vname, pname)] = r
             print(
                 f"{vname:<15} {vec.size:>10,}  {pname:<23} {r['up']:>7.2f} {r['down']:>8.2f} "
-                f"{r['enc'] / 1e6:>8.2f} {r['add']:>10.3f} {r['dec']:>9.3f} {r['rel']:>8.1e} "
+                f"{r['enc'] / 1e6:>8.2f} {r['enc_cpu'] / 1e6:>8.2f} {r['add']:>10.3f} "
+                f"{r['dec']:>9.3f} {r['rel']:>8.1e} "
                 f"{r['err']:>8.1e}",
                 flush=True,
             )
@@ -251,7 +257,7 @@ def main() -> None:
     )
     for (vname, pname), r in results.items():
         ok_b = "ok" if r["up"] <= TARGET_BYTES else "MISSED"
-        ok_e = "ok" if r["enc"] >= TARGET_RATE else "MISSED"
+        ok_e = "ok" if r["enc_cpu"] >= TARGET_RATE else "MISSED"
         ok_r = "ok" if r["rel"] <= TARGET_REL else "MISSED"
         print(f"  {vname:<15} {pname:<23} size {ok_b:<6} throughput {ok_e:<6} error {ok_r}")
 
