@@ -154,6 +154,14 @@ def test_compact_form_refuses_malformed_bytes(contexts) -> None:
         (b"XXXX" + blob[4:], "bad magic"),
         (blob[:-2000], "truncated"),
         (blob[:30], "malformed prefix"),
+        # a declared size far beyond the data is refused before any allocation
+        (
+            blob[:105]
+            + (24 + 8 * 2**40).to_bytes(8, "little")
+            + (2**40).to_bytes(8, "little")
+            + blob[121:],
+            "inconsistent sizes",
+        ),
     ):
         with pytest.raises(CryptoError, match="not a valid ciphertext") as err:
             pub.load(bad)

@@ -72,7 +72,11 @@ def _layout(prefix: bytes) -> tuple[int, int, int]:
     (n_words,) = struct.unpack_from("<Q", prefix, inner + _SEAL_HEADER.size)
     if magic != _SEAL_MAGIC or compr != _COMPR_NONE or size != _SEAL_HEADER.size + 8 + 8 * n_words:
         raise CryptoError("SEAL ciphertext with an unexpected coefficient-array header")
-    if n == 0 or n_primes == 0 or n_words % (n * n_primes):
+    # One polynomial (a seeded ciphertext) or two, of at most SEAL's largest ring.
+    if not (0 < n <= 32768 and 0 < n_primes <= 64) or n_words not in (
+        n * n_primes,
+        2 * n * n_primes,
+    ):
         raise CryptoError("SEAL ciphertext with inconsistent sizes")
     return n, n_primes, n_words
 
