@@ -5,10 +5,23 @@ decryption) for three sites, for a 100 k-parameter vector and for a MONAI DenseN
 (2-D, 1 channel, 2 classes; ~7 M parameters) state dict, under three CKKS parameter sets side
 by side:
 
-* ``fedhealth``: N=8192, primes [60, 60], scale 2^40, symmetric (seeded) encryption - the
-  default :class:`~fedhealth.privacy.he.ckks.HEParams`;
-* ``FLARE-like``: N=8192, [60, 40, 40], scale 2^40, public-key encryption;
-* ``[60,40,40,60]``: N=8192, [60, 40, 40, 60], scale 2^40, public-key encryption.
+* ``fedhealth``: N=8192, primes [59, 60], scale 2^40, symmetric (seeded) encryption, two
+  values per slot (real and imaginary part), residues sent in 59 bits - the default
+  :class:`~fedhealth.privacy.he.ckks.HEParams`;
+* ``before``: N=8192, primes [60, 60], scale 2^40, symmetric, real parts only, SEAL's own
+  (zstd) serialisation - the default until 2026-12;
+* ``FLARE-like``: N=8192, [60, 40, 40], scale 2^40, public-key encryption, real parts, SEAL's
+  serialisation.
+
+Printed per update and parameter set: bytes per parameter a site uploads (``up B/p``) and a
+decrypting site downloads (``down B/p``), end-to-end encryption throughput (``enc Mp/s``:
+``make_contribution`` - pack, encode, encrypt, serialise, digest, sign - per second of wall
+time, and ``Mp/cpu-s`` per second of this process's CPU time: the per-core rate, which
+other jobs on a shared machine do not change, and the one the target is checked on), the
+coordinator's
+add per site, the checked decryption, and the error of the released aggregate against the
+plaintext ``sum_i w_i u_i``: ``rel err`` = ||decrypted - plaintext||_2 / ||plaintext||_2 and
+``max err`` = max |decrypted - plaintext| (both include the 2^-20 flooding noise).
 
 Everything runs on one core: OMP/MKL/torch threads are set to 1 before importing numpy or
 torch, TenSEAL contexts are created with ``n_threads=1`` and the ``tenseal.sealapi`` calls
@@ -52,17 +65,19 @@ from fedhealth.privacy.he.ckks import (  # noqa: E402
     make_secret_context,
     public_context,
 )
-from fedhealth.privacy.he.contributions import (  # noqa: E402
-    EncryptedSum,
-    make_contribution,
-    verify_and_decrypt,
-)
+from fedhealth.privacy.he.contribute import make_contribution  # noqa: E402
+from fedhealth.privacy.he.decrypt import verify_and_decrypt  # noqa: E402
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum  # noqa: E402
 
+_SEAL_REAL = {"complex_slots": False, "compact_wire": False}
 PARAM_SETS: dict[str, HEParams] = {
-    "fedhealth [60,60] sym": HEParams(),
-    "FLARE-like [60,40,40]": HEParams(coeff_mod_bit_sizes=(60, 40, 40), symmetric=False),
-    "[60,40,40,60] asym": HEParams(coeff_mod_bit_sizes=(60, 40, 40, 60), symmetric=False),
+    "fedhealth [59,60] sym": HEParams(),
+    "before: [60,60] real": HEParams(coeff_mod_bit_sizes=(60, 60), max_sites=1000, **_SEAL_REAL),
+    "FLARE-like [60,40,40]": HEParams(
+        coeff_mod_bit_sizes=(60, 40, 40), symmetric=False, **_SEAL_REAL
+    ),
 }
+TARGET_BYTES, TARGET_RATE, TARGET_REL = 8.0, 2e6, 1e-4
 WEIGHT_SCALE = 1000.0
 
 
@@ -94,12 +109,12 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
     total = EncryptedSum(coord.public_context, "bench", 1, "n1", coord.registry)
     rng = np.random.default_rng(0)
     counts = rng.integers(50, 500, n_sites)
-    enc_t, add_t, up_bytes = [], [], []
+    enc_t, enc_cpu, add_t, up_bytes = [], [], [], []
     expected = np.zeros(vec.size)
     for i, s in enumerate(sites):
         update = vec * (1.0 + 0.1 * i)  # distinct updates, same magnitude
         expected += (counts[i] / WEIGHT_SCALE) * update
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         chunks, contribution = make_contribution(
             update,
             int(counts[i]),
@@ -110,6 +125,7 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
             weight_scale=WEIGHT_SCALE,
         )
         enc_t.append(time.perf_counter() - t0)
+        enc_cpu.append(time.process_time() - c0)
         up_bytes.append(sum(map(len, chunks)))
         t0 = time.perf_counter()
         total.add(chunks, contribution)
@@ -133,9 +149,11 @@ def _run(params: HEParams, vec: np.ndarray, n_sites: int, root: Path) -> dict[st
         "up": statistics.median(up_bytes) / vec.size,
         "down": down / vec.size,
         "enc": vec.size / statistics.median(enc_t),
+        "enc_cpu": vec.size / statistics.median(enc_cpu),
         "add": statistics.median(add_t),
         "dec": statistics.median(dec_t),
         "err": float(np.max(np.abs(out[:-1] - expected))),
+        "rel": float(np.linalg.norm(out[:-1] - expected) / np.linalg.norm(expected)),
     }
 
 
@@ -144,17 +162,17 @@ def _raw_precision(params: HEParams, n_sites: int = 100) -> float:
     secret = make_secret_context(params)
     sctx, pctx = load_context(secret, params), load_context(public_context(secret), params)
     rng = np.random.default_rng(1)
-    truth = np.zeros(params.slots)
+    truth = np.zeros(params.lanes)
     acc = None
     for _ in range(n_sites):
-        v = rng.uniform(-10, 10, params.slots)
+        v = rng.uniform(-10, 10, params.lanes)
         truth += v
         ct = pctx.load(encrypt_update(v, sctx)[0])
         if acc is None:
             acc = ct
         else:
             pctx.add_inplace(acc, ct)
-    data, _ = decrypt_sum([pctx.dump(acc)], sctx, n_values=params.slots)
+    data, _ = decrypt_sum([pctx.dump(acc)], sctx, n_values=params.lanes)
     return float(np.max(np.abs(data - truth)))
 
 
@@ -195,13 +213,14 @@ def main() -> None:
     )
     print(
         "up = site -> coordinator bytes/param; down = summed ciphertext bytes/param sent "
-        "to each decrypting site; err = max |decrypted - plaintext| of sum w_i u_i "
-        "(includes the 2^-20 flooding noise)\n"
+        "to each decrypting site; rel err = ||decrypted - plaintext||_2 / ||plaintext||_2 and "
+        "max err = max |decrypted - plaintext| of sum w_i u_i (include the 2^-20 flooding "
+        "noise)\n"
     )
     header = (
         f"{'update':<15} {'params':>10}  {'parameter set':<23} {'up B/p':>7} "
-        f"{'down B/p':>8} {'enc Mp/s':>8} {'add s/site':>10} {'decrypt s':>9} "
-        f"{'max err':>8}"
+        f"{'down B/p':>8} {'enc Mp/s':>8} {'Mp/cpu-s':>8} {'add s/site':>10} {'decrypt s':>9} "
+        f"{'rel err':>8} {'max err':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -213,7 +232,9 @@ def main() -> None:
             results[(vname, pname)] = r
             print(
                 f"{vname:<15} {vec.size:>10,}  {pname:<23} {r['up']:>7.2f} {r['down']:>8.2f} "
-                f"{r['enc'] / 1e6:>8.2f} {r['add']:>10.3f} {r['dec']:>9.3f} {r['err']:>8.1e}",
+                f"{r['enc'] / 1e6:>8.2f} {r['enc_cpu'] / 1e6:>8.2f} {r['add']:>10.3f} "
+                f"{r['dec']:>9.3f} {r['rel']:>8.1e} "
+                f"{r['err']:>8.1e}",
                 flush=True,
             )
     v100k = vectors["100k vector"]
@@ -230,11 +251,15 @@ def main() -> None:
     for pname, params in PARAM_SETS.items():
         print(f"  {pname:<23} {_raw_precision(params):.1e}")
 
-    print("\ntargets: <= 24 B/param/site on the wire, >= 2 M params/s/core encryption")
+    print(
+        f"\ntargets: <= {TARGET_BYTES:g} B/param/site up, >= {TARGET_RATE / 1e6:g} M params/s/core "
+        f"encryption, relative error <= {TARGET_REL:g}"
+    )
     for (vname, pname), r in results.items():
-        ok_b = "ok" if r["up"] <= 24 else "MISSED"
-        ok_e = "ok" if r["enc"] >= 2e6 else "MISSED"
-        print(f"  {vname:<15} {pname:<23} size {ok_b:<6} throughput {ok_e}")
+        ok_b = "ok" if r["up"] <= TARGET_BYTES else "MISSED"
+        ok_e = "ok" if r["enc_cpu"] >= TARGET_RATE else "MISSED"
+        ok_r = "ok" if r["rel"] <= TARGET_REL else "MISSED"
+        print(f"  {vname:<15} {pname:<23} size {ok_b:<6} throughput {ok_e:<6} error {ok_r}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he import compact
 from fedhealth.privacy.he.ckks import (
     FlatSpec,
     HEParams,
@@ -47,7 +48,7 @@ def _add_all(pub, per_site: list[list[bytes]]) -> list[bytes]:
 def test_default_params_are_128_bit_and_have_headroom() -> None:
     p = HEParams().validate()
     assert sum(p.coeff_mod_bit_sizes) <= 218
-    assert p.slots == 4096 and p.chunk_capacity == 4096 - 33
+    assert p.slots == 4096 and p.lanes == 8192 and p.chunk_capacity == 8192 - 66
     assert HEParams.from_dict(p.to_dict()) == p
 
 
@@ -100,12 +101,12 @@ def test_encrypt_refuses_values_beyond_headroom(contexts) -> None:
 def test_sum_of_100_sites_precision_and_wire_size(contexts) -> None:
     secret, pub = contexts
     rng = np.random.default_rng(1)
-    vecs = [rng.uniform(-10, 10, PARAMS.slots) for _ in range(100)]
+    vecs = [rng.uniform(-10, 10, PARAMS.lanes) for _ in range(100)]  # real and imaginary
     per_site = [encrypt_update(v, secret) for v in vecs]
-    bytes_per_value = len(per_site[0][0]) / PARAMS.slots
-    assert bytes_per_value <= 17.0  # target 24 B/parameter
+    bytes_per_value = len(per_site[0][0]) / PARAMS.lanes
+    assert bytes_per_value <= 7.42  # 59 bits per residue, 2 values per slot
     sums = _add_all(pub, per_site)
-    data, _ = decrypt_sum(sums, secret, n_values=PARAMS.slots)
+    data, _ = decrypt_sum(sums, secret, n_values=PARAMS.lanes)
     err = np.max(np.abs(data - np.sum(vecs, axis=0)))
     assert err < 1e-6  # measured ~1e-8; FedAvg needs ~1e-4 relative
 
@@ -114,9 +115,9 @@ def test_wire_size_100k_values(contexts) -> None:
     secret, _ = contexts
     vec = np.random.default_rng(2).normal(0, 1, 100_000)
     chunks = encrypt_update(
-        vec, secret, layout=SlotLayout(PARAMS.slots, PARAMS.reserved_slots, lambda c: np.arange(33))
+        vec, secret, layout=SlotLayout(PARAMS.lanes, PARAMS.reserved_lanes, lambda c: np.arange(66))
     )
-    assert sum(map(len, chunks)) / vec.size <= 24.0
+    assert sum(map(len, chunks)) / vec.size <= 7.9  # 13 chunks, the last one 30 % full
 
 
 def test_coordinator_refuses_malformed_and_reshaped_ciphertexts(contexts) -> None:
@@ -128,6 +129,69 @@ def test_coordinator_refuses_malformed_and_reshaped_ciphertexts(contexts) -> Non
     ct.scale = 2.0**30
     with pytest.raises(CryptoError, match="scale"):
         pub.load(pub.dump(ct))
+
+
+# ------------------------------------------------------------------ wire format
+
+
+def test_compact_form_round_trips_exactly(contexts) -> None:
+    secret, pub = contexts
+    fresh = encrypt_update(np.linspace(-1, 1, 100), secret)[0]
+    assert fresh[:4] == compact.MAGIC
+    bits = [PARAMS.coeff_mod_bit_sizes[0]]  # 59: the prime a ciphertext carries
+    seal = compact.expand(fresh, bits)
+    assert len(fresh) < 8192 * 59 / 8 + 220 < len(seal)
+    assert compact.compact(seal, bits) == fresh
+    total = pub.dump(pub.load(fresh))  # unseeded: both polynomials
+    assert len(total) < 2 * 8192 * 59 / 8 + 200
+    assert compact.compact(compact.expand(total, bits), bits) == total
+
+
+def test_compact_form_refuses_malformed_bytes(contexts) -> None:
+    secret, pub = contexts
+    blob = encrypt_update(np.ones(10), secret)[0]
+    for bad, why in (
+        (b"XXXX" + blob[4:], "bad magic"),
+        (blob[:-2000], "truncated"),
+        (blob[:30], "malformed prefix"),
+        # a declared size far beyond the data is refused before any allocation
+        (
+            blob[:105]
+            + (24 + 8 * 2**40).to_bytes(8, "little")
+            + (2**40).to_bytes(8, "little")
+            + blob[121:],
+            "inconsistent sizes",
+        ),
+    ):
+        with pytest.raises(CryptoError, match="not a valid ciphertext") as err:
+            pub.load(bad)
+        assert why in str(err.value), (why, str(err.value))
+    # a residue >= the prime (all 59 bits set) is refused by SEAL's own validation
+    start = 4 + 16 + 4 + 97 + 8
+    forged = blob[:start] + b"\xff" * 15 + blob[start + 15 :]
+    with pytest.raises(CryptoError, match="not a valid ciphertext"):
+        pub.load(forged)
+
+
+def test_real_slots_and_seal_stream_still_supported() -> None:
+    """The format before complex slots and compaction (kept for benchmarks)."""
+    params = HEParams(
+        coeff_mod_bit_sizes=(60, 60), max_sites=1000, complex_slots=False, compact_wire=False
+    )
+    secret_bytes = make_secret_context(params)
+    secret = load_context(secret_bytes, params)
+    pub = load_context(public_context(secret_bytes), params)
+    vecs = [np.random.default_rng(i).normal(0, 1, 5000) for i in range(3)]
+    per_site = [encrypt_update(v, secret) for v in vecs]
+    assert len(per_site[0]) == 2 and 16 < len(per_site[0][0]) / 4096 < 16.3
+    data, _ = decrypt_sum(_add_all(pub, per_site), secret, n_values=5000)
+    np.testing.assert_allclose(data, np.sum(vecs, axis=0), atol=1e-7)
+
+
+def test_encrypt_refuses_a_chunk_of_the_wrong_size(contexts) -> None:
+    secret, _ = contexts
+    with pytest.raises(ConfigError, match="exactly 8192 values"):
+        secret.encrypt(np.ones(PARAMS.slots))
 
 
 # ------------------------------------------------------------------ state dicts

@@ -26,14 +26,11 @@ from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.data.demo import breast_cancer_feature_names, write_breast_cancer_sites
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.ceremony import init_consortium, load_coordinator_keys, load_site_keys
-from fedhealth.privacy.he.contributions import (
-    Contribution,
-    DecryptionRequest,
-    SiteLedger,
-    make_contribution,
-)
+from fedhealth.privacy.he.contribute import make_contribution
 from fedhealth.privacy.he.demo import ensure_consortium
 from fedhealth.privacy.he.keys import generate_identity, sign
+from fedhealth.privacy.he.ledger import SiteLedger
+from fedhealth.privacy.he.records import Contribution, DecryptionRequest
 from fedhealth.privacy.he.wire import (
     CONTRIBUTION_RECORD,
     DECRYPT_MESSAGE_TYPE,
@@ -273,6 +270,21 @@ def with_contribution(reply: Message, chunks, contribution: Contribution, site=N
     return Message(content=content, metadata=reply.metadata)
 
 
+@pytest.fixture(autouse=True)
+def same_training_with_and_without_he(monkeypatch):
+    """Sites seed training with the round nonce too (a replay is never bit-identical), and
+    only an encrypted round has a nonce: these tests compare the aggregation alone, so the
+    encrypted and the plaintext federations train alike."""
+    import fedhealth.site.privacy_guard as guard
+    import fedhealth.site.runtime as site_runtime
+
+    seed, binding = site_runtime.training_seed, guard.round_binding
+    monkeypatch.setattr(
+        site_runtime, "training_seed", lambda s, r, i, run=None, nonce=None: seed(s, r, i, run)
+    )
+    monkeypatch.setattr(guard, "round_binding", lambda run, nonce: binding(run, None))
+
+
 # --------------------------------------------------------------------------- the happy path
 
 
@@ -296,7 +308,7 @@ def test_encrypted_rounds_match_plaintext_and_no_update_leaves_in_clear(world, s
         assert "arrays" not in m.content
     costs = he_fed.recorder.metrics[2]
     assert costs["he/contributions"] == 3 and costs["he/refused_contributions"] == 0
-    assert 16 <= costs["he/bytes_per_site"] / 4063 <= 17  # one seeded ciphertext chunk
+    assert 7 <= costs["he/bytes_per_site"] / 8126 <= 8  # one seeded, compact ciphertext chunk
     assert costs["he/decrypt_seconds"] > 0 and costs["he/encrypt_seconds"] > 0
     prov = he_fed.encryption.provenance()
     assert prov["he"] == "on" and "N=8192" in prov["he_params"]
@@ -787,14 +799,11 @@ def test_simulated_federation_with_he_matches_plaintext_and_a_stopped_run_loses_
     assert he_v.tags["he"] == "on" and "N=8192" in he_v.tags["he_params"]
     assert plain_v.tags["he"] == "off"
     assert "Encrypted aggregation" in he_v.description
-    a, b = (
+    # Both versions load; their weights differ beyond CKKS precision now that sites seed
+    # training with the run id (a second run is never a replay): the aggregate's precision is
+    # checked in-process above, where both federations train alike.
+    for v in (1, 2):
         mlflow.pyfunc.load_model(f"models:/quickstart-breast-cancer/{v}")
-        .unwrap_python_model()
-        .network.state_dict()
-        for v in (1, 2)
-    )
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-4, worst  # CKKS precision after 2 rounds
     run = client.get_run(he_v.run_id)
     assert run.data.params["he.poly_modulus_degree"] == "8192"
     per_param = client.get_metric_history(he_v.run_id, "he/bytes_per_param_per_site")

@@ -20,7 +20,9 @@ from fedhealth.privacy.he.ceremony import (
     load_site_keys,
 )
 from fedhealth.privacy.he.ckks import HEParams
-from fedhealth.privacy.he.contributions import EncryptedSum, make_contribution, verify_and_decrypt
+from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.keys import (
     generate_identity,
     load_private,
@@ -194,12 +196,12 @@ def test_coordinator_files_hold_no_secret_and_cannot_decrypt(tmp_path: Path) -> 
     coord = load_coordinator_keys(root)
     assert not coord.public_context.can_decrypt
     alpha = load_site_keys(root, "alpha")
-    chunks = alpha.secret_context.encrypt(np.ones(alpha.params.slots))
+    chunks = alpha.secret_context.encrypt(np.ones(alpha.params.lanes))
     ct = coord.public_context.load(chunks)
     with pytest.raises(CryptoError, match="no secret key"):
         coord.public_context.decrypt(ct)
     with pytest.raises(CryptoError, match="no secret key"):
-        coord.public_context.encrypt(np.ones(alpha.params.slots))
+        coord.public_context.encrypt(np.ones(alpha.params.lanes))
     # a secret context misplaced onto the coordinator is refused
     secret = alpha.secret_context.ts_context.serialize(save_secret_key=True)
     (root / "coordinator" / "he-public.ctx").write_bytes(secret)

@@ -14,28 +14,24 @@ import pytest
 import tenseal.sealapi as sealapi
 
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.answers import answers_agree, split_aggregate
 from fedhealth.privacy.he.ceremony import (
     SiteKeys,
+    add_site,
     init_consortium,
     load_coordinator_keys,
     load_site_keys,
 )
-from fedhealth.privacy.he.ckks import HEParams
-from fedhealth.privacy.he.contributions import (
-    Contribution,
-    DecryptionRequest,
-    EncryptedSum,
-    SiteLedger,
-    answers_agree,
-    chunks_digest,
-    make_contribution,
-    split_aggregate,
-    verify_and_decrypt,
-)
+from fedhealth.privacy.he.ckks import CKKSContext, HEParams
+from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.keys import generate_identity, sign
+from fedhealth.privacy.he.ledger import SiteLedger
+from fedhealth.privacy.he.records import Contribution, DecryptionRequest, chunks_digest
 
 SITES = ["alpha", "beta", "gamma"]
-N_VALUES = 5000  # two chunks
+N_VALUES = 10_000  # two chunks (8,126 values each)
 EXP, RND, NONCE = "exp-1", 4, "nonce-4"
 COUNTS = {"alpha": 120, "beta": 300, "gamma": 80}
 WS = 1000.0
@@ -492,26 +488,30 @@ def _lll(basis: np.ndarray, delta: float = 0.99) -> np.ndarray:
 
 
 def _selective_multiplier(n: int, slots: int) -> np.ndarray:
-    """Slot values m(zeta_j) of a small integer polynomial m with Re m ~ 0 at slots 0 and 1.
+    """Slot values m(zeta_j) of a small integer polynomial m with m ~ 0 at slots 0 and 1.
 
-    SEAL's slot j is the evaluation at zeta^(3^j), zeta = exp(i pi / N). Lattice reduction
-    over 12 random monomials finds m with coefficients < ~100, |Re m| < 1e-9 on the tag and
-    weight slots and |Re m| of order 50 on almost every other slot.
+    SEAL's slot j is the evaluation at zeta^(3^j), zeta = exp(i pi / N). With complex slots
+    the imaginary part of slots 0 and 1 carries data, so m must vanish there as a complex
+    number (real and imaginary part), not only in its real part. Lattice reduction over 16
+    random monomials finds m with small coefficients, |m| < ~1e-7 on the tag and weight
+    slots and |m| of order 100 on almost every other slot.
     """
     zeta = np.exp(1j * np.pi * np.array([pow(3, j, 2 * n) for j in range(slots)]) / n)
-    exps = np.random.default_rng(0).choice(n, 12, replace=False)
-    basis = np.zeros((12, 14))
-    basis[:, :12] = np.eye(12)
-    basis[:, 12] = 2.0**40 * np.real(zeta[0] ** exps)
-    basis[:, 13] = 2.0**40 * np.real(zeta[1] ** exps)
-    coeffs = np.round(_lll(basis)[0, :12]).astype(int)
+    k = 16
+    exps = np.random.default_rng(0).choice(n, k, replace=False)
+    basis = np.zeros((k, k + 4))
+    basis[:, :k] = np.eye(k)
+    for col, (slot, part) in enumerate([(0, np.real), (0, np.imag), (1, np.real), (1, np.imag)]):
+        basis[:, k + col] = 2.0**32 * part(zeta[slot] ** exps)
+    coeffs = np.round(_lll(basis)[0, :k]).astype(int)
     return sum(int(a) * zeta ** int(e) for a, e in zip(coeffs, exps, strict=True))
 
 
-def _selective_attack(coord, request, victim_chunks) -> list[bytes]:
+def _selective_attack(coord, request, victim_chunks, m=None) -> list[bytes]:
     """Legitimate sum + m * (victim's ciphertext): scale stays 2^40, shape stays fresh."""
     ctx = coord.public_context
-    m = _selective_multiplier(ctx.params.poly_modulus_degree, ctx.params.slots)
+    if m is None:
+        m = _selective_multiplier(ctx.params.poly_modulus_degree, ctx.params.slots)
     pt = sealapi.Plaintext()
     ctx.encoder.encode(m.tolist(), 1.0, pt)  # exactly the integer polynomial m
     out = []
@@ -533,16 +533,48 @@ def test_hidden_tags_stop_slot_selective_attack_that_breaks_fixed_slot_tags(
     replies, request = _legit(bare_keys, bare_coord)
     forged, m = _selective_attack(bare_coord, request, replies["beta"][0])
     leaked = _decrypt(dataclasses.replace(request, sum_chunks=forged), bare_keys["alpha"])
-    layout_slots = np.arange(2, bare_keys["alpha"].params.slots)  # data slots of chunk 0
-    re_m = np.real(m[layout_slots])
-    strong = np.abs(re_m) > 20
-    estimate = leaked[: layout_slots.size][strong] / re_m[strong]
-    truth = (COUNTS["beta"] / WS) * UPDATES["beta"][: layout_slots.size][strong]
+    # chunk 0's data lanes: real parts of slots 2.., then imaginary parts of slots 2..
+    slots = bare_keys["alpha"].params.slots
+    data_slots = np.arange(2, slots)
+    decrypted = leaked[: slots - 2] + 1j * leaked[slots - 2 : 2 * slots - 4]
+    strong = np.abs(m[data_slots]) > 20
+    estimate = np.real(decrypted[strong] / m[data_slots][strong])  # the attacker knows m
+    truth = (COUNTS["beta"] / WS) * UPDATES["beta"][: data_slots.size][strong]
+    assert strong.mean() > 0.5
     assert np.corrcoef(estimate, truth)[0, 1] > 0.99  # beta's update, disclosed
 
     # With hidden tag slots (the default) the same attack is refused.
     replies, request = _legit(keys, coord)
     forged, _ = _selective_attack(coord, request, replies["beta"][0])
+    with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
+        _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
+
+
+def test_paired_tags_stop_a_purely_imaginary_multiplier(keys, coord) -> None:
+    """q = X^k - X^-k is purely imaginary in every slot: q * z swaps the real and imaginary
+    parts of z (times Im q). A tag alone in its slot, beside a zero of a sparse update, would
+    not see it (0 * tag + Im q * 0 = 0), and the victim's values would land in released
+    lanes. With a tag in both parts of every reserved slot the swap moves a tag: refused."""
+    n, slots = coord.public_context.params.poly_modulus_degree, coord.public_context.params.slots
+    sparse = np.zeros(N_VALUES)
+    sparse[np.random.default_rng(7).choice(N_VALUES, 20, replace=False)] = 1.0
+    replies = {
+        s: make_contribution(
+            sparse if s == "beta" else UPDATES[s],
+            COUNTS[s],
+            keys[s],
+            experiment_id=EXP,
+            round=RND,
+            nonce=NONCE,
+            weight_scale=WS,
+        )
+        for s in SITES
+    }
+    request = _sum(coord, replies).decryption_request()
+    zeta = np.exp(1j * np.pi * np.array([pow(3, j, 2 * n) for j in range(slots)]) / n)
+    q = zeta**5 - zeta ** (2 * n - 5)  # X^5 - X^-5, as X^(2N) = 1
+    assert np.max(np.abs(q.real)) < 1e-9 and np.max(np.abs(q.imag)) > 1.9
+    forged, _ = _selective_attack(coord, request, replies["beta"][0], m=q)
     with pytest.raises(CryptoError, match="membership-tag check failed in 2 of 2"):
         _decrypt(dataclasses.replace(request, sum_chunks=forged), keys["alpha"])
 
@@ -580,3 +612,33 @@ def test_round_rerun_under_cohort_binding_keeps_the_cohort(keys, coord) -> None:
     with pytest.raises(CryptoError, match=r"without \['gamma'\]"):
         _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["alpha", "beta"])
     _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=SITES)
+
+
+# ------------------------------------------------------------------ the sum's headroom
+
+
+def test_consortium_beyond_max_sites_refused(tmp_path) -> None:
+    small = HEParams(max_sites=2)
+    with pytest.raises(ConfigError, match=r"3 sites exceeds .* max_sites 2"):
+        init_consortium(tmp_path / "a", SITES, "alpha", small)
+    init_consortium(tmp_path / "b", SITES[:2], "alpha", small)
+    with pytest.raises(ConfigError, match=r"3 sites exceeds .* max_sites 2"):
+        add_site(tmp_path / "b", "gamma", "alpha")
+
+
+def test_sum_and_decryption_refuse_more_than_max_sites(keys, coord) -> None:
+    """Even with a registry larger than max_sites, no sum can exceed the headroom."""
+    tight = dataclasses.replace(coord.public_context.params, max_sites=2)
+    ctx = CKKSContext(coord.public_context.ts_context, tight)
+    total = EncryptedSum(ctx, EXP, RND, NONCE, coord.registry)
+    replies = _contribute(keys)
+    total.add(*replies["alpha"])
+    total.add(*replies["beta"])
+    with pytest.raises(CryptoError, match="already holds max_sites=2"):
+        total.add(*replies["gamma"])
+    request = _sum(coord, replies).decryption_request()
+    tight_keys = dataclasses.replace(
+        keys["alpha"], registry=dataclasses.replace(keys["alpha"].registry, params=tight)
+    )
+    with pytest.raises(CryptoError, match="more than the HE parameters' max_sites=2"):
+        _decrypt(request, tight_keys)

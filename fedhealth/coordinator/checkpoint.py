@@ -13,7 +13,7 @@ model it logs ``checkpoints/round-NNNN.eval.json`` with their metrics.
 missing it evaluates that round first, then continues with the next round in the same
 MLflow run. Checkpointing right after aggregation (not after evaluation) matters under
 encrypted aggregation: a site decrypts one aggregate per round, so a round whose sum was
-already decrypted cannot be run again (:class:`~fedhealth.privacy.he.contributions.SiteLedger`).
+already decrypted cannot be run again (:class:`~fedhealth.privacy.he.ledger.SiteLedger`).
 """
 
 from __future__ import annotations

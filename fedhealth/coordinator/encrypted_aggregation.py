@@ -5,7 +5,7 @@ One encrypted round, as :class:`~fedhealth.coordinator.federation.Federation` dr
 1. :meth:`EncryptedAggregation.announce` adds the round binding (run-unique experiment id,
    round, a fresh nonce from ``secrets``, the public weight scale) to the training config;
 2. :meth:`~EncryptedAggregation.receive` pulls the sites' replies one at a time and adds each
-   contribution to one running :class:`~fedhealth.privacy.he.contributions.EncryptedSum`
+   contribution to one running :class:`~fedhealth.privacy.he.encrypted_sum.EncryptedSum`
    as it arrives, then drops its ciphertexts: memory is one running sum plus one reply. A
    contribution that fails a check (unsigned, wrongly signed, another round or experiment,
    tampered, duplicated, not a valid ciphertext, plaintext weights) becomes a refusal of that
@@ -40,9 +40,10 @@ from mlflow.entities import Param
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, send_and_receive
 from fedhealth.errors import ConfigError, CryptoError, FederationError
+from fedhealth.privacy.he.answers import answers_agree, split_aggregate
 from fedhealth.privacy.he.ceremony import CoordinatorKeys, load_coordinator_keys
 from fedhealth.privacy.he.ckks import FlatSpec, HEParams, flatten_state, unflatten
-from fedhealth.privacy.he.contributions import EncryptedSum, answers_agree, split_aggregate
+from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.wire import read_contribution, request_record
 from fedhealth.protocol import (
     ConfigKey,

@@ -30,7 +30,9 @@ from fedhealth.config.site import SiteProfile
 from fedhealth.errors import ConfigError, CryptoError
 from fedhealth.privacy.he.ceremony import SiteKeys, load_site_keys
 from fedhealth.privacy.he.ckks import flatten_state
-from fedhealth.privacy.he.contributions import SiteLedger, make_contribution, verify_and_decrypt
+from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.ledger import SiteLedger
 from fedhealth.privacy.he.wire import (
     HERound,
     contribution_record,

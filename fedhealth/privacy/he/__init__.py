@@ -1,9 +1,13 @@
 """Encrypted aggregation with CKKS (TenSEAL / SEAL).
 
-Modules: ``keys`` (site identities, key wrapping, signatures), ``ceremony`` (consortium key
-ceremony on disk), ``ckks`` (parameters, contexts, packing) and ``contributions`` (signed
-contributions, membership tags, streaming sum and checked decryption). The security argument
-is at the top of ``contributions``.
+Modules, bottom up: ``names`` (wire names, import-free), ``binding`` (canonical framing of a
+round), ``keys`` (site identities, key wrapping, signatures), ``ckks`` (parameters, contexts,
+slot packing), ``ledger`` (a site's per-round memory), ``ceremony`` (consortium key ceremony on
+disk), ``records`` (signed contributions and decryption requests), ``tags`` (membership
+tags), then one module per step of a round: ``contribute`` (site: encrypt, tag, sign),
+``encrypted_sum`` (coordinator: streaming sum), ``decrypt`` (site: checked decryption),
+``answers`` (coordinator: split and compare the quorum's answers), and ``wire`` (Flower
+records). The protocol and its security argument are in ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ _EXPORTS = {
     "HEParams": "ckks",
     "flatten_state": "ckks",
     "unflatten": "ckks",
-    "Contribution": "contributions",
-    "DecryptionRequest": "contributions",
-    "EncryptedSum": "contributions",
-    "answers_agree": "contributions",
-    "make_contribution": "contributions",
-    "split_aggregate": "contributions",
-    "verify_and_decrypt": "contributions",
+    "Contribution": "records",
+    "DecryptionRequest": "records",
+    "EncryptedSum": "encrypted_sum",
+    "SiteLedger": "ledger",
+    "answers_agree": "answers",
+    "make_contribution": "contribute",
+    "split_aggregate": "answers",
+    "verify_and_decrypt": "decrypt",
 }
 
 __all__ = sorted(_EXPORTS)

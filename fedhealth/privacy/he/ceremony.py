@@ -40,7 +40,6 @@ from fedhealth.privacy.he.ckks import (
     make_secret_context,
     public_context,
 )
-from fedhealth.privacy.he.contributions import SiteLedger
 from fedhealth.privacy.he.keys import (
     SiteIdentity,
     ed25519_public,
@@ -51,6 +50,7 @@ from fedhealth.privacy.he.keys import (
     write_private_file,
     write_public_file,
 )
+from fedhealth.privacy.he.ledger import SiteLedger
 
 REGISTRY_FORMAT = "fedhealth-consortium-registry/1"
 _SECRET_MAGIC = b"FHHESEC1"
@@ -206,6 +206,17 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_capacity(n_sites: int, params: HEParams) -> None:
+    """Refuse a consortium larger than the HE sum's headroom (``params.max_sites``)."""
+    if n_sites > params.max_sites:
+        raise ConfigError(
+            f"a consortium of {n_sites} sites exceeds the HE parameters' max_sites "
+            f"{params.max_sites}: a sum of that many contributions could wrap around the CKKS "
+            "modulus. Start a new ceremony with a larger max_sites (and a smaller "
+            "max_abs_value, HEParams.validate says what fits)"
+        )
+
+
 def _wrap_info(consortium_id: str, site: str) -> bytes:
     return f"fedhealth/he-secret/v1|consortium={consortium_id}|site={site}".encode()
 
@@ -323,6 +334,7 @@ def init_consortium(
         raise ConfigError(
             f"key holder {key_holder!r} is not one of the sites {sites}; it must be a site"
         )
+    _check_capacity(len(sites), params)
     if (root / "coordinator" / "sites.json").exists() or (root / "sites").exists():
         raise ConfigError(
             f"{root} already holds a consortium; use `add_site` to add a site, or choose "
@@ -381,6 +393,7 @@ def add_site(
         raise ConfigError(
             f"key holder {key_holder!r} is not a site of consortium {registry.consortium_id}"
         )
+    _check_capacity(len(registry.sites) + 1, registry.params)
     holder = _load_identity(
         root / "sites" / key_holder / "identity.pem", key_holder, registry, password
     )

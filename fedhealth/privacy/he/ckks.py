@@ -5,51 +5,32 @@ Parameter choice (default :class:`HEParams`)
 Aggregation only ever *adds* ciphertexts, so no multiplication, rescaling, relinearisation or
 rotation is needed and one ciphertext prime is enough:
 
-* ``poly_modulus_degree = 8192`` (4096 slots per ciphertext);
-* ``coeff_mod_bit_sizes = (60, 60)``: the first 60-bit prime is the only prime a ciphertext
-  carries; the second is SEAL's *special* (key-switching) prime, which TenSEAL insists on
-  because it creates relinearisation keys with every context. It never appears on the wire.
-  Total 120 bits, far below SEAL's 218-bit limit for 128-bit security at N = 8192;
-* ``global_scale_bits = 40`` (scale 2^40): sums with ``|x| < 2^19 ~ 5e5`` per slot decrypt
-  correctly; the defaults ``max_sites = 1000`` x ``max_abs_value = 100`` per site use 1e5 of
-  that (checked in :meth:`HEParams.validate` and at packing time);
-* ``symmetric = True``: sites encrypt with the secret key. SEAL then stores the second
-  ciphertext polynomial as a 64-byte PRNG seed (``Encryptor.encrypt_symmetric`` returning a
-  ``Serializable``, reached through ``tenseal.sealapi``; TenSEAL's own ``CKKSVector`` path
-  drops the seed and ships both polynomials). The coordinator's context has *no* key at
-  all - it cannot encrypt, only add. SEAL's zstd compression is on (its default) but gains
-  nothing on uniformly random 60-bit residues. A 50-bit prime with scale 2^32 would
-  compress to 14.4 B/param (-10 %) at 250x worse precision (2e-6 for 100 sites), so we
-  keep 60 bits.
+* ``poly_modulus_degree = 8192``: 4096 complex slots per ciphertext; with
+  ``complex_slots`` each carries two values (real and imaginary part), 8192 "lanes";
+* ``coeff_mod_bit_sizes = (59, 60)``: a ciphertext carries the first, 59-bit prime only (a
+  residue costs 59 bits on the wire); the second is SEAL's special (key-switching) prime,
+  which TenSEAL insists on. It never appears on the wire. The total, 119 bits, is what the
+  128-bit security bound limits (218 at N = 8192); ``docs/security.md`` gives the argument;
+* ``global_scale_bits = 40``: sums with ``|x| < 2^17`` per value decrypt correctly (2 bits
+  kept for the prime being below 2^59 and for the coefficient bound); the defaults
+  ``max_sites = 512`` x ``max_abs_value = 100`` use ``sqrt(2) * 51200 < 2^16.2`` of that
+  (checked in :meth:`HEParams.validate`, at packing time, at the ceremony and in the sum);
+* ``symmetric = True``: sites encrypt with the secret key, and SEAL sends the second
+  polynomial as a 64-byte seed (``Encryptor.encrypt_symmetric`` through ``tenseal.sealapi``).
+  The coordinator's context holds no key at all - it cannot encrypt, only add;
+* ``compact_wire = True``: ciphertexts travel in :mod:`~fedhealth.privacy.he.compact` form,
+  each residue in 59 bits instead of SEAL's 64-bit words.
 
-Measured (``benchmarks/he_costs.py``, one shared core, 3 sites, medians of 3)
-------------------------------------------------------------------------------
-=========================  ==========  ==========  ==========
-parameter set              B/param up  B/param dn  enc M/s
-=========================  ==========  ==========  ==========
-this: [60,60] 2^40 sym       16.2        32.3       2.4 - 3.0
-FLARE-like [60,40,40] asym   57.9        57.9       0.8 - 1.0
-[60,40,40,60] asym           81.6        81.6       0.5 - 0.65
-=========================  ==========  ==========  ==========
-
-(DenseNet121, 7.0 M values; a 100 k vector pays 16.4 B for last-chunk padding.) "up" is a
-site's upload: a seeded ciphertext is 8192 x 8 bytes + ~200 bytes of header and seed per
-4063 values (33 of the 4096 slots are reserved, 0.8 %); "dn" is the summed (unseeded)
-ciphertext a decrypting site downloads. Encryption throughput is end to end
-(``make_contribution``: pack, encode, encrypt, serialize, digest, sign); SEAL's
-``encrypt_symmetric`` is ~40 % of it, encoding ~20 %, the zstd save ~15 % (wasted on random
-60-bit residues, but ``tenseal.sealapi`` does not expose the compression mode). Precision: the
-sum of 100 sites' vectors uniform in [-10, 10] decrypts with max absolute error 7e-9
-(FLARE-like: 1e-7); released values then carry the 2^-20 ~ 1e-6 flooding noise (see
-``contributions``), so FedAvg is exact to ~1e-6 / sum(w) per value - well inside the 1e-4
-target for ``sum(w) >~ 0.05``.
+Measured figures (bytes per parameter, throughput, precision) and the command that prints
+them are in ``docs/benchmarks.md``.
 
 Packing and weighting
 ---------------------
 A model update is flattened (:func:`flatten_state`) into one float64 vector and cut into
-chunks of ``slots - reserved`` values; each chunk becomes one ciphertext. Reserved slots
-(positions chosen by a :class:`SlotLayout`) carry protocol values - the membership tags and
-the aggregation weight, see ``contributions``. A site multiplies its update by its weight
+chunks of ``lanes - reserved`` values; each chunk becomes one ciphertext (lanes ``[0, slots)``
+are the real parts of the slots, ``[slots, 2 * slots)`` their imaginary parts). Reserved
+lanes (positions chosen by a :class:`SlotLayout`) carry protocol values - the membership tags
+and the aggregation weight, see ``tags``. A site multiplies its update by its weight
 ``w = n_examples / weight_scale`` and puts ``w`` itself in a reserved slot, so the decrypted
 sum yields ``sum_i w_i u_i`` and ``sum_i w_i``. ``weight_scale`` is a public, consortium-wide
 number chosen so that ``w * |u| <= max_abs_value`` (100) and the total weight is not tiny
@@ -80,6 +61,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.compact import compact, expand
 
 #: SEAL's maximum total coefficient-modulus bits for 128-bit security (HE standard).
 SEAL_MAX_COEFF_BITS_128: dict[int, int] = {
@@ -136,17 +118,26 @@ class HEParams:
     flood_bits
         Released aggregates get deterministic Gaussian noise of std ``2**-flood_bits`` to
         hide the decryption noise (``None`` disables).
+    complex_slots
+        Use the imaginary part of every slot too: a chunk carries ``2 * slots`` real values
+        ("lanes") for the cost of ``slots``. ``False`` uses real parts only (the format
+        before 2026-12, kept for comparisons).
+    compact_wire
+        Ciphertexts travel in :mod:`~fedhealth.privacy.he.compact` form (each residue in the
+        bit length of its prime) instead of SEAL's zstd stream.
     """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
+    coeff_mod_bit_sizes: tuple[int, ...] = (59, 60)
     global_scale_bits: int = 40
     symmetric: bool = True
     hidden_tags: int = 31
     tag_atol: float = 1e-6
     max_abs_value: float = 100.0
-    max_sites: int = 1000
+    max_sites: int = 512
     flood_bits: int | None = 20
+    complex_slots: bool = True
+    compact_wire: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -157,6 +148,11 @@ class HEParams:
     def slots(self) -> int:
         """Slots per ciphertext (N/2)."""
         return self.poly_modulus_degree // 2
+
+    @property
+    def lanes(self) -> int:
+        """Real values per ciphertext: ``2 * slots`` with complex slots, else ``slots``."""
+        return self.slots * (2 if self.complex_slots else 1)
 
     @property
     def scale(self) -> float:
@@ -174,9 +170,15 @@ class HEParams:
         return 2 + self.hidden_tags
 
     @property
+    def reserved_lanes(self) -> int:
+        """Protocol lanes per chunk: both parts of every reserved slot with complex slots
+        (a tag beside each tag and beside the weight), else their real parts."""
+        return self.reserved_slots * (2 if self.complex_slots else 1)
+
+    @property
     def chunk_capacity(self) -> int:
         """Update values per ciphertext chunk."""
-        return self.slots - self.reserved_slots
+        return self.lanes - self.reserved_lanes
 
     def validate(self) -> HEParams:
         """Check security and headroom; return ``self``.
@@ -205,13 +207,17 @@ class HEParams:
                 f"{SEAL_MAX_COEFF_BITS_128[n]} allowed for 128-bit security at N={n}; "
                 "use fewer/smaller primes or a larger poly_modulus_degree"
             )
-        need = self.global_scale_bits + math.log2(self.max_abs_value * self.max_sites) + 2
+        # A slot holds up to sqrt(2) * max_abs_value in modulus with complex slots.
+        peak = self.max_abs_value * self.max_sites * (math.sqrt(2) if self.complex_slots else 1)
+        need = self.global_scale_bits + math.log2(peak) + 2
         if need > self.data_bits:
             raise ConfigError(
                 f"HE scale 2^{self.global_scale_bits} x max_abs_value {self.max_abs_value} x "
                 f"max_sites {self.max_sites} needs {need:.1f} bits but ciphertexts carry "
                 f"{self.data_bits}; lower global_scale_bits or max_abs_value"
             )
+        if self.max_sites < 2:
+            raise ConfigError(f"HE max_sites must be >= 2, got {self.max_sites}")
         if self.hidden_tags < 0 or self.reserved_slots >= self.slots // 2:
             raise ConfigError(
                 f"HE hidden_tags {self.hidden_tags} out of range for {self.slots} slots"
@@ -356,6 +362,7 @@ class CKKSContext:
         self.encoder = sealapi.CKKSEncoder(self._seal)
         self.evaluator = sealapi.Evaluator(self._seal)
         self.data_parms_id = list(self._seal.first_parms_id())
+        self._moduli_bits = [m.bit_count() for m in first.coeff_modulus()]
         self.can_decrypt = bool(ts_context.is_private())
         self._encryptor: Any = None
         self._decryptor: Any = None
@@ -378,9 +385,20 @@ class CKKSContext:
                 "public context); only consortium sites can do this"
             )
 
-    def encrypt(self, slots: np.ndarray) -> bytes:
-        """Encrypt one chunk of exactly ``params.slots`` real values; return wire bytes."""
+    def encrypt(self, lanes: np.ndarray) -> bytes:
+        """Encrypt one chunk of exactly ``params.lanes`` real values; return wire bytes.
+
+        With complex slots, values ``[0, slots)`` go to the real parts of the slots and
+        ``[slots, 2 * slots)`` to their imaginary parts.
+        """
         self._need_secret("encrypt")
+        lanes = np.asarray(lanes, dtype=np.float64)
+        if lanes.shape != (self.params.lanes,):
+            raise ConfigError(
+                f"a chunk holds exactly {self.params.lanes} values, got shape {lanes.shape}"
+            )
+        n = self.params.slots
+        values = (lanes[:n] + 1j * lanes[n:]) if self.params.complex_slots else lanes
         if self._encryptor is None:
             sk = self.ts_context.data.secret_key()
             if self.params.symmetric:
@@ -389,24 +407,27 @@ class CKKSContext:
                 self._encryptor = sealapi.Encryptor(self._seal, self.ts_context.data.public_key())
         pt = sealapi.Plaintext()
         try:
-            self.encoder.encode(slots.tolist(), self.params.scale, pt)
+            self.encoder.encode(values.tolist(), self.params.scale, pt)
         except ValueError as exc:
             raise CryptoError(
                 f"cannot encode chunk ({exc}); values too large for the HE scale"
             ) from exc
         if self.params.symmetric:
-            return _save(self._encryptor.encrypt_symmetric(pt))
+            return self._to_wire(_save(self._encryptor.encrypt_symmetric(pt)))
         ct = sealapi.Ciphertext()
         self._encryptor.encrypt(pt, ct)
-        return _save(ct)
+        return self._to_wire(_save(ct))
 
     def decrypt(self, ct: Any) -> np.ndarray:
-        """Decrypt and decode a loaded ciphertext into ``params.slots`` real values."""
+        """Decrypt and decode a loaded ciphertext into ``params.lanes`` real values."""
         self._need_secret("decrypt")
         if self._decryptor is None:
             self._decryptor = sealapi.Decryptor(self._seal, self.ts_context.data.secret_key())
         pt = sealapi.Plaintext()
         self._decryptor.decrypt(ct, pt)
+        if self.params.complex_slots:
+            z = np.asarray(self.encoder.decode_complex(pt), dtype=np.complex128)
+            return np.concatenate((z.real, z.imag))
         return np.asarray(self.encoder.decode_double(pt), dtype=np.float64)
 
     # -- both sides --------------------------------------------------------------------
@@ -426,6 +447,8 @@ class CKKSContext:
         path = _scratch_path()
         ct = sealapi.Ciphertext()
         try:
+            if self.params.compact_wire:
+                data = expand(data, self._moduli_bits)
             with open(path, "wb") as fh:
                 fh.write(data)
             ct.load(self._seal, path)
@@ -450,7 +473,10 @@ class CKKSContext:
 
     def dump(self, ct: Any) -> bytes:
         """Serialize a loaded ciphertext (full size: sums are not seeded)."""
-        return _save(ct)
+        return self._to_wire(_save(ct))
+
+    def _to_wire(self, seal_bytes: bytes) -> bytes:
+        return compact(seal_bytes, self._moduli_bits) if self.params.compact_wire else seal_bytes
 
     def add_inplace(self, acc: Any, ct: Any) -> None:
         """``acc += ct`` (exact in Z_q)."""
@@ -475,8 +501,8 @@ class SlotLayout:
 
     Attributes
     ----------
-    slots
-        Slots per ciphertext.
+    lanes
+        Real values per ciphertext (:attr:`HEParams.lanes`).
     n_reserved
         Reserved slots per chunk (constant).
     positions
@@ -484,14 +510,14 @@ class SlotLayout:
         ``c`` (distinct). ``None`` means no reserved slots.
     """
 
-    slots: int
+    lanes: int
     n_reserved: int = 0
     positions: Callable[[int], np.ndarray] | None = None
 
     @property
     def capacity(self) -> int:
         """Update values per chunk."""
-        return self.slots - self.n_reserved
+        return self.lanes - self.n_reserved
 
     def n_chunks(self, n_values: int) -> int:
         """Chunks needed for ``n_values`` values (at least one)."""
@@ -506,7 +532,7 @@ class SlotLayout:
     @classmethod
     def plain(cls, params: HEParams) -> SlotLayout:
         """A layout without reserved slots."""
-        return cls(params.slots)
+        return cls(params.lanes)
 
 
 def pack(
@@ -528,18 +554,18 @@ def pack(
     Returns
     -------
     list of np.ndarray
-        ``layout.n_chunks(len(vec))`` arrays of ``layout.slots`` float64 each; the last
+        ``layout.n_chunks(len(vec))`` arrays of ``layout.lanes`` float64 each; the last
         chunk is zero-padded.
     """
     v = np.asarray(vec, dtype=np.float64).ravel()
     cap = layout.capacity
     out = []
     for c in range(layout.n_chunks(v.size)):
-        arr = np.zeros(layout.slots, dtype=np.float64)
+        arr = np.zeros(layout.lanes, dtype=np.float64)
         seg = v[c * cap : (c + 1) * cap]
         pos = layout.reserved(c)
         if pos.size:
-            mask = np.ones(layout.slots, dtype=bool)
+            mask = np.ones(layout.lanes, dtype=bool)
             mask[pos] = False
             data_idx = np.flatnonzero(mask)[: seg.size]
             arr[data_idx] = seg
@@ -567,7 +593,7 @@ def unpack(
     for c, arr in enumerate(slot_arrays):
         pos = layout.reserved(c)
         if pos.size:
-            mask = np.ones(layout.slots, dtype=bool)
+            mask = np.ones(layout.lanes, dtype=bool)
             mask[pos] = False
             parts.append(arr[mask])
             res[c] = arr[pos]
@@ -621,7 +647,7 @@ def decrypt_sum(
     """Decrypt summed chunks (site only) and unpack them.
 
     This is the bare decryption: it performs no protocol checks. Use
-    ``contributions.verify_and_decrypt`` for anything the coordinator sends.
+    ``decrypt.verify_and_decrypt`` for anything the coordinator sends.
 
     Returns
     -------

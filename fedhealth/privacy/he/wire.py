@@ -7,13 +7,14 @@ One round of encrypted aggregation uses three kinds of records:
   metric weights the mean (the strategy's ``weighted_by_key``) and the experiment's
   ``min_sites`` (:class:`fedhealth.protocol.HERound`, parsed with the rest of the request);
 * a site's **contribution** in its train reply: ``ConfigRecord`` ``"he-contribution"`` with
-  the signed :class:`~fedhealth.privacy.he.contributions.Contribution` (JSON) and the
+  the signed :class:`~fedhealth.privacy.he.records.Contribution` (JSON) and the
   ciphertext chunks (``list[bytes]``) - instead of plaintext weights;
 * the **decryption request** (message type ``"query.decrypt"``): ``ConfigRecord``
   ``"he-request"`` with the claimed contributions (JSON) and the summed chunks; the answer
   is an ``ArrayRecord`` ``"he-aggregate"`` holding ``[sum_i w_i u_i..., sum_i w_i]``.
 
-Everything else of the protocol (checks, signatures, tags) lives in ``contributions``.
+Everything else of the protocol (checks, signatures, tags) lives in the modules of
+``fedhealth.privacy.he`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fedhealth.errors import CryptoError
-from fedhealth.privacy.he.contributions import Contribution, DecryptionRequest
+from fedhealth.privacy.he.records import Contribution, DecryptionRequest
 from fedhealth.protocol import HEKey, HERound, MessageKind, Record
 
 # The names as this module has always exported them; they are defined in fedhealth.protocol.

@@ -1,0 +1,118 @@
+"""Site side: encrypt, tag and sign one site's update for one round."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedhealth.errors import ConfigError
+from fedhealth.privacy.he.binding import check_round_ids, round_label
+from fedhealth.privacy.he.ckks import encrypt_update
+from fedhealth.privacy.he.keys import sign
+from fedhealth.privacy.he.records import Contribution, chunks_digest
+from fedhealth.privacy.he.tags import TagSchedule
+
+if TYPE_CHECKING:
+    from fedhealth.privacy.he.ceremony import SiteKeys
+
+__all__ = ["make_contribution"]
+
+
+def make_contribution(
+    update: np.ndarray,
+    n_examples: float,
+    site_keys: SiteKeys,
+    *,
+    experiment_id: str,
+    round: int,
+    nonce: str,
+    weight_scale: float = 1000.0,
+    cohort: Sequence[str] | None = None,
+) -> tuple[list[bytes], Contribution]:
+    """Encrypt, tag and sign one site's update.
+
+    Parameters
+    ----------
+    update
+        Flat update vector (see ``ckks.flatten_state``).
+    n_examples
+        The site's example count n (> 0); the site sends ``w * update`` and ``w`` with
+        ``w = n / weight_scale``.
+    site_keys
+        The site's keys (``ceremony.load_site_keys``).
+    experiment_id, round, nonce
+        The round binding announced by the coordinator.
+    weight_scale
+        Public, consortium-wide divisor keeping ``w * |update| <= params.max_abs_value``.
+    cohort
+        Optional list of the sites announced for this round (cohort binding, see module doc).
+
+    Returns
+    -------
+    (chunks, contribution)
+        Ciphertext chunks (seeded, compressed SEAL bytes) and the signed contribution.
+
+    Raises
+    ------
+    ConfigError
+        Bad inputs or values too large for the HE headroom.
+    CryptoError
+        The site already contributed to this round under another nonce/cohort.
+    """
+    site = site_keys.site
+    params = site_keys.params
+    where = f"site {site!r}, {round_label(experiment_id, round)}"
+    check_round_ids(experiment_id, round, nonce)
+    vec = np.asarray(update, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(vec)):
+        raise ConfigError(f"{where}: the update contains NaN/inf; fix training before encrypting")
+    if not (n_examples > 0 and weight_scale > 0):
+        raise ConfigError(
+            f"{where}: n_examples ({n_examples}) and weight_scale ({weight_scale}) must be > 0"
+        )
+    cohort_t: tuple[str, ...] | None = None
+    if cohort is not None:
+        cohort_t = tuple(sorted(cohort))
+        unknown = [s for s in cohort_t if s not in site_keys.registry.sites]
+        if len(set(cohort_t)) != len(cohort_t) or site not in cohort_t or unknown:
+            raise ConfigError(
+                f"{where}: cohort {list(cohort_t)} must list distinct consortium sites including "
+                f"this one (unknown: {unknown})"
+            )
+    token = json.dumps([nonce, cohort_t])
+    ledger = site_keys.ledger
+    ledger.check_contribution(experiment_id, round, token)
+
+    w = float(n_examples) / float(weight_scale)
+    schedule = TagSchedule(site_keys.tag_key, experiment_id, round, nonce, params)
+    n_chunks = schedule.layout.n_chunks(vec.size)
+    tags = schedule.tags(site, n_chunks)
+
+    def reserved(c: int) -> np.ndarray:
+        return np.concatenate(([tags[c, 0], w], tags[c, 1:]))
+
+    try:
+        chunks = encrypt_update(
+            vec * w, site_keys.secret_context, layout=schedule.layout, reserved_values=reserved
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    contribution = Contribution(
+        site=site,
+        experiment_id=experiment_id,
+        round=round,
+        nonce=nonce,
+        n_chunks=len(chunks),
+        n_values=int(vec.size),
+        digest=chunks_digest(chunks),
+        cohort=cohort_t,
+    )
+    contribution = replace(
+        contribution, signature=sign(site_keys.identity, contribution.signed_bytes())
+    )
+    ledger.record_contribution(experiment_id, round, token)
+    return chunks, contribution

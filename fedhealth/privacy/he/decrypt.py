@@ -1,0 +1,146 @@
+"""Site side: check a decryption request from the coordinator and decrypt only a legitimate sum.
+
+The checks and why each is needed are in ``docs/security.md`` ("The cryptographic argument").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.binding import round_label
+from fedhealth.privacy.he.ckks import unpack
+from fedhealth.privacy.he.records import DecryptionRequest, check_round, verify_signed
+from fedhealth.privacy.he.tags import TagSchedule
+
+if TYPE_CHECKING:
+    from fedhealth.privacy.he.ceremony import SiteKeys
+
+__all__ = ["verify_and_decrypt"]
+
+
+def verify_and_decrypt(
+    request: DecryptionRequest,
+    site_keys: SiteKeys,
+    *,
+    expected_experiment: str,
+    expected_round: int,
+    expected_nonce: str,
+    min_sites: int,
+) -> np.ndarray:
+    """Check a decryption request from the coordinator and, if legitimate, decrypt it.
+
+    Parameters
+    ----------
+    request
+        From :meth:`EncryptedSum.decryption_request`.
+    site_keys
+        This site's keys (secret context, tag key, registry, ledger).
+    expected_experiment, expected_round, expected_nonce
+        The round this site is taking part in.
+    min_sites
+        Smallest number of distinct contributions (>= 2) the site will decrypt.
+
+    Returns
+    -------
+    np.ndarray
+        ``n_values + 1`` floats: ``sum_i w_i u_i`` followed by ``sum_i w_i``
+        (see :func:`split_aggregate`), plus the flooding noise.
+
+    Raises
+    ------
+    ConfigError
+        ``min_sites < 2``.
+    CryptoError
+        Any rule broken; the message names the rule.
+    """
+    exp, rnd, nonce = expected_experiment, expected_round, expected_nonce
+    where = f"site {site_keys.site!r} refuses the decryption request for {round_label(exp, rnd)}"
+    if min_sites < 2:
+        raise ConfigError(
+            f"min_sites must be >= 2 (got {min_sites}): decrypting one contribution discloses it"
+        )
+    if (request.experiment_id, request.round, request.nonce) != (exp, rnd, nonce):
+        raise CryptoError(
+            f"{where}: the request is for experiment {request.experiment_id!r}, round "
+            f"{request.round}, nonce {request.nonce!r} (replay or mix-up)"
+        )
+    registry = site_keys.registry
+    seen: set[str] = set()
+    for c in request.contributions:
+        who = f"{where}: contribution of site {c.site!r}"
+        verify_signed(c, registry, who)
+        check_round(c, exp, rnd, nonce, who)
+        if c.site in seen:
+            raise CryptoError(f"{who} is claimed twice; each site may count once")
+        seen.add(c.site)
+    if len(seen) < min_sites:
+        raise CryptoError(
+            f"{where}: it claims {len(seen)} contribution(s) {sorted(seen)}, fewer than "
+            f"min_sites={min_sites}; an aggregate of so few sites would disclose them"
+        )
+    if len(seen) > site_keys.params.max_sites:
+        raise CryptoError(
+            f"{where}: it claims {len(seen)} contributions, more than the HE parameters' "
+            f"max_sites={site_keys.params.max_sites}; such a sum can wrap around the modulus"
+        )
+    first = request.contributions[0]
+    if any(
+        (c.n_chunks, c.n_values) != (first.n_chunks, first.n_values) for c in request.contributions
+    ):
+        raise CryptoError(f"{where}: the contributions disagree on their shape")
+    cohorts = {c.cohort for c in request.contributions}
+    if cohorts != {None} and (len(cohorts) != 1 or set(first.cohort or ()) != seen):
+        raise CryptoError(
+            f"{where}: the claimed sites {sorted(seen)} are not exactly the cohort the sites "
+            f"signed ({sorted(c for c in cohorts if c)}); cohort-bound rounds decrypt only "
+            "the full cohort"
+        )
+    params = site_keys.params
+    schedule = TagSchedule(site_keys.tag_key, exp, rnd, nonce, params)
+    layout = schedule.layout
+    if (
+        len(request.sum_chunks) != first.n_chunks
+        or layout.n_chunks(first.n_values) != first.n_chunks
+    ):
+        raise CryptoError(
+            f"{where}: {len(request.sum_chunks)} sum chunks for contributions of "
+            f"{first.n_values} values in {first.n_chunks} chunks"
+        )
+    fingerprint = request.fingerprint()
+    ledger = site_keys.ledger
+    ledger.check_decryption(exp, rnd, fingerprint)
+
+    ctx = site_keys.secret_context
+    arrays = [
+        ctx.decrypt(ctx.load(b, what=f"sum chunk {i}")) for i, b in enumerate(request.sum_chunks)
+    ]
+    data, reserved = unpack(arrays, layout, first.n_values)
+    expected = sum(schedule.tags(s, first.n_chunks) for s in sorted(seen))
+    observed = np.concatenate((reserved[:, :1], reserved[:, 2:]), axis=1)
+    dev = np.abs(observed - expected)
+    bad = np.flatnonzero(~(dev <= params.tag_atol).all(axis=1))
+    if bad.size:
+        worst = float(np.max(np.where(np.isfinite(dev), dev, np.inf)))
+        reason = (
+            f"membership-tag check failed in {bad.size} of {first.n_chunks} chunk(s) (first "
+            f"{bad[:5].tolist()}, max deviation {worst:.3g})"
+        )
+        ledger.lock(exp, rnd, reason)
+        raise CryptoError(
+            f"{where}: {reason}. The sum is not exactly one copy of each claimed contribution of "
+            f"{sorted(seen)} (a single site's ciphertext, a missing, duplicated or scaled "
+            "contribution, mixed chunks, a replayed sum, another key or altered bytes); this "
+            "round is now locked at this site"
+        )
+    weights = reserved[:, 1]
+    if not (weights[0] > 0 and np.all(np.abs(weights - weights[0]) <= params.tag_atol)):
+        reason = "weight-slot check failed (weights differ between chunks or are not positive)"
+        ledger.lock(exp, rnd, reason)
+        raise CryptoError(f"{where}: {reason}; this round is now locked at this site")
+    out = np.concatenate((data, [float(np.mean(weights))]))
+    out = out + schedule.flood(fingerprint, out.size)
+    ledger.record_decryption(exp, rnd, fingerprint)
+    return out
