@@ -28,7 +28,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-PUBLIC_PREFIXES = ("/v1/fleet/", "/health")
+PUBLIC_PREFIXES = ("/v1/fleet/", "/health/")  # and "/health" itself
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
@@ -48,9 +48,7 @@ def is_loopback(host: str | None) -> bool:
 
 def allowed(path: str, peer: str | None) -> bool:
     """Whether a request for ``path`` from TCP peer ``peer`` may reach the SuperLink."""
-    return is_loopback(peer) or any(
-        path == p.rstrip("/") or path.startswith(p) for p in PUBLIC_PREFIXES
-    )
+    return is_loopback(peer) or path == "/health" or path.startswith(PUBLIC_PREFIXES)
 
 
 class OperatorGate:
