@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.site.audit import audit_path, read
 from fedhealth.deploy.pki import make_node_keypair, write_private, write_public
 from fedhealth.deploy.processes import free_port, kill_tree
+from fedhealth.site.audit import audit_path, read
 from tests.deploy_harness import (
     SITES,
     Deployment,

@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedhealth.site.audit import append, audit_path, content_digest, read
 from fedhealth.coordinator.checkpoint import Checkpoint, _pack, _unpack, strategy_state
 from fedhealth.coordinator.guard import GuardedGrid
 from fedhealth.deploy.provision import TLSLayout, add_site_tls, init_tls
 from fedhealth.errors import ConfigError, FederationError
 from fedhealth.registry.retry import is_transient, retrying
+from fedhealth.site.audit import append, audit_path, content_digest, read
 
 
 def _mode(p: Path) -> int:
@@ -422,10 +422,10 @@ def test_coordinator_refuses_the_ceremony_directory(tmp_path: Path) -> None:
     # A site's identity key copied in by mistake, under any name, is found by its content.
     stray = tmp_path / "coord" / "backup.pem"
     stray.write_bytes((tmp_path / "ceremony" / "ca" / "ca.key").read_bytes())
-    with pytest.raises(ConfigError, match="backup.pem"):
+    with pytest.raises(ConfigError, match=r"backup\.pem"):
         check_coordinator_dir(tmp_path / "coord")
     check_host("0.0.0.0")
-    with pytest.raises(ConfigError, match="--host 10.0.0.5"):
+    with pytest.raises(ConfigError, match=r"--host 10\.0\.0\.5"):
         check_host("10.0.0.5")
 
 
