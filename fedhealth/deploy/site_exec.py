@@ -135,7 +135,7 @@ def _runtime_client(address: str, interceptors: list[Any]) -> Any:
     )
 
 
-def run_executor(address: str, profile: Path, secret: Path, poll: float = 0.5) -> None:
+def run_executor(address: str, profile: Path, secret: Path, poll: float = 1.0) -> None:
     """Poll the SuperNode for tasks of every type and start one task process each."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.auth import load_superexec_auth_secret
