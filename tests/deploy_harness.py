@@ -181,17 +181,37 @@ class Deployment:
             time.sleep(0.3)
         raise AssertionError(f"{name} did not print {text!r}:\n{self.output(name)[-3000:]}")
 
-    def start_coordinator(self) -> None:
-        """``fedhealth coordinator start`` and wait until it says it runs."""
+    @property
+    def coordinator_dir(self) -> Path:
+        """The coordinator's files only (``fedhealth consortium coordinator-dir``)."""
+        return self.root / "coordinator-files"
+
+    @property
+    def mlflow_admin(self) -> Path:
+        """The MLflow admin's credentials file."""
+        if self.tls:
+            return self.coordinator_dir / "coordinator" / "mlflow" / "admin.json"
+        return self.root / "coordinator" / "mlflow" / "admin.json"
+
+    def start_coordinator(self, host: str | None = None) -> None:
+        """``fedhealth coordinator start`` and wait until it says it runs; then this process
+        and the commands it runs use the MLflow admin account (the server requires one)."""
         args = [
-            "coordinator", "start", "--consortium", str(self.root / "consortium"),
+            "coordinator", "start", "--consortium", str(self.coordinator_dir),
             "--workspace", str(self.root / "coordinator"), "--port", str(self.link_port),
             "--mlflow-port", str(self.mlflow_port), "--federation", "test",
         ]  # fmt: skip
+        if host:
+            args += ["--host", host]
         if not self.tls:
             args.append("--insecure")
         self.spawn("coordinator", *args)
         self.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=120)
+        from fedhealth.deploy.mlflow_auth import Credentials
+
+        creds = Credentials.load(self.mlflow_admin).env()
+        self.env.update(creds)
+        os.environ.update(creds)  # MLflow clients in the test process
 
     def start_site(self, site: str) -> None:
         """``fedhealth site start`` for one site."""
@@ -227,16 +247,23 @@ class Deployment:
             self.kill(name, signal.SIGTERM)
 
 
-def provisioned_consortium(root: Path, sites: list[str], he: bool = True) -> Deployment:
+def provisioned_consortium(
+    root: Path, sites: list[str], he: bool = True, hosts: tuple[str, ...] = ()
+) -> Deployment:
     """Demo data, a TLS + SuperNode-auth consortium (with the HE key ceremony unless
-    ``he`` is false) and one profile per site."""
+    ``he`` is false; ``hosts``: more names of the coordinator), the coordinator's own copy
+    of its files, and one profile per site."""
     from fedhealth.data.demo import write_demo_data
 
     data = root / "data"
     write_demo_data(data, sites, seed=0, images_per_site=4)
     dep = Deployment(root)
-    flags = [] if he else ["--no-he"]
+    flags = ([] if he else ["--no-he"]) + [f"--host={h}" for h in hosts]
     res = dep.cli("consortium", "init", *sites, "--dir", str(root / "consortium"), *flags)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = dep.cli(
+        "consortium", "coordinator-dir", str(dep.coordinator_dir), "--dir", str(root / "consortium")
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     for site in sites:
         write_site(root, site, data, free_port(), dep.superlink, tls=True)

@@ -376,3 +376,90 @@ def test_site_optimisers_update_exactly_like_torch_optim(name: str, kwargs: dict
 
     for a, b in zip(train(ours_cls), train(torch_cls), strict=True):
         assert torch.equal(a, b)
+
+
+def _fab(files: dict[str, bytes]) -> bytes:
+    from flwr.cli.build import build_fab_from_files
+
+    return build_fab_from_files(files)[0]
+
+
+def test_site_trusts_only_fedhealths_own_app_bundle() -> None:
+    from fedhealth.deploy.site_exec import check_fab
+    from fedhealth.deploy.submit import APP_PYPROJECT
+
+    own = APP_PYPROJECT.encode()
+    assert check_fab(_fab({"pyproject.toml": own})).trusted
+    # A bundle that names fedhealth's ClientApp but ships a module shadowing it.
+    shadow = _fab({"pyproject.toml": own, "fedhealth/site/client_app.py": b"import os\n"})
+    verdict = check_fab(shadow)
+    assert not verdict.trusted and "fedhealth/site/client_app.py" in verdict.reason
+    other = own.replace(b"fedhealth.site.client_app:app", b"evil:app")
+    assert "'evil:app'" in check_fab(_fab({"pyproject.toml": other})).reason
+    old = own.replace(b'version = "', b'version = "0.0.0-')
+    assert "same version" in check_fab(_fab({"pyproject.toml": old})).reason
+    assert "ClientApp tasks" in check_fab(_fab({"pyproject.toml": own}), "flwr-agentapp").reason
+    assert not check_fab(b"not a zip").trusted
+
+
+def test_superlink_gate_serves_operator_apis_to_loopback_only() -> None:
+    from fedhealth.deploy.superlink_gate import OperatorGate, allowed
+
+    assert allowed("/v1/fleet/pull-messages", "192.0.2.7")
+    assert allowed("/health", "192.0.2.7")
+    for path in ("/v1/control/list-runs", "/v1/control/register-node",
+                 "/v1/control/start-run", "/v1/runtime/pull-messages", "/docs",
+                 "/v1/fleetx", "/healthz"):  # fmt: skip
+        assert not allowed(path, "192.0.2.7"), path
+        assert allowed(path, "127.0.0.1") and allowed(path, "::1"), path
+    assert allowed("/v1/control/list-runs", "::ffff:127.0.0.1")
+    assert not allowed("/v1/control/list-runs", None)
+
+    from flwr.superlink.main import create_app
+    from starlette.testclient import TestClient
+
+    app = OperatorGate(create_app())
+    with TestClient(app, client=("192.0.2.7", 40000)) as outside:
+        res = outside.post("/v1/control/list-runs", content=b"")
+        assert res.status_code == 403 and "coordinator's own machine" in res.json()["message"]
+    with TestClient(app, client=("127.0.0.1", 40000)) as local:
+        assert local.post("/v1/control/list-runs", content=b"").status_code != 403
+
+
+def test_coordinator_refuses_the_ceremony_directory(tmp_path: Path) -> None:
+    from fedhealth.deploy.coordinator import check_coordinator_dir, check_host
+    from fedhealth.deploy.provision import copy_coordinator_files
+
+    init_tls(tmp_path / "ceremony", ["a", "b"])
+    with pytest.raises(ConfigError, match=r"ca\.key.*coordinator-dir") as err:
+        check_coordinator_dir(tmp_path / "ceremony")
+    assert "sites/a/supernode.key" in str(err.value)
+    files = copy_coordinator_files(tmp_path / "ceremony", tmp_path / "coord")
+    check_coordinator_dir(tmp_path / "coord")  # only the coordinator's files
+    assert _mode(tmp_path / "coord" / "coordinator" / "tls" / "superlink.key") == 0o600
+    assert _mode(tmp_path / "coord" / "coordinator" / "mlflow" / "admin.json") == 0o600
+    assert not any("sites" in p.parts or "ca" in p.parts for p in files)
+    # A site's identity key copied in by mistake, under any name, is found by its content.
+    stray = tmp_path / "coord" / "backup.pem"
+    stray.write_bytes((tmp_path / "ceremony" / "ca" / "ca.key").read_bytes())
+    with pytest.raises(ConfigError, match=r"backup\.pem"):
+        check_coordinator_dir(tmp_path / "coord")
+    check_host("0.0.0.0")
+    with pytest.raises(ConfigError, match=r"--host 10\.0\.0\.5"):
+        check_host("10.0.0.5")
+
+
+def test_coordinator_start_names_the_secret_it_refuses(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    init_tls(tmp_path / "ceremony", ["a"])
+    res = subprocess.run(
+        [sys.executable, "-m", "fedhealth", "coordinator", "start", "--consortium",
+         str(tmp_path / "ceremony"), "--workspace", str(tmp_path / "ws")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode != 0
+    assert "ca.key" in out and "never be on the coordinator's machine" in out, out
+    assert not (tmp_path / "ws").exists()  # nothing was started

@@ -537,13 +537,20 @@ def _children(pid: int) -> dict[str, int]:
             continue
         if "mlflow server" in cmd:
             out["mlflow"] = int(child.name)
-        elif "flower-superlink" in cmd:
+        elif "superlink_gate" in cmd:  # flower-superlink behind fedhealth's operator gate
             out["superlink"] = int(child.name)
     return out
 
 
 @pytest.mark.slow
-def test_coordinator_restarts_its_mlflow_server(tmp_path) -> None:
+def _admin(ws: Path) -> dict[str, str]:
+    """The MLflow admin account of an ``--insecure`` coordinator (the server needs one)."""
+    from fedhealth.deploy.mlflow_auth import Credentials
+
+    return Credentials.load(ws / "mlflow" / "admin.json").env()
+
+
+def test_coordinator_restarts_its_mlflow_server(tmp_path, monkeypatch) -> None:
     """Kill the coordinator's MLflow server (first only its main process, which leaves its
     uvicorn worker holding the port; then the whole tree): each time the coordinator prints
     that it restarted it on the same port with the same store, the SuperLink keeps running.
@@ -558,6 +565,8 @@ def test_coordinator_restarts_its_mlflow_server(tmp_path) -> None:
     coord = dep.spawn("coordinator", *args)
     try:
         dep.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=120)
+        for key, value in _admin(ws).items():
+            monkeypatch.setenv(key, value)
         first = wait_for(
             lambda: len(_children(coord.pid)) == 2 and _children(coord.pid), 30, "kids"
         )

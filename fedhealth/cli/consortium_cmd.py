@@ -2,7 +2,8 @@
 
 ``init`` writes the consortium CA, the SuperLink's TLS certificate, one SuperNode
 authentication key per site and (unless ``--no-he``) runs the HE key ceremony;
-``add-site`` adds one hospital without touching any other site's files.
+``add-site`` adds one hospital without touching any other site's files;
+``coordinator-dir`` copies only what belongs on the coordinator's machine.
 """
 
 from __future__ import annotations
@@ -107,3 +108,21 @@ def add_site(
         he_add_site(out, name, holder)
     placed = add_site_tls(out, name)
     _print_placements(out, placed, he)
+
+
+@app.command("coordinator-dir")
+@guarded
+def coordinator_dir(
+    out: Path = typer.Argument(..., help="Directory to create for the coordinator's machine."),
+    root: Path = typer.Option(DEFAULT_DIR, "--dir", help="The consortium directory."),
+) -> None:
+    """Copy the coordinator's files (coordinator/, deployment.json): no CA key, no site key.
+    `fedhealth coordinator start --consortium OUT` takes this directory; it refuses the whole
+    consortium directory.
+    """  # one paragraph: typer keeps the line breaks of later ones, mid-sentence
+    from fedhealth.deploy.provision import copy_coordinator_files
+
+    files = copy_coordinator_files(root, out)
+    console.print(f"[green]wrote {len(files)} files under {out.resolve()}[/]", highlight=False)
+    for path in files:
+        console.print(f"  {path.relative_to(out)}", highlight=False)

@@ -22,7 +22,11 @@ def start(
     workspace: Path = typer.Option(
         Path("workspace/coordinator"), "--workspace", help="State, MLflow store and logs."
     ),
-    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds (0.0.0.0: all)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address the SuperLink binds (0.0.0.0: all); its Control API answers only "
+        "this machine.",
+    ),
     port: int = typer.Option(9093, help="The SuperLink's HTTPS port (all its APIs)."),
     mlflow_host: str = typer.Option("127.0.0.1", help="Address the MLflow server binds."),
     mlflow_port: int = typer.Option(5000, help="The MLflow server's port."),
@@ -44,9 +48,12 @@ def start(
     ),
 ) -> None:
     """Start the SuperLink (TLS, SuperNode auth, persistent state) and the MLflow server.
-    Both run until Ctrl-C or SIGTERM, then stop cleanly. If the MLflow server exits, it
-    is restarted on the same port with the same store (runs retry their MLflow calls
-    meanwhile); the SuperLink keeps running.
+    The consortium directory must hold only the coordinator's files (`fedhealth consortium
+    coordinator-dir`); the SuperLink's Control API (run, list, register) answers only this
+    machine, and the MLflow server requires a user name and password. Both run until Ctrl-C
+    or SIGTERM, then stop cleanly. If the MLflow server exits, it is restarted on the same
+    port with the same store (runs retry their MLflow calls meanwhile); the SuperLink keeps
+    running.
     """  # one paragraph: typer keeps the line breaks of later ones, mid-sentence
     from fedhealth.coordinator.runconfig import TRACKING_ENV
     from fedhealth.deploy.coordinator import CoordinatorSettings, start_coordinator
@@ -67,11 +74,14 @@ def start(
     s.extra_env[TRACKING_ENV] = s.tracking_uri
     coord = start_coordinator(s)
     try:
-        remember_tracking_uri(federation, s.tracking_uri)
+        remember_tracking_uri(federation, s.tracking_uri, s.mlflow_admin)
         app_dir = write_app_dir(workspace / "flwr-app")
         console.print(f"[green]coordinator running[/]: SuperLink on {s.host}:{s.port}"
                       f"{'' if insecure else ' (TLS, SuperNode authentication)'}, "
-                      f"MLflow at {s.tracking_uri}")  # fmt: skip
+                      "Control API for this machine only, "
+                      f"MLflow at {s.tracking_uri} (basic auth)")  # fmt: skip
+        console.print(f"  MLflow admin account: {s.mlflow_admin.resolve()}  (readers: "
+                      "fedhealth coordinator add-reader NAME)", highlight=False)  # fmt: skip
         for site, what in coord.registered.items():
             console.print(f"  SuperNode key of {site}: {what}")
         console.print(f"  state database: {s.state_db.resolve()}", highlight=False)
@@ -106,6 +116,51 @@ def start(
     finally:
         coord.group.stop()
         console.print("coordinator stopped")
+
+
+@app.command("add-reader")
+@guarded
+def add_reader(
+    name: str = typer.Argument(..., help="User name of the new read-only MLflow account."),
+    out: Path = typer.Option(
+        None, "--out", help="Where to write its credentials (0600; default NAME.mlflow.json)."
+    ),
+    consortium: Path = typer.Option(
+        Path("workspace/consortium"), "--consortium", help="The coordinator's directory."
+    ),
+    workspace: Path = typer.Option(
+        Path("workspace/coordinator"), "--workspace", help="The coordinator's workspace."
+    ),
+    tracking_uri: str = typer.Option(
+        "http://127.0.0.1:5000", "--tracking-uri", help="The running MLflow server."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="The coordinator was started with --insecure."
+    ),
+) -> None:
+    """Create a read-only MLflow account for a registry consumer (the coordinator must run).
+    The consumer sets MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the file
+    written; it reads every run and model version and changes none.
+    """  # one paragraph: typer keeps the line breaks of later ones, mid-sentence
+    from fedhealth.deploy.coordinator import CoordinatorSettings
+    from fedhealth.deploy.mlflow_auth import Credentials
+    from fedhealth.deploy.mlflow_auth import add_reader as create_reader
+
+    s = CoordinatorSettings(workspace=workspace, consortium=None if insecure else consortium)
+    admin = Credentials.load(s.mlflow_admin)
+    out = out or Path(f"{name}.mlflow.json")
+    if out.exists():
+        from fedhealth.errors import ConfigError
+
+        raise ConfigError(f"{out} exists; choose another --out (nothing was created)")
+    creds = create_reader(tracking_uri, admin, name)
+    creds.save(out)
+    console.print(
+        f"created read-only MLflow user {name!r}; credentials in {out.resolve()} (0600). "
+        "Give them to the consumer: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("app-dir")

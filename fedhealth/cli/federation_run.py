@@ -24,8 +24,16 @@ def run_on_federation(
     timeout: float | None = None,
 ) -> None:
     """Submit each experiment in turn and watch it to the end."""
-    from fedhealth.deploy.submit import known_tracking_uri, stop_stale_run, submit, watch
+    from fedhealth.deploy.submit import (
+        known_tracking_uri,
+        stop_stale_run,
+        submit,
+        use_known_credentials,
+        watch,
+    )
 
+    if federation:
+        use_known_credentials(federation)
     if resume and len(experiments) != 1:
         raise ConfigError("--resume continues one run: give exactly one experiment")
     for path in experiments:

@@ -5,6 +5,7 @@ Everything lives in one workspace folder::
     <workspace>/superlink/state.db        the SuperLink's persistent state (back it up)
     <workspace>/mlflow/mlflow.db          MLflow's backend store (SQLite default)
     <workspace>/mlflow/artifacts/         MLflow's artifact root (models, checkpoints)
+    <workspace>/mlflow/auth.db            MLflow's user store (basic-auth app)
     <workspace>/logs/superlink.log        logs of each process
     <workspace>/logs/mlflow.log
 
@@ -12,18 +13,27 @@ While it runs, :meth:`Coordinator.supervise` restarts the MLflow server if it ex
 port, same store), at most ``mlflow_max_restarts`` times in ten minutes with a growing
 pause; the SuperLink keeps running meanwhile, and the ServerApp's MLflow calls wait for
 the server (:mod:`fedhealth.registry.retry`).
+
+The SuperLink runs behind :mod:`fedhealth.deploy.superlink_gate` (its Control and Runtime
+APIs answer only this machine), and the MLflow server with MLflow's basic-auth app
+(:mod:`fedhealth.deploy.mlflow_auth`). :func:`check_coordinator_dir` refuses a consortium
+directory that holds the CA's or a site's private keys.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.deploy.connection import register_node, write_connection
+from fedhealth.deploy.mlflow_auth import Credentials, admin_path, ensure_admin, server_env
 from fedhealth.deploy.processes import Child, ProcessError, ProcessGroup, venv_bin
-from fedhealth.deploy.provision import TLSLayout
+from fedhealth.deploy.provision import TLSLayout, foreign_secrets
+from fedhealth.errors import ConfigError
 
 DEFAULT_FEDERATION = "fedhealth"
 
@@ -72,6 +82,13 @@ class CoordinatorSettings:
     mlflow_max_restarts: int = 5
 
     @property
+    def mlflow_admin(self) -> Path:
+        """The MLflow admin's credentials file (provisioned; else in the workspace)."""
+        if self.consortium is not None:
+            return admin_path(self.consortium)
+        return self.workspace / "mlflow" / "admin.json"
+
+    @property
     def state_db(self) -> Path:
         """The SuperLink's state database."""
         return self.workspace / "superlink" / "state.db"
@@ -109,7 +126,7 @@ class CoordinatorSettings:
 def superlink_argv(s: CoordinatorSettings) -> list[str]:
     """The ``flower-superlink`` command line."""
     argv = [
-        str(venv_bin() / "flower-superlink"),
+        sys.executable, "-m", "fedhealth.deploy.superlink_gate",
         "--database", str(s.state_db.resolve()),
         "--disable-runtime-dependency-installation",
         "--host", s.host,
@@ -137,7 +154,42 @@ def mlflow_argv(s: CoordinatorSettings) -> list[str]:
         "--host", s.mlflow_host,
         "--port", str(s.mlflow_port),
         "--workers", "1",
+        "--app-name", "basic-auth",
     ]  # fmt: skip
+
+
+def check_coordinator_dir(consortium: Path) -> None:
+    """Refuse a consortium directory that holds secrets no coordinator may hold.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first such file and what belongs on the coordinator's machine.
+    """
+    found = foreign_secrets(Path(consortium))
+    if found:
+        shown = ", ".join(str(p) for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise ConfigError(
+            f"{consortium} holds secrets that must never be on the coordinator's machine: "
+            f"{shown}. Start the coordinator from a directory with only the coordinator's "
+            "files (coordinator/ and deployment.json): `fedhealth consortium coordinator-dir "
+            f"OUT --dir {consortium}` copies them; keep the CA key offline and give each "
+            "site only its own sites/<name>/ folder"
+        )
+
+
+def check_host(host: str) -> None:
+    """The SuperLink must bind loopback or every interface: the operator's commands on this
+    machine reach it at 127.0.0.1, which :mod:`~fedhealth.deploy.superlink_gate` trusts."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    if host != "localhost" and (addr is None or not (addr.is_loopback or addr.is_unspecified)):
+        raise ConfigError(
+            f"--host {host}: bind the SuperLink to 0.0.0.0 (sites on other machines) or "
+            "127.0.0.1; its Control API answers only this machine's loopback address"
+        )
 
 
 @dataclass
@@ -180,6 +232,7 @@ class Coordinator:
     superlink: Child
     mlflow: Child
     registered: dict[str, str]
+    admin: Credentials
     mlflow_restarts: RestartBudget = field(default_factory=RestartBudget)
 
     def __post_init__(self) -> None:
@@ -232,15 +285,21 @@ def start_coordinator(s: CoordinatorSettings, timeout: float = 90.0) -> Coordina
     """Start the MLflow server and the SuperLink, write the flwr connection, and register
     every provisioned site's SuperNode key. On any failure, stop what was started.
     """
+    check_host(s.host)
+    if s.consortium is not None:
+        check_coordinator_dir(s.consortium)
     s.workspace.mkdir(parents=True, exist_ok=True)
     s.state_db.parent.mkdir(parents=True, exist_ok=True)
     (s.workspace / "mlflow").mkdir(parents=True, exist_ok=True)
     if s.artifact_root is None:
         Path(s.artifacts()).mkdir(parents=True, exist_ok=True)
+    admin, _ = ensure_admin(s.mlflow_admin)
+    ml_env = {**s.extra_env, **server_env(s.workspace / "mlflow", admin)}
+    link_env = {**s.extra_env, **admin.env()}  # the ServerApp records runs as the admin
     group = ProcessGroup()
     try:
-        ml = group.start("mlflow server", mlflow_argv(s), s.logs / "mlflow.log", s.extra_env)
-        link = group.start("SuperLink", superlink_argv(s), s.logs / "superlink.log", s.extra_env)
+        ml = group.start("mlflow server", mlflow_argv(s), s.logs / "mlflow.log", ml_env)
+        link = group.start("SuperLink", superlink_argv(s), s.logs / "superlink.log", link_env)
         group.wait_port(link, s.connect_host, s.port, timeout)
         group.wait_port(ml, s.mlflow_connect_host, s.mlflow_port, timeout)
         root_cert = TLSLayout.load(s.consortium).ca_cert if s.consortium else None
@@ -253,4 +312,4 @@ def start_coordinator(s: CoordinatorSettings, timeout: float = 90.0) -> Coordina
     except BaseException:
         group.stop()
         raise
-    return Coordinator(s, group, link, ml, registered)
+    return Coordinator(s, group, link, ml, registered, admin)

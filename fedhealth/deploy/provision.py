@@ -7,6 +7,7 @@
     coordinator/tls/superlink.pem        SuperLink TLS certificate     -> coordinator
     coordinator/tls/superlink.key        its private key (0600)        -> coordinator
     coordinator/supernodes/<site>.pub    site's SuperNode public key   -> coordinator
+    coordinator/mlflow/admin.json        MLflow admin account (0600)   -> coordinator
     sites/<site>/tls/ca.pem              the CA certificate            -> that site
     sites/<site>/supernode.key           SuperNode auth key (0600)     -> that site only
     sites/<site>/supernode.pub           its public key                -> that site
@@ -15,11 +16,14 @@
 :func:`add_site_tls` writes only the new site's files and its public key on the
 coordinator side; nothing of another site changes. The HE key ceremony
 (:mod:`fedhealth.privacy.he.ceremony`) writes its files into the same directory.
+:func:`copy_coordinator_files` copies only what belongs on the coordinator's machine;
+:func:`foreign_secrets` finds what must never be there (``coordinator start`` refuses it).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,8 +177,53 @@ def init_tls(root: Path, sites: list[str], hosts: list[str] | None = None) -> li
     ]
     for s in sites:
         placed += _write_site(layout, s, ca_pem)
+    from fedhealth.deploy.mlflow_auth import admin_path, ensure_admin
+
+    ensure_admin(admin_path(root))
+    placed.append(Placement("coordinator", admin_path(root), private=True))
     layout.save()
     return placed
+
+
+# Files no coordinator may hold: the CA's key and every site's private keys.
+SITE_SECRETS = ("supernode.key", "identity.pem", "he-secret.wrapped")
+COORDINATOR_SECRETS = ("coordinator/tls/superlink.key",)
+
+
+def foreign_secrets(root: Path) -> list[Path]:
+    """Private files under ``root`` that belong to the CA or a site, not the coordinator:
+    ``ca/ca.key``, ``sites/*/{supernode.key,identity.pem,he-secret.wrapped}``, and any other
+    PEM private key outside ``coordinator/``."""
+    root = Path(root)
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "coordinator":
+            continue
+        if path.name in SITE_SECRETS or rel == Path("ca/ca.key"):
+            found.append(path)
+            continue
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            continue
+        if b"PRIVATE KEY-----" in head:
+            found.append(path)
+    return found
+
+
+def copy_coordinator_files(root: Path, out: Path) -> list[Path]:
+    """Copy ``coordinator/`` and ``deployment.json`` of consortium ``root`` to ``out`` (modes
+    kept): the directory ``fedhealth coordinator start --consortium`` takes."""
+    root, out = Path(root), Path(out)
+    TLSLayout.load(root)
+    if (out / LAYOUT_FILE).exists():
+        raise ConfigError(f"{out} already holds a coordinator directory; choose an empty one")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(root / "coordinator", out / "coordinator", dirs_exist_ok=False)
+    shutil.copy2(root / LAYOUT_FILE, out / LAYOUT_FILE)
+    return sorted(p for p in out.rglob("*") if p.is_file())
 
 
 def add_site_tls(root: Path, site: str) -> list[Placement]:

@@ -4,15 +4,23 @@ The SuperNode connects to the coordinator's SuperLink with the consortium CA and
 authentication key, and tells the ClientApp which site it serves with the node
 config ``profile="<absolute path of the site profile>"``. Its log goes to
 ``<site workspace>/logs/supernode.log``.
+
+The SuperNode runs with ``--isolation process``: it starts no app of its own. Beside it the
+site runs its own executor (:mod:`fedhealth.deploy.site_exec`, log
+``<site workspace>/logs/site-exec.log``), which runs every message through the installed
+fedhealth ClientApp and refuses (and audits) a run whose app bundle is anything else. The two
+share the SuperExec secret ``<site workspace>/superexec.secret``.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedhealth.config.site import SiteProfile
 from fedhealth.deploy.processes import Child, ProcessGroup, venv_bin
+from fedhealth.deploy.site_exec import ensure_secret
 from fedhealth.errors import ConfigError
 
 
@@ -49,13 +57,17 @@ class NodeSettings:
                 )
 
 
-def supernode_argv(profile_path: Path, s: NodeSettings) -> list[str]:
-    """The ``flower-supernode`` command line for one site."""
+def supernode_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[str]:
+    """The ``flower-supernode`` command line for one site (``secret``: the SuperExec
+    secret file it shares with the site's executor)."""
     argv = [
         str(venv_bin() / "flower-supernode"),
         "--superlink", s.superlink,
+        "--host", "127.0.0.1",
         "--port", str(s.port),
         "--node-config", f'profile="{Path(profile_path).resolve()}"',
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(Path(secret).resolve()),
     ]  # fmt: skip
     if s.root_certificate is None:
         argv.append("--insecure")
@@ -66,9 +78,48 @@ def supernode_argv(profile_path: Path, s: NodeSettings) -> list[str]:
     return argv
 
 
+def executor_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[str]:
+    """The command line of the site's own app executor (:mod:`fedhealth.deploy.site_exec`)."""
+    return [
+        sys.executable, "-m", "fedhealth.deploy.site_exec",
+        "--runtime-api-address", f"127.0.0.1:{s.port}",
+        "--profile", str(Path(profile_path).resolve()),
+        "--secret-file", str(Path(secret).resolve()),
+    ]  # fmt: skip
+
+
 def log_path(profile: SiteProfile) -> Path:
     """The SuperNode's log file."""
     return profile.workspace / "logs" / "supernode.log"
+
+
+def executor_log_path(profile: SiteProfile) -> Path:
+    """The site executor's log file (its task processes log there too)."""
+    return profile.workspace / "logs" / "site-exec.log"
+
+
+def _start_pair(
+    group: ProcessGroup,
+    profile_path: Path,
+    profile: SiteProfile,
+    s: NodeSettings,
+    env: dict[str, str] | None = None,
+) -> tuple[Child, Child]:
+    """Start the SuperNode and the site's executor; returns both."""
+    secret = ensure_secret(profile.workspace)
+    node = group.start(
+        f"SuperNode of {profile.name}",
+        supernode_argv(profile_path, s, secret),
+        log_path(profile),
+        env,
+    )
+    executor = group.start(
+        f"app executor of {profile.name}",
+        executor_argv(profile_path, s, secret),
+        executor_log_path(profile),
+        env,
+    )
+    return node, executor
 
 
 def start_site(
@@ -81,9 +132,7 @@ def start_site(
     """Start the site's SuperNode and wait until its local API listens."""
     s.check(profile_path)
     group = group or ProcessGroup()
-    child = group.start(
-        f"SuperNode of {profile.name}", supernode_argv(profile_path, s), log_path(profile), env
-    )
+    child, _ = _start_pair(group, profile_path, profile, s, env)
     try:
         group.wait_port(child, "127.0.0.1", s.port, timeout=60)
     except BaseException:
@@ -120,19 +169,18 @@ def run_site(
     group = ProcessGroup()
     try:
         while not stop["flag"]:
+            group.stop()
             group.children.clear()
-            child = group.start(
-                f"SuperNode of {profile.name}",
-                supernode_argv(profile_path, s),
-                log_path(profile),
-            )
-            while not stop["flag"] and child.proc.poll() is None:
+            child, executor = _start_pair(group, profile_path, profile, s)
+            while not stop["flag"] and child.proc.poll() is None and executor.proc.poll() is None:
                 time.sleep(0.3)
             if stop["flag"]:
                 break
+            if child.proc.poll() is None:  # the executor died: restart both
+                child = executor
             reason = "refused activation" if "activate" in child.tail(20) else "exited"
             say(
-                f"the SuperNode {reason} (code {child.proc.returncode}); restarting in "
+                f"the {child.name} {reason} (code {child.proc.returncode}); restarting in "
                 f"{retry_delay:.0f} s - see {child.log}"
             )
             deadline = time.time() + retry_delay

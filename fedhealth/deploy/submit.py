@@ -71,11 +71,14 @@ def _flwr_home() -> Path:
     return Path(get_flwr_home())
 
 
-def remember_tracking_uri(federation: str, uri: str) -> None:
-    """Record the federation's MLflow server so ``fedhealth run`` can stream its metrics."""
+def remember_tracking_uri(federation: str, uri: str, credentials: Path | None = None) -> None:
+    """Record the federation's MLflow server (and the file of the account to use) so that
+    ``fedhealth run`` can stream its metrics."""
     path = _flwr_home() / FEDERATIONS_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[federation] = {"tracking-uri": uri}
+    if credentials is not None:
+        data[federation]["credentials"] = str(Path(credentials).resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
 
@@ -86,6 +89,17 @@ def known_tracking_uri(federation: str) -> str | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get(federation, {}).get("tracking-uri")
+
+
+def use_known_credentials(federation: str) -> None:
+    """Export the MLflow account ``coordinator start`` recorded for ``federation`` (see
+    :func:`fedhealth.deploy.mlflow_auth.export_credentials`), if any."""
+    from fedhealth.deploy.mlflow_auth import export_credentials
+
+    path = _flwr_home() / FEDERATIONS_FILE
+    blob = json.loads(path.read_text()).get(federation, {}) if path.is_file() else {}
+    if blob.get("credentials") and Path(blob["credentials"]).is_file():
+        export_credentials(Path(blob["credentials"]))
 
 
 def _client(federation: str):
