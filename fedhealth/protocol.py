@@ -60,6 +60,8 @@ class MessageKind:
     DECRYPT: Final = f"query.{DECRYPT_ACTION}"  # decrypt the round's encrypted sum
     IDENTIFY_ACTION: Final = "identify"
     IDENTIFY: Final = f"query.{IDENTIFY_ACTION}"  # which site is this node
+    STUDY_ACTION: Final = "study"
+    STUDY: Final = f"query.{STUDY_ACTION}"  # has the site approved this study
 
 
 class Record:
@@ -73,6 +75,7 @@ class Record:
     HE_CONTRIBUTION: Final = "he-contribution"  # ConfigRecord: signed CKKS update
     HE_REQUEST: Final = "he-request"  # ConfigRecord: a decryption request
     HE_ANSWER: Final = "he-aggregate"  # ArrayRecord: a decrypted aggregate
+    STUDY: Final = "study"  # ConfigRecord: a study-status reply (:class:`StudyKey`)
 
 
 class ConfigKey:
@@ -106,6 +109,13 @@ class StatsKey:
     """Keys of a statistics reply's ``"stats"`` record."""
 
     MOMENTS: Final = "moments"  # JSON {"count", "sum", "sumsq"}
+
+
+class StudyKey:
+    """Keys of a study-status reply's ``"study"`` record (``query.study``)."""
+
+    HASH: Final = "hash"  # the study hash the site computed (fedhealth.study)
+    STATUS: Final = "status"  # "approved" (pending and declined are refusals)
 
 
 class HEKey:
@@ -399,6 +409,34 @@ class DPSection(_Wire):
         return self
 
 
+class StrategySpec(_Wire):
+    """The coordinator's aggregation strategy, as declared to the sites (part of the study)."""
+
+    name: str = Field(
+        description="Catalogue name, or 'file.py:ClassName' of a custom strategy.",
+        max_length=200,
+    )
+    code_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of a custom strategy's source file (none for catalogued ones: "
+        "the fedhealth version covers them).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="The strategy's options.")
+
+
+class HESpec(_Wire):
+    """The encrypted-aggregation parameters of the study (``[privacy.he]`` and min_sites).
+
+    Each encrypted round's announcement must match them (rule ``study-mismatch``).
+    """
+
+    weight_scale: float = Field(gt=0, description="Public divisor of the sites' weights.")
+    quorum: int = Field(ge=1, description="Sites asked to decrypt each round's sum.")
+    bind_cohort: bool = Field(description="Each round names the sites of its sum.")
+    min_sites: int = Field(ge=1, description="Fewest contributions in a decrypted sum.")
+
+
 class TaskSpec(_Wire):
     """What a site needs to know to train: the experiment's task, model, training and DP plan.
 
@@ -414,6 +452,10 @@ class TaskSpec(_Wire):
     seed: int = Field(description="Seed of initial weights and batch order.")
     rounds: int = Field(ge=1, le=10_000, description="Planned rounds (DP plans spend over them).")
     dp: DPSection = Field(default_factory=DPSection)
+    strategy: StrategySpec | None = Field(
+        None, description="The aggregation strategy and its code hash (the coordinator's)."
+    )
+    he: HESpec | None = Field(None, description="Encrypted aggregation; none = plaintext.")
 
     @field_validator("protocol_version")
     @classmethod

@@ -14,8 +14,8 @@ from rich.console import Console
 from fedhealth.cli.errors import guarded
 
 app = typer.Typer(
-    help="Run and inspect a hospital site: start its SuperNode, read its privacy ledger and "
-    "its audit log.",
+    help="Run and inspect a hospital site: start its SuperNode, approve studies, read its "
+    "privacy ledger and its audit log.",
     no_args_is_help=True,
 )
 console = Console()
@@ -94,3 +94,54 @@ def audit(
     from fedhealth.cli.audit_view import print_audit
 
     print_audit(console, profile, as_json, tracking_uri)
+
+
+@app.command()
+@guarded
+def requests(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    show_all: bool = typer.Option(False, "--all", help="Also list approved and declined studies."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored records as JSON."),
+) -> None:
+    """List the study requests waiting for this site's decision, with what each asks for."""
+    from fedhealth.cli.studies_view import print_requests
+
+    print_requests(console, profile, show_all, as_json)
+
+
+def _decide(profile: Path, study: str, verdict: str, by: str | None) -> None:
+    from rich.markup import escape
+
+    from fedhealth.config.site import load_site
+    from fedhealth.site.approvals import decide
+
+    site = load_site(profile)
+    d = decide(site, study, verdict, by)  # type: ignore[arg-type]
+    colour = "green" if verdict == "approved" else "red"
+    console.print(
+        f"site {escape(site.name)}: study {d.study} [{colour}]{verdict}[/] by {escape(d.by)} "
+        f"at {d.at}; signed with the site's key and written to the audit log",
+        highlight=False,
+    )
+
+
+@app.command()
+@guarded
+def approve(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    study: str = typer.Argument(..., help="Study hash (or a unique prefix of 8+ digits)."),
+    by: str = typer.Option(None, "--by", help="Who approves (default: your user name)."),
+) -> None:
+    """Approve a study: its requests run under the site's policy from now on."""
+    _decide(profile, study, "approved", by)
+
+
+@app.command()
+@guarded
+def deny(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    study: str = typer.Argument(..., help="Study hash (or a unique prefix of 8+ digits)."),
+    by: str = typer.Option(None, "--by", help="Who declines (default: your user name)."),
+) -> None:
+    """Decline a study: the coordinator is told `study-declined`, never why."""
+    _decide(profile, study, "declined", by)

@@ -30,7 +30,9 @@ from fedhealth.errors import ConfigError
 # The sections a site receives are wire types: defined once, in the protocol.
 from fedhealth.protocol import (
     DPSection,
+    HESpec,
     ModelSection,
+    StrategySpec,
     TabularSchemaSection,
     TaskSection,
     TaskSpec,
@@ -75,6 +77,13 @@ class ExperimentSection(_Strict):
     )
     seed: int = Field(0, description="Seed of initial weights, batch order and sampling.")
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for site replies.")
+    approval_timeout: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds to wait, before the first round, for sites whose operator has "
+        "not yet approved the study (`fedhealth site approve`); 0 = do not wait: go on with "
+        "the approved sites if min_sites hold, else stop naming the pending ones.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -257,6 +266,29 @@ class ExperimentConfig(_Strict):
             seed=self.experiment.seed,
             rounds=self.experiment.rounds,
             dp=self.dp_spec(),
+            strategy=self.strategy_spec(),
+            he=self.he_spec(),
+        )
+
+    def strategy_spec(self) -> StrategySpec:
+        """The strategy as the sites see it: a custom file by name and SHA-256 of its source."""
+        name, code = self.strategy.name, None
+        if name not in STRATEGIES:
+            file_part, _, cls_name = name.rpartition(":")
+            code = hashlib.sha256(Path(file_part).read_bytes()).hexdigest()
+            name = f"{Path(file_part).name}:{cls_name}"
+        return StrategySpec(name=name, code_sha256=code, options=dict(self.strategy.options))
+
+    def he_spec(self) -> HESpec | None:
+        """The encrypted-aggregation parameters every round announces (None: plaintext)."""
+        he = self.privacy.he
+        if not he.enabled:
+            return None
+        return HESpec(
+            weight_scale=he.weight_scale,
+            quorum=he.quorum,
+            bind_cohort=he.bind_cohort,
+            min_sites=self.experiment.min_sites,
         )
 
 

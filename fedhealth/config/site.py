@@ -109,6 +109,47 @@ class PrivacyPolicySection(_Strict):
         description="Answer consortium-normalisation queries: exact per-feature sums, sums of "
         "squares and the count of the training split, outside any DP guarantee.",
     )
+    approval: str = Field(
+        "rules",
+        pattern=r"^(rules|manual)$",
+        description="'rules': a study the rules above allow runs at once (the reference "
+        "consortia run unattended); 'manual': a study not pinned in `approved_studies` waits "
+        "until the site operator approves it (`fedhealth site approve`); the coordinator "
+        "is told only that it is pending. Use 'manual' for a real hospital.",
+    )
+    approved_studies: list[str] = Field(
+        default_factory=list,
+        description="Study hashes (64 hex digits, from `fedhealth site requests` or the "
+        "coordinator's output) approved in advance; the rules above still apply.",
+    )
+
+    @field_validator("approved_studies")
+    @classmethod
+    def _study_hashes(cls, v: list[str]) -> list[str]:
+        out = [h.strip().lower().removeprefix("sha256:") for h in v]
+        bad = [h for h in out if not re.fullmatch(r"[0-9a-f]{64}", h)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a study hash (64 hex digits)")
+        return out
+
+
+class LimitsSection(_Strict):
+    """Resource caps a request must fit before the site builds a model or trains.
+
+    The defaults fit every catalogue model (resnet18: 11.2 M parameters) and the reference
+    experiments; a request beyond a cap is refused (rule ``limits.<key>``) before any
+    model is built, any data is read for training, or any ε is charged.
+    """
+
+    max_model_parameters: int = Field(
+        15_000_000, ge=1, description="Largest model (parameters) the site builds."
+    )
+    max_local_epochs: int = Field(50, ge=1, description="Most local epochs per round.")
+    max_local_steps: int = Field(
+        10_000, ge=1, description="Most optimiser steps per round (epochs x batches, capped)."
+    )
+    max_batch_size: int = Field(4096, ge=1, description="Largest local batch size.")
+    max_image_size: int = Field(256, ge=8, description="Largest image side (pixels).")
 
 
 class KeysSection(_Strict):
@@ -196,6 +237,10 @@ class SiteProfile(_Strict):
     )
     deploy: DeploySection | None = Field(
         None, description="How the SuperNode connects in a real deployment (`site start`)."
+    )
+    limits: LimitsSection = Field(
+        default_factory=LimitsSection,
+        description="Resource caps on what a coordinator may ask this site to build and run.",
     )
 
     @property

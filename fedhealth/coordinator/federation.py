@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fedhealth import __version__
 from fedhealth.config.experiment import ExperimentConfig
+from fedhealth.coordinator.approvals import StudyGate
 from fedhealth.coordinator.checkpoint import (
     ResumePoint,
     resume_point,
@@ -55,6 +56,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.registry.model_card import split_rule
 from fedhealth.registry.recorder import RunRecorder
+from fedhealth.study import study_hash
 
 
 @dataclass
@@ -258,6 +260,22 @@ class Federation:
             raise FederationError(f"round {round_}: encrypted aggregation needs the grid")
         return self.encryption.aggregate(grid, round_, arrays, replies)
 
+    def admit_sites(self, grid: Grid) -> StudyGate:
+        """Ask the sites whether they approved the study, wait within
+        ``experiment.approval_timeout``; the returned grid lists only approved sites."""
+        exp = self.cfg.experiment
+
+        def report(ref: Refusal) -> None:
+            self.refusals.append(ref)
+            self._notify("site-refused", ref.round, site=ref.site, rule=ref.rule,
+                         message=ref.message)  # fmt: skip
+
+        gate = StudyGate(
+            grid, self._config, exp.min_sites, exp.approval_timeout, exp.round_timeout, report
+        )
+        gate.wait_for_approvals(say=lambda m: self._notify("study-waiting", 0, message=m))
+        return gate
+
     # -- state (checkpoints) ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -388,6 +406,7 @@ class Federation:
         )
         status = "FAILED"
         try:
+            grid = self.admit_sites(grid)  # only sites that approved the study take part
             if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
             elif cfg.task.normalisation == "site" and self.norm_stats is None:
@@ -398,6 +417,7 @@ class Federation:
                 save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
                 self._notify("round-started", r)
+                grid.round_start(r)  # a site approved since joins this round
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
                 save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
@@ -459,6 +479,7 @@ class Federation:
             "strategy": cfg.strategy.name.rsplit("/", 1)[-1],
             "seed": cfg.experiment.seed,
             "config_hash": cfg.config_hash(),
+            "study": study_hash(self.spec),
             "fedhealth_version": __version__,
             "global_metrics": glob,
             "site_metrics": per_site,

@@ -51,7 +51,9 @@ from fedhealth.protocol import (
     Refusal,
     SiteKey,
     StatsKey,
+    StudyKey,
 )
+from fedhealth.site.approvals import admit_study, check_round
 from fedhealth.site.audit import audited
 from fedhealth.site.request import SiteRequest
 from fedhealth.site.timing import phase
@@ -142,6 +144,19 @@ def _import(modules: list[str]) -> None:
             importlib.import_module(name)
 
 
+def _admit(profile: SiteProfile, request: SiteRequest, training: bool) -> None:
+    """The site's own gate, before it reads data, builds a model or spends ε: the study
+    is approved here (fedhealth.site.approvals), an encrypted round announces the study's
+    parameters, and the request fits the site's resource caps (fedhealth.site.limits)."""
+    admit_study(profile, request.spec)
+    if training:
+        check_round(profile, request.spec, request.he)
+    _import(modules_for(profile, request, training=training))
+    from fedhealth.site.limits import check_spec
+
+    check_spec(profile, request.spec, training=training)
+
+
 def _site_record(profile: SiteProfile, runtime: SiteRuntime | None = None) -> ConfigRecord:
     record: dict = {SiteKey.NAME: profile.name}
     if runtime is not None and runtime.guard.grad_sample_mode:
@@ -161,11 +176,14 @@ def train(msg: Message, context: Context, request: SiteRequest) -> Message:
     """
     profile, idx = site_profile(context)
     try:
-        _import(modules_for(profile, request, training=True))
+        _admit(profile, request, training=True)
+        from fedhealth.site.limits import check_global_model, check_local_steps
         from fedhealth.site.runtime import SiteRuntime
 
         runtime = SiteRuntime(profile, request)
         global_arrays = _arrays(msg)
+        check_global_model(profile, global_arrays, request.round)  # before training or ε
+        check_local_steps(profile, request.spec, runtime.data.n_train)
         arrays, metrics = runtime.train(global_arrays, idx)
         sealed = None
         if request.he is not None:
@@ -206,10 +224,14 @@ def evaluate(msg: Message, context: Context, request: SiteRequest) -> Message:
     """Evaluate the global model on the site's test split; reply with metrics only."""
     profile, _ = site_profile(context)
     try:
-        _import(modules_for(profile, request, training=False))
+        _admit(profile, request, training=False)
+        from fedhealth.site.limits import check_global_model
         from fedhealth.site.runtime import SiteRuntime
 
-        metrics = SiteRuntime(profile, request).evaluate(_arrays(msg))
+        runtime = SiteRuntime(profile, request)
+        global_arrays = _arrays(msg)
+        check_global_model(profile, global_arrays, request.round)
+        metrics = runtime.evaluate(global_arrays)
     except (FedHealthError, ProtocolError) as exc:
         return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
@@ -225,7 +247,7 @@ def query(msg: Message, context: Context, request: SiteRequest) -> Message:
     """Answer a statistics query: sizes and per-feature sums, never rows."""
     profile, _ = site_profile(context)
     try:
-        _import(modules_for(profile, request, training=False))
+        _admit(profile, request, training=False)
         from fedhealth.site.runtime import SiteRuntime
 
         runtime = SiteRuntime(profile, request)
@@ -280,3 +302,22 @@ def identify(msg: Message, context: Context) -> Message:
     """Say which site this node is (for encrypted rounds bound to a named cohort)."""
     profile, _ = site_profile(context)
     return Message(RecordDict({Record.SITE: _site_record(profile)}), reply_to=msg)
+
+
+@app.query(MessageKind.STUDY_ACTION)
+@audited(_audit_site, SiteRequest.from_message, _refuse)
+def study(msg: Message, context: Context, request: SiteRequest) -> Message:
+    """Say whether this site has approved the request's study (``query.study``).
+
+    Approved: a reply with the study hash. Otherwise the refusal ``study-pending`` (the
+    first time, the request is stored for the site operator) or ``study-declined``. Reads
+    no data and spends nothing.
+    """
+    profile, _ = site_profile(context)
+    try:
+        digest = admit_study(profile, request.spec)
+    except FedHealthError as exc:
+        return _refuse(msg, profile.name, exc, request.round)
+    record = ConfigRecord({StudyKey.HASH: digest, StudyKey.STATUS: "approved"})
+    content = RecordDict({Record.STUDY: record, Record.SITE: _site_record(profile)})
+    return Message(content, reply_to=msg)
