@@ -87,9 +87,12 @@ def test_tabular_federation_registers_a_model_that_loads_and_predicts(project):
     for site in sites:
         data = load_site_data(site, task)
         reported = client.get_metric_history(mv.run_id, f"site/{site.name}/accuracy")[-1].value
+        # The sites release their accuracy with DP noise (release_metrics = "dp"), of this std.
+        noise = client.get_metric_history(mv.run_id, f"site/{site.name}/accuracy-noise-std")
+        assert noise and noise[-1].value > 0
         # The registered model takes raw features: consortium statistics are built in.
         got = accuracy(model, data.x_test, data.y_test)
-        assert abs(got - reported) <= 0.02, (site.name, got, reported)
+        assert abs(got - reported) <= 0.02 + 4 * noise[-1].value, (site.name, got, reported)
     # The federation improved on the initial model (weighted over the sites' test splits).
     xs = [load_site_data(s, task) for s in sites]
     x = np.concatenate([d.x_test for d in xs])

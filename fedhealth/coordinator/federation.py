@@ -250,7 +250,18 @@ class Federation:
     # -- phases -------------------------------------------------------------------------------
 
     def consortium_statistics(self, grid: Grid) -> None:
-        """Federated mean/std: sites send per-feature sums and counts, never values."""
+        """Federated mean/std: sites send noisy per-feature sums and counts, never values.
+
+        Sites answer a study's statistics query once: a later run of the same study (same
+        spec) reuses the statistics the first run recorded in MLflow.
+        """
+        study = self.spec.digest()
+        earlier = self.recorder.earlier_statistics(study)
+        if earlier is not None:
+            self.norm_stats = earlier["norm_stats"]
+            self.statistics_dp = earlier.get("statistics_dp", {})
+            self._notify("statistics", 0, sites=sorted(self.statistics_dp), count=0)
+            return
         node_ids = list(grid.get_node_ids())
         msgs = [
             Message(
@@ -276,6 +287,9 @@ class Federation:
         if self.statistics_dp:
             mean, std = _within_bounds(self.cfg, mean, std)
         self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
+        self.recorder.save_statistics(
+            study, {"norm_stats": self.norm_stats, "statistics_dp": self.statistics_dp}
+        )
         self._notify("statistics", 0, sites=[_site(m) for m in ok], count=count)
 
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
