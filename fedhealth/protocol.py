@@ -109,6 +109,9 @@ class StatsKey:
     """Keys of a statistics reply's ``"stats"`` record."""
 
     MOMENTS: Final = "moments"  # JSON {"count", "sum", "sumsq"}
+    #: JSON {"epsilon", "delta", "noise_multiplier", "sum_noise_std", "sumsq_noise_std"}: how
+    #: the site noised its sums under DP (``sum``/``sumsq`` are then noisy).
+    DP: Final = "dp"
 
 
 class StudyKey:
@@ -150,6 +153,12 @@ class Metric:
     HE_ENCRYPT_SECONDS: Final = "he-encrypt-seconds"
     HE_DECRYPT_SECONDS: Final = "he-decrypt-seconds"
     HE_BYTES: Final = "he-bytes"
+    #: 1.0 when the site's policy withholds its metrics (``privacy.release_metrics``): the
+    #: reply then carries no loss or accuracy.
+    WITHHELD: Final = "metrics-withheld"
+    #: Std of the Gaussian noise a site added to a released accuracy / loss (0: exact).
+    ACCURACY_NOISE_STD: Final = "accuracy-noise-std"
+    LOSS_NOISE_STD: Final = "loss-noise-std"
 
 
 _EXPERIMENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -206,6 +215,13 @@ class TabularSchemaSection(_Wire):
         description="One-hot without the first category of each column (as pandas "
         "get_dummies(drop_first=True); FLamby's Fed-Heart-Disease uses it).",
     )
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Numeric column -> [low, high]: a site clamps the column to it before "
+        "releasing consortium statistics under DP (the noise is calibrated to the range). "
+        'Every numeric column needs one for `normalisation = "consortium"`; one-hot '
+        "columns are bounded by [0, 1].",
+    )
 
     def feature_names(self) -> list[str]:
         """Encoded feature names in model-input order: numeric, then one-hot columns."""
@@ -223,6 +239,12 @@ class TabularSchemaSection(_Wire):
         both = set(self.numeric) & set(self.categorical)
         if both:
             raise ValueError(f"columns {sorted(both)} are both numeric and categorical")
+        unknown = sorted(set(self.bounds) - set(self.numeric))
+        if unknown:
+            raise ValueError(f"`bounds` names columns that are not numeric features: {unknown}")
+        for col, (low, high) in self.bounds.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"`bounds.{col}` must be two finite numbers, low < high")
         return self
 
 
@@ -236,9 +258,15 @@ class TaskSection(_Wire):
         0.25,
         gt=0,
         lt=1,
-        description="Share of each site's records held out for evaluation (stratified).",
+        description="Share of each site's records held out for evaluation (stratified). The "
+        "consortium proposes it; each site pins its own per dataset (`[splits.NAME]` of its "
+        "profile, or the first value it accepted) and refuses another (rule split-mismatch).",
     )
-    split_seed: int = Field(43, description="Seed of the train/test split.")
+    split_seed: int = Field(
+        43,
+        description="Seed of the train/test split: a proposal, pinned per dataset by each site "
+        "like `test_fraction`.",
+    )
     normalisation: Literal["site", "consortium", "none"] = Field(
         "site",
         description="z-score with each site's own statistics, with consortium statistics "

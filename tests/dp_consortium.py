@@ -33,10 +33,24 @@ def _table(name: str, values: dict[str, Any]) -> str:
     return f"[{name}]\n{body}\n"
 
 
+#: The synthetic tables hold no patients: their sites release exact metrics and accept small
+#: splits, so the DP tests account DP-SGD alone (``tests/test_site_splits.py`` tests both rules).
+SYNTHETIC = {"release_metrics": "exact", "min_split_records": 1}
+
+
 def write_site(
-    root: Path, name: str, n: int, seed: int, policy: dict[str, Any] | None = None
+    root: Path,
+    name: str,
+    n: int,
+    seed: int,
+    policy: dict[str, Any] | None = None,
+    synthetic: bool = True,
 ) -> Path:
-    """Write ``root/<name>.toml`` and its table of ``n`` records; returns the profile path."""
+    """Write ``root/<name>.toml`` and its table of ``n`` records; returns the profile path.
+
+    ``synthetic`` adds :data:`SYNTHETIC` under ``policy``; without it the site keeps the
+    defaults of a hospital (metrics under DP, at least 50 records per split)."""
+    policy = ({**SYNTHETIC, **(policy or {})} if synthetic else policy) or None
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, len(FEATURES)))
     y = (x @ np.array([1.5, -1.0, 0.5, 0.0, 0.8]) + rng.normal(scale=0.5, size=n) > 0).astype(int)

@@ -317,7 +317,7 @@ def test_the_coordinator_waits_for_an_approval_within_its_bound(three, monkeypat
     summary = _federation(exp).run(LocalGrid(exp))
     thread.join()
     assert set(summary.site_metrics) == {"h1", "h2", "h3"}
-    assert [r.rule for r in summary.refusals] == ["study-pending"]
+    assert [r.rule for r in summary.refusals if r.rule.startswith("study")] == ["study-pending"]
 
 
 @pytest.mark.slow

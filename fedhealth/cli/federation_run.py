@@ -64,7 +64,9 @@ def run_on_federation(
             elif kind == "mlflow-run":
                 console.print(f"  MLflow run {data['run_id']} at {uri}", highlight=False)
             elif kind == "round":
-                console.print(f"  round {round_}/{rounds}: accuracy {data['accuracy']:.4f}")
+                acc = data.get("accuracy")
+                shown = "withheld" if acc is None else f"{acc:.4f}"  # every site withheld it
+                console.print(f"  round {round_}/{rounds}: accuracy {shown}")
 
         state, seen = watch(
             federation, run_id, cfg.name, watch_uri, emit, timeout=timeout, mlflow_run_id=resume

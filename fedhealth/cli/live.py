@@ -59,11 +59,12 @@ class LiveRun:
         for col in cols:
             table.add_column(col, justify="right" if col != "site" else "left")
         for site, m in sorted(self.sites.items()):
+            gone = "withheld" if m.get(Metric.WITHHELD) else "…"  # the site's policy
             row = [
                 site,
-                f"{m[Metric.TRAIN_LOSS]:.4f}" if Metric.TRAIN_LOSS in m else "…",
-                f"{m[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in m else "…",
-                f"{m[Metric.LOSS]:.4f}" if Metric.LOSS in m else "…",
+                f"{m[Metric.TRAIN_LOSS]:.4f}" if Metric.TRAIN_LOSS in m else gone,
+                f"{m[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in m else gone,
+                f"{m[Metric.LOSS]:.4f}" if Metric.LOSS in m else gone,
                 str(int(m[Metric.NUM_EXAMPLES])) if Metric.NUM_EXAMPLES in m else "",
             ]
             if dp:
@@ -79,7 +80,10 @@ class LiveRun:
         elif event.kind == "train-done":
             for site, m in event.data["sites"].items():
                 row = self.sites.setdefault(site, {})
-                row[Metric.TRAIN_LOSS] = m.get(Metric.TRAIN_LOSS, float("nan"))
+                if Metric.TRAIN_LOSS in m:
+                    row[Metric.TRAIN_LOSS] = m[Metric.TRAIN_LOSS]
+                if Metric.WITHHELD in m:
+                    row[Metric.WITHHELD] = m[Metric.WITHHELD]
                 if Metric.EPSILON in m:  # cumulative ε of the experiment at this site
                     row[Metric.EPSILON] = m[Metric.EPSILON]
             self.progress.update(self.task, description=f"round {event.round}: evaluating")

@@ -134,9 +134,12 @@ def print_summary(console: Console, s: RunSummary) -> None:
     for site in sorted(set(s.site_metrics) | set(dp["sites"])):
         m = s.site_metrics.get(site)
         row = [site, "", "-", "-"]
-        if m is not None:
+        if m is not None and Metric.ACCURACY not in m:  # the site's policy withheld them
+            row = [site, str(int(m.get(Metric.NUM_EXAMPLES, 0))), "withheld", "withheld"]
+        elif m is not None:
             n, acc, loss = m[Metric.NUM_EXAMPLES], m[Metric.ACCURACY], m[Metric.LOSS]
-            row = [site, str(int(n)), f"{acc:.4f}", f"{loss:.4f}"]
+            noisy = "±" if Metric.ACCURACY_NOISE_STD in m else ""  # released under DP
+            row = [site, str(int(n)), f"{noisy}{acc:.4f}", f"{noisy}{loss:.4f}"]
         if eps_col:
             row.append(format_epsilon(dp["sites"].get(site, {}).get("epsilon")))
         table.add_row(*row)
@@ -158,6 +161,11 @@ def print_summary(console: Console, s: RunSummary) -> None:
             *pad,
         )
     console.print(table)
+    if any(Metric.ACCURACY_NOISE_STD in m for m in s.site_metrics.values()):
+        console.print(
+            "± : released with DP noise by the site (`privacy.release_metrics`), charged to "
+            "its ledger; the global rows average the noisy values."
+        )
     if eps_col:
         console.print(
             f"Privacy: {dp['description']}. ε per site is cumulative over every run of this "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -105,9 +105,37 @@ class PrivacyPolicySection(_Strict):
         "ε caps above do not apply to them; experiments and models are still checked.",
     )
     share_statistics: bool = Field(
-        True,
-        description="Answer consortium-normalisation queries: exact per-feature sums, sums of "
-        "squares and the count of the training split, outside any DP guarantee.",
+        False,
+        description="Answer consortium-normalisation queries: per-feature sums and sums of "
+        "squares of the training split, clamped to the schema's bounds and noised under DP "
+        "(charged to the ledger), once per study.",
+    )
+    min_split_records: int = Field(
+        50,
+        ge=1,
+        description="Fewest records in a split that metrics or statistics are computed on or "
+        "that training releases from (rule split-too-small); exempt datasets are not checked.",
+    )
+    release_metrics: Literal["dp", "withheld", "exact"] | None = Field(
+        None,
+        description="How `train-loss` and evaluation loss/accuracy leave the site: Gaussian "
+        "noise charged to the ledger ('dp'), not at all ('withheld') or exact ('exact'). "
+        "Default: 'dp', and 'exact' for exempt datasets.",
+    )
+    metrics_noise_multiplier: float = Field(
+        5.0,
+        gt=0,
+        description="σ of each metric release: noise std / sensitivity (a record moves the "
+        "correct count by 1 and the clamped loss sum by `metrics_loss_bound`).",
+    )
+    metrics_loss_bound: float = Field(
+        5.0, gt=0, description="Per-record loss is clamped to [0, this] before a DP release."
+    )
+    statistics_noise_multiplier: float = Field(
+        5.0,
+        gt=0,
+        description="σ of the consortium statistics release (noise std / L2 sensitivity of "
+        "the clamped, range-scaled sums and sums of squares).",
     )
     approval: str = Field(
         "rules",
@@ -226,6 +254,23 @@ class SiteSection(_Strict):
         return v
 
 
+class SplitSection(_Strict):
+    """How the site splits one dataset (``[splits.NAME]``): pinned by the site, not the
+    coordinator. A key left out is pinned on first use (the experiment's proposal,
+    recorded in ``splits.json`` of the workspace with a line in the audit log)."""
+
+    split_seed: int | None = Field(None, description="Seed of the train/test split.")
+    test_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Share of the records held out for evaluation."
+    )
+    schema_hash: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the task's schema the site accepts for this dataset (as "
+        "`fedhealth.site.split_pins.schema_hash` computes it; the audit log shows it).",
+    )
+
+
 class SiteProfile(_Strict):
     """A hospital's site profile."""
 
@@ -241,6 +286,11 @@ class SiteProfile(_Strict):
     limits: LimitsSection = Field(
         default_factory=LimitsSection,
         description="Resource caps on what a coordinator may ask this site to build and run.",
+    )
+    splits: dict[str, SplitSection] = Field(
+        default_factory=dict,
+        description="Per dataset: the split seed, test fraction and schema hash this site "
+        "accepts (others are pinned on first use).",
     )
 
     @property

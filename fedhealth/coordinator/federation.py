@@ -179,6 +179,8 @@ class Federation:
         self.recorder = RunRecorder(cfg, tracking_uri)
         self.refusals: list[Refusal] = []
         self.norm_stats: dict[str, Any] | None = None
+        # Per site: ε, δ and σ of its DP release of the consortium statistics.
+        self.statistics_dp: dict[str, dict[str, Any]] = {}
         self.run_tags: dict[str, str] = {}  # extra MLflow run tags (deployment: flwr run id)
         self.resume_from: str | None = None  # MLflow run id to continue (`run --resume`)
         self.privacy = PrivacyReport(cfg)  # per-site ε as reported; site-level ε accounted here
@@ -283,6 +285,7 @@ class Federation:
         :mod:`fedhealth.coordinator.checkpoint`): ``strategy`` holds arrays, the rest JSON."""
         state: dict[str, Any] = {
             "norm_stats": self.norm_stats,
+            "statistics_dp": self.statistics_dp,
             "refusals": [dataclasses.asdict(r) for r in self.refusals],
             "privacy": self.privacy.state_dict(),
             "strategy": strategy_state(self.strategy),
@@ -295,6 +298,7 @@ class Federation:
         """Restore :meth:`state_dict`."""
         load_strategy_state(self.strategy, state.get("strategy", {}))
         self.norm_stats = state.get("norm_stats")
+        self.statistics_dp = state.get("statistics_dp", {})
         self.refusals = [Refusal(**r) for r in state.get("refusals", [])]
         if "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
@@ -304,7 +308,18 @@ class Federation:
     # -- phases -------------------------------------------------------------------------------
 
     def consortium_statistics(self, grid: Grid) -> None:
-        """Federated mean/std: sites send per-feature sums and counts, never values."""
+        """Federated mean/std: sites send noisy per-feature sums and counts, never values.
+
+        Sites answer a study's statistics query once: a later run of the same study (same
+        spec) reuses the statistics the first run recorded in MLflow.
+        """
+        study = self.spec.digest()
+        earlier = self.recorder.earlier_statistics(study)
+        if earlier is not None:
+            self.norm_stats = earlier["norm_stats"]
+            self.statistics_dp = earlier.get("statistics_dp", {})
+            self._notify("statistics", 0, sites=sorted(self.statistics_dp), count=0)
+            return
         node_ids = list(grid.get_node_ids())
         msgs = [
             Message(
@@ -318,13 +333,21 @@ class Federation:
         self._require(0, ok, "consortium statistics")
         count, s, ss = 0, None, None
         for msg in ok:
-            m = json.loads(str(msg.content[Record.STATS][StatsKey.MOMENTS]))
+            stats = msg.content[Record.STATS]
+            m = json.loads(str(stats[StatsKey.MOMENTS]))
+            if StatsKey.DP in stats:  # the site's sums are noisy; how, and what it charged
+                self.statistics_dp[_site(msg)] = json.loads(str(stats[StatsKey.DP]))
             count += m["count"]
             s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
             ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
         mean = s / count
         std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
+        if self.statistics_dp:
+            mean, std = _within_bounds(self.cfg, mean, std)
         self.norm_stats = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
+        self.recorder.save_statistics(
+            study, {"norm_stats": self.norm_stats, "statistics_dp": self.statistics_dp}
+        )
         self._notify("statistics", 0, sites=[_site(m) for m in ok], count=count)
 
     def registry_statistics(self, grid: Grid) -> None:
@@ -483,15 +506,51 @@ class Federation:
             "fedhealth_version": __version__,
             "global_metrics": glob,
             "site_metrics": per_site,
-            "statistics": f"{cfg.task.normalisation} normalisation: exact per-feature sums, sums "
-            "of squares and counts of the training splits left the sites (outside the DP "
-            "guarantee); their pooled mean/std is built into the model"
-            if self.norm_stats is not None
-            else "none shared",
+            "statistics": self._statistics_note(),
+            "metrics_release": "site metrics (loss, accuracy, train-loss) are as each site's "
+            "policy released them: with Gaussian noise charged to its ledger (release_metrics "
+            '= "dp", the default), withheld, or exact; the tables above hold the noisy values',
         }
         provenance.update(self.privacy.provenance())  # DP mode, accountant, δ, each site's ε
         provenance.update(self.encryption.provenance() if self.encryption else {"he": "off"})
         return self.recorder.register(model, spec, provenance)
+
+    def _statistics_note(self) -> str:
+        """What the model card says about the consortium statistics."""
+        if self.norm_stats is None:
+            return "none shared"
+        if not self.statistics_dp:
+            return "consortium normalisation: per-feature sums and counts from the sites"
+        per_site = ", ".join(
+            f"{site} ε={d.get('epsilon_release', d.get('epsilon', float('nan'))):.3g}"
+            for site, d in sorted(self.statistics_dp.items())
+        )
+        delta = max(float(d.get("delta", 0.0)) for d in self.statistics_dp.values())
+        return (
+            "consortium normalisation: per-feature sums and sums of squares released under DP "
+            f"(clamped to the schema's bounds, Gaussian noise, δ={delta:g}), charged to each "
+            f"site's ledger: {per_site}"
+        )
+
+
+#: Noisy sums can make a feature's variance tiny or negative; its std is kept at least this
+#: share of the feature's declared range (post-processing: costs no privacy).
+MIN_STD_SHARE_OF_RANGE = 0.05
+
+
+def _within_bounds(
+    cfg: ExperimentConfig, mean: np.ndarray, std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std from noisy sums, kept plausible with the schema's declared bounds."""
+    if cfg.task.kind == "image":
+        low, high = np.zeros_like(mean), np.ones_like(mean)
+    else:
+        schema = cfg.task.schema_
+        pairs = [schema.bounds.get(n, (0.0, 1.0)) for n in schema.feature_names()]
+        low = np.array([p[0] for p in pairs], dtype=float)
+        high = np.array([p[1] for p in pairs], dtype=float)
+    mean = np.clip(mean, low, high)
+    return mean, np.maximum(std, MIN_STD_SHARE_OF_RANGE * (high - low))
 
 
 def _prefix(m: dict, prefix: str) -> dict:
@@ -502,10 +561,15 @@ def aggregate_site_metrics(per_site: dict[str, dict]) -> dict[str, float]:
     """Global metrics: weighted by test examples, plus the plain mean over sites."""
     if not per_site:
         return {}
-    n = np.array([m[Metric.NUM_EXAMPLES] for m in per_site.values()], dtype=float)
+    # Sites that withheld their metrics (policy `release_metrics`) count in neither; a site's
+    # noisy values (release_metrics = "dp") are averaged like exact ones.
+    released = {s: m for s, m in per_site.items() if Metric.ACCURACY in m and Metric.LOSS in m}
+    if not released:
+        return {}
+    n = np.array([m[Metric.NUM_EXAMPLES] for m in released.values()], dtype=float)
     out: dict[str, float] = {Metric.NUM_EXAMPLES: float(n.sum())}
     for key in (Metric.LOSS, Metric.ACCURACY):
-        vals = np.array([m[key] for m in per_site.values()], dtype=float)
+        vals = np.array([m[key] for m in released.values()], dtype=float)
         out[key] = float((vals * n).sum() / max(n.sum(), 1))
         out[f"{key}_site_mean"] = float(vals.mean())
     return out

@@ -50,9 +50,14 @@ def render_model_card(p: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for site, m in sorted(p["site_metrics"].items()):
+        if "accuracy" not in m:  # the site's policy withheld its metrics
+            lines.append(f"| {site} | {int(m.get('num-examples', 0))} | withheld | withheld |")
+            continue
+        noisy = "±" if "accuracy-noise-std" in m else ""
         lines.append(
-            f"| {site} | {int(m.get('num-examples', 0))} | {m.get('accuracy', float('nan')):.4f} "
-            f"| {m.get('loss', float('nan')):.4f} |"
+            f"| {site} | {int(m.get('num-examples', 0))} | "
+            f"{noisy}{m.get('accuracy', float('nan')):.4f} "
+            f"| {noisy}{m.get('loss', float('nan')):.4f} |"
         )
     g = p["global_metrics"]
     lines += [
@@ -60,7 +65,10 @@ def render_model_card(p: dict[str, Any]) -> str:
         f"{g.get('accuracy', float('nan')):.4f} | {g.get('loss', float('nan')):.4f} |",
         f"| **mean over sites** | | {g.get('accuracy_site_mean', float('nan')):.4f} | |",
         "",
-        "Raw data never left the sites: only model updates, counts and metrics did.",
+        "Raw data never left the sites: only model updates, counts and metrics did. "
+        "± marks a metric a site released with Gaussian noise charged to its privacy ledger "
+        "(its policy's `release_metrics`); the global rows average those noisy values.",
+        f"- metrics release: {p.get('metrics_release', 'exact')}",
         "",
     ]
     return "\n".join(lines)

@@ -45,6 +45,11 @@ T = TypeVar("T")
 
 RUN_TOKEN_TAG = "fedhealth.start_token"  # finds the run again if "create run" lost its answer
 REGISTERED_TAG = "fedhealth.registered_version"
+# Consortium statistics are released once per study (the sites refuse a second query): a
+# later run of the same study reuses the first run's, found by these tags.
+STATISTICS_STUDY_TAG = "fedhealth.statistics_study"
+STATISTICS_TAG = "fedhealth.consortium_statistics"
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
 GLOBAL_MODEL_TAG = "fedhealth.global_model"  # on the run's logged model (at most one per run)
 # What MLflow runs to load a registered model (models-from-code: nothing is unpickled).
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -199,6 +204,29 @@ class RunRecorder:
             # A param's value never changes, so sending a batch twice is harmless.
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 90]])
         return self.run_id
+
+    def earlier_statistics(self, study: str) -> dict[str, Any] | None:
+        """The consortium statistics an earlier run of the same study recorded, if any."""
+        exp_id = self.experiment_id
+        if exp_id is None:
+            return None
+
+        def find() -> str | None:
+            runs = self._mlflow.search_runs(
+                [exp_id], f"tags.`{STATISTICS_STUDY_TAG}` = {_quote(study)}", max_results=1
+            )
+            return runs[0].data.tags.get(STATISTICS_TAG) if runs else None
+
+        text = self._call(find, what="looking up the study's consortium statistics")
+        return json.loads(text) if text else None
+
+    def save_statistics(self, study: str, statistics: dict[str, Any]) -> None:
+        """Record the run's consortium statistics for later runs of the same study."""
+        text = json.dumps(statistics)
+        if self.run_id is None or len(text) > MAX_TAG_CHARS:
+            return  # too wide to keep in a tag: a later run of this study asks the sites again
+        self.client.set_tag(self.run_id, STATISTICS_TAG, text)
+        self.client.set_tag(self.run_id, STATISTICS_STUDY_TAG, study)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics for ``step`` (the round), each point exactly once.

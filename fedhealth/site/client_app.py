@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from fedhealth import settings
 from fedhealth.catalogue import READERS
 from fedhealth.config.site import SiteProfile, load_site
-from fedhealth.errors import ConfigError, FedHealthError, PolicyError
+from fedhealth.errors import ConfigError, DataError, FedHealthError, PolicyError
 from fedhealth.protocol import (
     REFUSAL_CODE,
     HEKey,
@@ -55,6 +55,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.site.approvals import admit_study, check_round
 from fedhealth.site.audit import audited
+from fedhealth.site.refusals import DATA_RULE, public_message
 from fedhealth.site.request import SiteRequest
 from fedhealth.site.timing import phase
 
@@ -94,8 +95,11 @@ def _audit_site(context: Context) -> tuple[str, Path]:
 
 def _refuse(msg: Message, site: str, exc: Exception, round_: int = 0) -> Message:
     """The error reply of a refusal: ``exc.rule`` (or the error's type) names the check."""
-    rule = getattr(exc, "rule", type(exc).__name__)
-    refusal = Refusal(site=site, rule=str(rule), message=str(exc), round=round_)
+    rule = getattr(exc, "rule", None) or (
+        DATA_RULE if isinstance(exc, DataError) else type(exc).__name__
+    )
+    # The rule and a value-free message only: a data error's rows and values stay at the site.
+    refusal = Refusal(site=site, rule=str(rule), message=public_message(site, exc), round=round_)
     return Message(Error(code=REFUSAL_CODE, reason=refusal.encode()), reply_to=msg)
 
 
@@ -252,15 +256,26 @@ def query(msg: Message, context: Context, request: SiteRequest) -> Message:
 
         runtime = SiteRuntime(profile, request)
         with phase("load"):
+            # Noisy sums charged to the ledger before the reply is built; the split sizes
+            # (public, as every round's num-examples) but no label counts.
             stats = runtime.moments()
-            counts = runtime.data.counts()
-    except FedHealthError as exc:
+            counts = {"n-train": runtime.data.n_train}
+    except (FedHealthError, ProtocolError) as exc:
         return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
         content = RecordDict(
             {
-                Record.STATS: ConfigRecord({StatsKey.MOMENTS: json.dumps(stats)}),
-                Record.METRICS: MetricRecord(counts),
+                Record.STATS: ConfigRecord(
+                    {
+                        StatsKey.MOMENTS: json.dumps(
+                            {k: stats[k] for k in ("count", "sum", "sumsq")}
+                        ),
+                        StatsKey.DP: json.dumps(stats["dp"]),
+                    }
+                ),
+                Record.METRICS: MetricRecord(
+                    {**counts, Metric.EPSILON: float(stats["dp"]["epsilon"])}
+                ),
                 Record.SITE: _site_record(profile),
             }
         )

@@ -25,7 +25,9 @@ every single record).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,9 @@ from fedhealth.site.trainer import Wrap
 
 #: Calibrated noise multipliers remembered across the per-message processes of a site.
 CALIBRATION_CACHE = "dp-calibration.json"
+
+#: Which studies' consortium statistics the site released (answered once per study).
+STATISTICS_FILE = "statistics-released.json"
 
 #: Models whose per-sample gradients only work on PyTorch's expanded-weights path
 #: (in-place tensor ops in ``forward``; see fedhealth.privacy.dp.local).
@@ -144,18 +149,158 @@ class PrivacyGuard:
         check_participation(self.policy, self.site, self.experiment, self.model_name, what)
 
     def check_statistics(self) -> None:
-        """Refuse a statistics query unless the site shares exact training-split sums."""
+        """Refuse a statistics query unless the site shares (noisy) training-split sums,
+        and refuse a second query of the same study (rule ``statistics-once``)."""
         self.check_participation("the statistics query")
         if not self.policy.share_statistics:
             raise PolicyViolation(
                 f"site {self.site!r} refuses the statistics query of experiment "
-                f"{self.experiment!r}: its policy does not share exact per-feature sums "
+                f"{self.experiment!r}: its policy does not share per-feature sums "
                 '(`privacy.share_statistics = false`). Use `task.normalisation = "site"` or '
                 '"none", or ask the site operator to allow it.',
                 rule="share_statistics",
                 site=self.site,
                 cap=False,
                 value=True,
+            )
+        if self.study in self._answered():
+            raise PolicyViolation(
+                f"site {self.site!r} refuses the statistics query of experiment "
+                f"{self.experiment!r}: it already answered this study's statistics query "
+                "once (a study's statistics are released once). Reuse the consortium "
+                "statistics of the first run.",
+                rule="statistics-once",
+                site=self.site,
+                cap=1,
+                value=2,
+            )
+
+    @property
+    def study(self) -> str:
+        """The study a statistics answer belongs to: the SHA-256 of the task spec."""
+        return self.spec.digest()
+
+    def _answered(self) -> dict:
+        path = self.profile.workspace / STATISTICS_FILE
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            raise _with_rule(
+                FedHealthError(
+                    f"site {self.site!r}: {path} cannot be read; restore it from a backup "
+                    "(it records which studies' statistics the site released)"
+                ),
+                "statistics-once",
+            ) from None
+        return data if isinstance(data, dict) else {}
+
+    def record_statistics(self, entry: dict) -> None:
+        """Record that this study's statistics were released (before the reply is built)."""
+        path = self.profile.workspace / STATISTICS_FILE
+        data = self._answered()
+        data[self.study] = {"experiment": self.experiment, "dataset": self.dataset, **entry}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    # -- releases of metrics and statistics (Gaussian mechanism, charged) ----------------------
+
+    @property
+    def metrics_release(self) -> str:
+        """``"dp"``, ``"withheld"`` or ``"exact"`` for this dataset (``release_metrics``)."""
+        return self.policy.metrics_release(self.dataset)
+
+    def check_split_size(self, split: str, n: int) -> None:
+        """Refuse computing on a split smaller than ``privacy.min_split_records``."""
+        if self.policy.applies_to(self.dataset):
+            from fedhealth.site.split_pins import check_split_size
+
+            check_split_size(self.profile, self.dataset, split, n, self.policy.min_split_records)
+
+    def noise_rng(self, purpose: str, context: dict) -> np.random.Generator:
+        """A generator seeded by the site's secret key, for one release's noise."""
+        key = load_or_create_key(self.profile.noise_key_path)
+        return np.random.default_rng(derive_seed(key, purpose, context))
+
+    def charge_release(self, noise_multiplier: float, what: str) -> dict[str, float]:
+        """Charge one Gaussian-mechanism release (σ, q = 1, 1 step) to the ledger.
+
+        The release composes with the experiment's record-level history in the site's
+        accountant (experiment's δ and accountant); the site's ε caps are checked first.
+        Committed and fsynced before this returns: call it before the reply is built.
+
+        Parameters
+        ----------
+        noise_multiplier : float
+            σ of the release (noise std / L2 sensitivity).
+        what : str
+            What is released, for a refusal's message.
+
+        Returns
+        -------
+        dict
+            ``epsilon`` (the experiment's record-level ε at this site after the release) and
+            ``epsilon-round`` (what this release added).
+
+        Raises
+        ------
+        PolicyViolation
+            The release would pass ``max_epsilon_per_experiment`` or the lifetime budget.
+        """
+        from fedhealth.privacy.dp.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS
+
+        delta, accountant = float(self.dp.delta), self.dp.accountant
+        sigma = float(noise_multiplier)
+        with self._ledger() as ledger:
+            history = [
+                (e.noise_multiplier, e.sample_rate, e.steps)
+                for e in ledger.entries(self.dataset)
+                if e.experiment == self.experiment and e.kind == "record"
+            ]
+            before = ledger.spent_in_experiment(self.dataset, self.experiment, "record")
+            lifetime = ledger.spent(self.dataset, "record") + ledger.spent(self.dataset, "site")
+            acc = PrivacyAccountant(
+                self.site, self.dataset, self.experiment, accountant, history=history
+            )
+            total = max(acc.project(sigma, RELEASE_SAMPLE_RATE, RELEASE_STEPS, delta), before)
+            if self.policy.applies_to(self.dataset):
+                self._check_release_caps(what, total, lifetime - before)
+            ledger.charge(
+                dataset=self.dataset,
+                experiment=self.experiment,
+                round=self.round,
+                epsilon_increment=total - before,
+                epsilon_experiment_total=total,
+                delta=delta,
+                noise_multiplier=sigma,
+                sample_rate=RELEASE_SAMPLE_RATE,
+                steps=RELEASE_STEPS,
+                accountant=accountant,
+                kind="record",
+            )
+        return {Metric.EPSILON: total, Metric.EPSILON_ROUND: total - before}
+
+    def _check_release_caps(self, what: str, total: float, other: float) -> None:
+        who = f"site {self.site!r} refuses to release {what} of experiment {self.experiment!r}"
+        cap = self.policy.max_epsilon_per_experiment
+        if cap is not None and total > cap:
+            raise PolicyViolation(
+                f"{who}: it would bring the experiment's ε on dataset {self.dataset!r} to "
+                f"{total:.4g}, above `privacy.max_epsilon_per_experiment` = {cap:g}",
+                rule="max_epsilon_per_experiment",
+                site=self.site,
+                cap=cap,
+                value=total,
+            )
+        budget = self.policy.lifetime_epsilon_budget
+        if budget is not None and other + total > budget:
+            raise PolicyViolation(
+                f"{who}: it would bring dataset {self.dataset!r} to ε {other + total:.4g}, "
+                f"above `privacy.lifetime_epsilon_budget` = {budget:g}",
+                rule="lifetime_epsilon_budget",
+                site=self.site,
+                cap=budget,
+                value=other + total,
             )
 
     # -- before training -----------------------------------------------------------------------

@@ -16,13 +16,16 @@ import torch
 
 from fedhealth.config.site import SiteProfile
 from fedhealth.data.normalisation import Standardizer
-from fedhealth.errors import FedHealthError
+from fedhealth.errors import DataError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.privacy.dp.randomness import training_seed
+from fedhealth.privacy.dp.release import release_evaluation, release_mean_loss, release_moments
 from fedhealth.protocol import Metric
 from fedhealth.site.dataset import SiteData, load_site_data, standardizer_for
-from fedhealth.site.privacy_guard import PrivacyGuard
+from fedhealth.site.privacy_guard import PrivacyGuard, _with_rule
+from fedhealth.site.refusals import data_refusal
 from fedhealth.site.request import SiteRequest
+from fedhealth.site.split_pins import check_split
 from fedhealth.site.timing import phase
 from fedhealth.site.trainer import evaluate, train_local
 
@@ -49,8 +52,14 @@ class SiteRuntime:
             profile, request.experiment, request.round, request.spec, he_enabled=request.he_enabled
         )
         self.guard.check_participation("requests")  # before its data is even read
+        # The site owns its splits: the task's split seed, test fraction and schema must be
+        # the ones pinned for this dataset (refused before any data is read).
+        check_split(profile, self.task, request.experiment)
         with phase("load"):
-            self.data: SiteData = load_site_data(profile, self.task)
+            try:
+                self.data: SiteData = load_site_data(profile, self.task)
+            except DataError as exc:
+                raise data_refusal(profile, self.task.dataset, exc, request.audit_info()) from None
         self._norm: Standardizer | None = None
         torch.set_num_threads(1)  # sites share cores in simulation; avoid oversubscription
 
@@ -98,6 +107,7 @@ class SiteRuntime:
         its ε is charged to the ledger (committed and fsynced) before this returns.
         """
         guard = self.guard
+        guard.check_split_size("training", self.data.n_train)
         with phase("privacy"):
             admission = guard.admit(self.data.n_train, self.request.proximal_mu)
             # Seeds include the run id and round nonce: a replay under a new run differs.
@@ -131,21 +141,63 @@ class SiteRuntime:
             Metric.SITE_WEIGHT: 1.0
             if guard.mode == "site"
             else float(self.data.n_train) ** self.request.weight_exponent,
-            Metric.TRAIN_LOSS: result.loss,
             Metric.LOCAL_STEPS: result.steps,
             Metric.SKIPPED_FILES: len(self.data.skipped),  # a count only, never the names
         }
         with phase("privacy"):
             metrics.update(guard.charge(admission, result.steps))  # durable before any reply
+            release = guard.metrics_release
+            if release == "exact":
+                metrics[Metric.TRAIN_LOSS] = result.loss
+            elif release == "dp":
+                # The loss of the trained model on the training split, per record clamped,
+                # noised and charged (the running loss of training has no bounded sensitivity).
+                losses = self._losses(model, x, self.data.y_train)
+                rng = guard.noise_rng("train-loss-noise", self._release_context(arrays))
+                pol = guard.policy
+                loss, std = release_mean_loss(
+                    losses, pol.metrics_loss_bound, pol.metrics_noise_multiplier, rng
+                )
+                charged = guard.charge_release(pol.metrics_noise_multiplier, "its training loss")
+                metrics.update({Metric.TRAIN_LOSS: loss, Metric.LOSS_NOISE_STD: std})
+                metrics[Metric.EPSILON] = charged[Metric.EPSILON]
+                metrics[Metric.EPSILON_ROUND] = (
+                    metrics.get(Metric.EPSILON_ROUND, 0.0) + charged[Metric.EPSILON_ROUND]
+                )
+            else:
+                metrics[Metric.WITHHELD] = 1.0
         return new, metrics
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
-        """Evaluate the global weights on the site's test split.
+    def _release_context(self, arrays: dict[str, np.ndarray]) -> dict:
+        """What a metric release's noise seed depends on (with the site's secret key)."""
+        return self.guard.release_context(
+            arrays, self.data.x_test, self.data.y_test, self.request.run_id, self.request.nonce
+        )
 
-        Under ``site`` normalisation the site trains on its own z-scores, but the registered
-        model standardises with the pooled statistics the coordinator sends (a consumer has
-        no site); evaluating with those reports the accuracy the registered model gives.
+    @staticmethod
+    @torch.no_grad()
+    def _losses(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-record cross-entropy of ``model`` on ``(x, y)``."""
+        model.eval()
+        out = model(torch.as_tensor(x, dtype=torch.float32))
+        return torch.nn.functional.cross_entropy(out, torch.as_tensor(y), reduction="none").numpy()
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
+        """Evaluate the global weights on the site's test split, released as the policy says.
+
+        ``"exact"``: loss and accuracy as computed. ``"dp"``: the correct count and the
+        clamped loss sum with Gaussian noise, charged to the ledger before this returns.
+        ``"withheld"``: only the number of test records (and ``metrics-withheld``).
         """
+        guard = self.guard
+        release = guard.metrics_release
+        n = self.data.n_test
+        if release == "withheld":
+            return {Metric.NUM_EXAMPLES: n, Metric.WITHHELD: 1.0}
+        guard.check_split_size("test", n)
+        # Under ``site`` normalisation the site trains on its own z-scores, but the registered
+        # model standardises with the pooled statistics the coordinator sends (a consumer has
+        # no site); evaluating with those reports the accuracy the registered model gives.
         pooled = self.request.norm_stats if self.task.normalisation == "site" else None
         if pooled:
             with phase("load"):
@@ -154,10 +206,84 @@ class SiteRuntime:
             x = self._x(self.data.x_test)
         with phase("evaluate"):
             model = self.build_model(arrays)
-            return evaluate(model, x, self.data.y_test)
+            if release == "exact":
+                return evaluate(model, x, self.data.y_test)
+            losses = self._losses(model, x, self.data.y_test)
+            with torch.no_grad():
+                pred = model(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy()
+        with phase("privacy"):
+            pol = guard.policy
+            rng = guard.noise_rng("evaluation-noise", self._release_context(arrays))
+            noisy = release_evaluation(
+                (pred == self.data.y_test).astype(np.float64),
+                losses,
+                pol.metrics_loss_bound,
+                pol.metrics_noise_multiplier,
+                rng,
+            )
+            charged = guard.charge_release(pol.metrics_noise_multiplier, "its evaluation")
+        return {
+            Metric.LOSS: noisy["loss"],
+            Metric.ACCURACY: noisy["accuracy"],
+            Metric.NUM_EXAMPLES: n,
+            Metric.ACCURACY_NOISE_STD: noisy["accuracy-noise-std"],
+            Metric.LOSS_NOISE_STD: noisy["loss-noise-std"],
+            **charged,
+        }
 
     def moments(self) -> dict[str, Any]:
-        """Per-feature sums and counts of the training split (consortium normalisation)."""
-        self.guard.check_statistics()
-        m = self.data.train_moments()
-        return {"count": int(m.count), "sum": m.sum.tolist(), "sumsq": m.sumsq.tolist()}
+        """Noisy per-feature sums and sums of squares of the training split, charged.
+
+        Consortium normalisation: each feature is clamped to its bounds (the schema's
+        ``bounds`` for numeric columns, [0, 1] for one-hot columns and image channels), the
+        sums get Gaussian noise (policy ``statistics_noise_multiplier``), the release is
+        charged to the ledger and recorded as this study's one answer before this returns.
+        """
+        guard = self.guard
+        guard.check_statistics()
+        guard.check_split_size("training", self.data.n_train)
+        low, high = self._bounds()
+        sigma = guard.policy.statistics_noise_multiplier
+        rng = guard.noise_rng(
+            "statistics-noise",
+            {"study": guard.study, **self._release_context({})},
+        )
+        out = release_moments(self.data.x_train, low, high, sigma, rng)
+        charged = guard.charge_release(sigma, "consortium statistics")
+        out["dp"] = {
+            "epsilon": charged[Metric.EPSILON],
+            "epsilon_release": charged[Metric.EPSILON_ROUND],
+            "delta": float(self.spec.dp.delta),
+            "noise_multiplier": sigma,
+        }
+        guard.record_statistics({"epsilon": charged[Metric.EPSILON_ROUND]})
+        return out
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature clamping bounds of a statistics release."""
+        if self.task.kind == "image":
+            return np.zeros(1), np.ones(1)  # readers scale every image into [0, 1]
+        schema = self.task.schema_
+        assert schema is not None
+        low, high, missing = [], [], []
+        for name in schema.feature_names():
+            if name in schema.numeric:
+                lo, hi = schema.bounds.get(name, (None, None))
+                if lo is None:
+                    missing.append(name)
+                    lo, hi = 0.0, 1.0
+            else:
+                lo, hi = 0.0, 1.0  # one-hot
+            low.append(lo)
+            high.append(hi)
+        if missing:
+            raise _with_rule(
+                FedHealthError(
+                    f"site {self.profile.name!r} refuses the statistics query of experiment "
+                    f"{self.request.experiment!r}: numeric columns {missing} have no bounds; "
+                    "declare `[task.schema] bounds = {column = [low, high]}` for every numeric "
+                    "column (the noise is calibrated to them)"
+                ),
+                "statistics-bounds",
+            )
+        return np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)

@@ -64,8 +64,14 @@ class PrivacyPolicy:
         Datasets without personal data (synthetic, public): only the
         participation rules apply to them (see :meth:`applies_to`).
     share_statistics : bool
-        Answer consortium-normalisation queries (exact per-feature sums, sums of
-        squares and counts of the training split; no DP guarantee covers them).
+        Answer consortium-normalisation queries (per-feature sums and sums of squares of
+        the training split, clamped and noised under DP, charged; once per study).
+    min_split_records : int
+        Fewest records in a split anything is computed on or released from.
+    release_metrics : str or None
+        ``"dp"``, ``"withheld"`` or ``"exact"`` (see :meth:`metrics_release`).
+    metrics_noise_multiplier, metrics_loss_bound, statistics_noise_multiplier : float
+        The Gaussian mechanisms of metric and statistics releases.
     """
 
     require_dp: bool = True
@@ -77,7 +83,19 @@ class PrivacyPolicy:
     allowed_models: list[str] | None = None
     require_he: bool = False
     exempt_datasets: tuple[str, ...] = ()
-    share_statistics: bool = True
+    share_statistics: bool = False
+    min_split_records: int = 50
+    release_metrics: str | None = None  # "dp" | "withheld" | "exact"; None: by dataset
+    metrics_noise_multiplier: float = 5.0
+    metrics_loss_bound: float = 5.0
+    statistics_noise_multiplier: float = 5.0
+
+    def metrics_release(self, dataset: str) -> str:
+        """How metrics computed on ``dataset`` leave the site: ``"dp"``, ``"withheld"`` or
+        ``"exact"`` (``release_metrics``; by default ``"dp"``, ``"exact"`` if exempt)."""
+        if self.release_metrics is not None:
+            return self.release_metrics
+        return "dp" if self.applies_to(dataset) else "exact"
 
     def applies_to(self, dataset: str) -> bool:
         """Whether the DP rules and ε caps apply to ``dataset`` (not exempt).
