@@ -127,6 +127,12 @@ class PrivacyPolicySection(_Strict):
         description="Answer consortium-normalisation queries: exact per-feature sums, sums of "
         "squares and the count of the training split, outside any DP guarantee.",
     )
+    min_cell_count: int = Field(
+        5,
+        ge=1,
+        description="Analytics: refuse an analysis whose count/crosstab cell, or whose "
+        "records behind any other query (per survival group), number fewer than this.",
+    )
 
 
 class KeysSection(_Strict):
