@@ -18,6 +18,7 @@ from fedhealth.analytics.pooling import pool_analysis
 from fedhealth.analytics.site_queries import AnalysisRefused, answer_analysis
 from fedhealth.config.analysis import load_analysis_with_sites
 from fedhealth.config.site import SiteProfile
+from fedhealth.errors import FederationError
 
 
 def run_analysis_local(
@@ -65,6 +66,12 @@ def run_analysis_local(
             refused[profile.name] = {"rule": exc.rule, "message": str(exc)}
             continue
         releases.append(json.loads(json.dumps(release)))
+    if len(releases) < cfg.analysis.min_sites:
+        why = "; ".join(f"{site}: {r['rule']}" for site, r in refused.items())
+        raise FederationError(
+            f"analysis {cfg.name!r}: {len(releases)} of {len(sites)} sites answered, fewer "
+            f"than min_sites = {cfg.analysis.min_sites} (refused: {why or 'none'})"
+        )
     result = pool_analysis(cfg.spec(), releases, min_sites=cfg.analysis.min_sites)
     result["refused"] = refused
     result["description"] = cfg.analysis.description
