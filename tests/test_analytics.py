@@ -70,7 +70,8 @@ min_sites = 2
 [columns]
 age = {{ type = "numeric", lower = 20, upper = 90 }}
 sex = {{ type = "categorical", categories = {{ "0" = "female", "1" = "male" }} }}
-num = {{ type = "categorical", categories = {{ "0" = "no", "1" = "yes", "2" = "yes", "3" = "yes", "4" = "yes" }} }}
+num = {{ type = "categorical", categories = {{ "0" = "no", "1" = "yes", "2" = "yes", \
+"3" = "yes", "4" = "yes" }} }}
 
 [privacy]
 epsilon = {eps}
@@ -276,7 +277,9 @@ def test_results_go_to_mlflow_with_plots_and_per_site_epsilon(project, tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = log_to_mlflow(r, uri)
     run = mlflow.MlflowClient(uri).get_run(run_id)
-    assert run.data.metrics["epsilon.tcga-canada"] == pytest.approx(r["epsilon_per_site"]["tcga-canada"])
+    assert run.data.metrics["epsilon.tcga-canada"] == pytest.approx(
+        r["epsilon_per_site"]["tcga-canada"]
+    )
     files = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id)}
     assert {"result.json", "overall-survival.csv", "overall-survival.png"} <= files
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="result.json",

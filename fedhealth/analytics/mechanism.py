@@ -6,8 +6,8 @@ It gets Gaussian noise of standard deviation ``σ_q · Δ_q``. In Rényi DP a
 Gaussian with noise multiplier σ costs ``α / (2σ²)`` at every order α, so the
 queries of one analysis compose *exactly* into a single Gaussian with
 ``σ_eff = (Σ_q σ_q⁻²)^(-1/2)``; its ε is computed by the project's accountant
-(Opacus RDP, :func:`fedhealth.privacy.dp.accounting.epsilon_for_history` with
-sample rate 1 and one step).
+(Opacus's RDP conversion, as :func:`fedhealth.privacy.dp.accounting.epsilon_for_history`
+with sample rate 1 and one step, over a wider grid of orders).
 
 Budget split: the analysis's ε gives a total "ρ" = 1/(2σ_total²); queries with
 their own ε take ρ_q = 1/(2σ_q²) of it, and the others share what is left
@@ -17,14 +17,38 @@ equally.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from fedhealth.privacy.dp.accounting import epsilon_for_history, noise_for_target
+import numpy as np
+
+#: Opacus's RDP orders plus large ones: a small ε (a large σ) is tightest at a large order.
+ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + [80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 4096]
+)
+
+
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """ε of one Gaussian release with noise multiplier σ (RDP α/(2σ²), Opacus's conversion).
+
+    This is what Opacus's RDP accountant computes for sample rate 1 and one step
+    (:func:`fedhealth.privacy.dp.accounting.epsilon_for_history`), over a wider grid of
+    orders so that small ε are not overstated.
+    """
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = np.asarray(ORDERS, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")  # bound stays valid
+        eps, _ = get_privacy_spent(orders=orders, rdp=orders / (2.0 * sigma**2), delta=delta)
+    return float(eps)
 
 
 def sigma_for_epsilon(epsilon: float, delta: float) -> float:
-    """Noise multiplier of one Gaussian release (sensitivity 1) spending ``epsilon``.
+    """Smallest noise multiplier of one Gaussian release (sensitivity 1) within ``epsilon``.
 
     Parameters
     ----------
@@ -34,10 +58,15 @@ def sigma_for_epsilon(epsilon: float, delta: float) -> float:
     Returns
     -------
     float
-        σ with ``epsilon_for_history([(σ, 1, 1)], δ) <= epsilon`` (Opacus's search,
-        tolerance 0.01 in ε).
+        σ with ``gaussian_epsilon(σ, δ) <= epsilon`` (bisection to relative 1e-6).
     """
-    return noise_for_target(epsilon, delta, 1.0, 1, "rdp")
+    lo, hi = 1e-3, 1e4
+    if gaussian_epsilon(hi, delta) > epsilon:
+        raise ValueError(f"ε = {epsilon:g} is unreachable (δ = {delta:g})")
+    while hi / lo > 1 + 1e-6:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if gaussian_epsilon(mid, delta) > epsilon else (lo, mid)
+    return hi
 
 
 def plan_noise(queries: Sequence[Any], privacy: Any) -> list[float]:
@@ -99,7 +128,7 @@ def analysis_epsilon(sigmas: Sequence[float], delta: float) -> float:
     -------
     float
     """
-    return epsilon_for_history([(effective_sigma(sigmas), 1.0, 1)], delta, "rdp")
+    return gaussian_epsilon(effective_sigma(sigmas), delta)
 
 
 def sensitivity(query: Any, columns: dict[str, Any]) -> float:

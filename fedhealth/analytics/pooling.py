@@ -92,8 +92,12 @@ def pool_analysis(
         held = {r["site"]: p["withheld"] for r, p in zip(releases, parts, strict=True)
                 if "withheld" in p}  # fmt: skip
         if len(answered) < min_sites:
-            out[name] = {"kind": q.kind, "withheld_by": held, "answered": len(answered),
-                         "suppressed": f"fewer than min_sites = {min_sites} sites answered"}  # fmt: skip
+            out[name] = {
+                "kind": q.kind,
+                "withheld_by": held,
+                "answered": len(answered),
+                "suppressed": f"fewer than min_sites = {min_sites} sites answered",
+            }
             continue
         q_sites = [r["site"] for r, _ in answered]
         parts = [p for _, p in answered]

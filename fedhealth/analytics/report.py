@@ -233,7 +233,8 @@ def log_to_mlflow(result: dict[str, Any], tracking_uri: str | None = None,
         for site, eps in result["epsilon_per_site"].items():
             mlflow.log_metric(f"epsilon.{site}", eps)
             mlflow.log_metric(
-                f"epsilon_dataset_lifetime.{site}", result["epsilon_dataset_lifetime_per_site"][site]
+                f"epsilon_dataset_lifetime.{site}",
+                result["epsilon_dataset_lifetime_per_site"][site],
             )
         with tempfile.TemporaryDirectory() as tmp:
             write_artifacts(result, Path(tmp))

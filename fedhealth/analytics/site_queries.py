@@ -12,7 +12,9 @@ failed rule with :class:`AnalysisRefused` (whose ``rule`` names it):
 4. read the declared columns (no other) of the site's dataset, apply the cohort,
    compute each query's exact statistics;
 5. ``min_cell_count``: every count/crosstab cell, and the records behind every other
-   query (per Kaplan-Meier group), must reach the site's minimum;
+   query (per Kaplan-Meier group), must reach the site's minimum; a query that does not
+   is withheld (neither charged nor released), and if every query is, the analysis is
+   refused;
 6. charge the ledger (committed and fsynced);
 7. only then add the Gaussian noise and return the release.
 
@@ -42,7 +44,6 @@ from fedhealth.analytics.mechanism import (
 )
 from fedhealth.config.analysis import (
     AnalysisSpec,
-    BinaryColumn,
     CategoricalColumn,
     NumericColumn,
 )
@@ -154,16 +155,12 @@ def _image_labels(source: Any) -> list[str]:
 def _parse(site: str, name: str, decl: Any, series: pd.Series, na: set[str]) -> np.ndarray:
     raw = series.to_numpy(dtype=object)
     text = np.array([None if v is None else str(v).strip() for v in raw], dtype=object)
-    missing = np.array(
-        [t is None or t in na or t.lower() == "nan" for t in text], dtype=bool
-    )
+    missing = np.array([t is None or t in na or t.lower() == "nan" for t in text], dtype=bool)
     if isinstance(decl, NumericColumn):
         vals = pd.to_numeric(pd.Series(np.where(missing, None, text)), errors="coerce")
         out = np.array(vals.to_numpy(dtype=np.float64, na_value=np.nan), copy=True)
         if np.any(np.isnan(out) & ~missing):
-            raise AnalysisRefused(
-                site, "data", f"column {name!r} holds cells that are not numbers"
-            )
+            raise AnalysisRefused(site, "data", f"column {name!r} holds cells that are not numbers")
         out[np.isin(out, np.asarray(decl.na_values, dtype=np.float64))] = np.nan
         out[~np.isfinite(out)] = np.nan
         return out
@@ -212,14 +209,17 @@ def cohort_mask(spec: AnalysisSpec, table: dict[str, np.ndarray]) -> np.ndarray:
                 hit = present & np.isin(x, np.asarray(p.value, dtype=np.float64))
             else:
                 v = float(p.value)
-                hit = present & {
-                    "==": x == v,
-                    "!=": x != v,
-                    "<": x < v,
-                    "<=": x <= v,
-                    ">": x > v,
-                    ">=": x >= v,
-                }[p.op]
+                hit = (
+                    present
+                    & {
+                        "==": x == v,
+                        "!=": x != v,
+                        "<": x < v,
+                        "<=": x <= v,
+                        ">": x > v,
+                        ">=": x >= v,
+                    }[p.op]
+                )
         else:
             present = np.array([v is not None for v in col], dtype=bool)
             if p.op == "not null":
@@ -576,7 +576,5 @@ def _answer(
 def is_finite_release(release: dict[str, Any]) -> bool:
     """Whether every released number is finite (a coordinator's sanity check)."""
     return all(
-        math.isfinite(v)
-        for q in release.get("queries", {}).values()
-        for v in q.get("values", [])
+        math.isfinite(v) for q in release.get("queries", {}).values() for v in q.get("values", [])
     )

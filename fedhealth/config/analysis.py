@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -117,9 +118,7 @@ class BinaryColumn(_Strict):
         return out
 
 
-Column = Annotated[
-    NumericColumn | CategoricalColumn | BinaryColumn, Field(discriminator="type")
-]
+Column = Annotated[NumericColumn | CategoricalColumn | BinaryColumn, Field(discriminator="type")]
 
 # -- cohort ----------------------------------------------------------------------------
 
@@ -162,9 +161,7 @@ class CohortSection(_Strict):
 
 
 class _Query(_Strict):
-    name: str | None = Field(
-        None, description="Name in the results (default: kind and columns)."
-    )
+    name: str | None = Field(None, description="Name in the results (default: kind and columns).")
     epsilon: float | None = Field(
         None,
         gt=0,
@@ -261,7 +258,7 @@ class KaplanMeierQuery(_Query):
     @field_validator("grid")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
-        if not v or v[0] <= 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+        if not v or v[0] <= 0 or any(b <= a for a, b in pairwise(v)):
             raise ValueError("grid must be a non-empty list of increasing times above 0")
         if len(v) > 500:
             raise ValueError("grid has more than 500 points")
@@ -272,12 +269,7 @@ class KaplanMeierQuery(_Query):
 
 
 Query = Annotated[
-    CountQuery
-    | MissingnessQuery
-    | MeanQuery
-    | HistogramQuery
-    | QuantilesQuery
-    | KaplanMeierQuery,
+    CountQuery | MissingnessQuery | MeanQuery | HistogramQuery | QuantilesQuery | KaplanMeierQuery,
     Field(discriminator="kind"),
 ]
 
@@ -421,9 +413,14 @@ def _check_queries(
                 "own; set `privacy.epsilon` (for the whole analysis) or each query's `epsilon`"
             )
     else:
-        from fedhealth.analytics.mechanism import plan_noise
-
-        plan_noise(queries, privacy)  # raises ValueError if the shares do not fit
+        # A quick check (sites plan the exact split in Rényi DP and refuse what does not fit).
+        own = [q.epsilon for q in queries if q.epsilon is not None]
+        if own and len(own) < len(queries) and max(own) >= privacy.epsilon:
+            raise ValueError(
+                f"the queries' own `epsilon` values use up `privacy.epsilon` = "
+                f"{privacy.epsilon:g}, leaving nothing for the queries without one; raise "
+                "`privacy.epsilon` or lower the queries' own"
+            )
 
 
 def _check_bins(bins: list[float] | int, decl: NumericColumn, where: str) -> None:
@@ -431,7 +428,7 @@ def _check_bins(bins: list[float] | int, decl: NumericColumn, where: str) -> Non
         if not 1 <= bins <= 1000:
             raise ValueError(f"{where}: between 1 and 1000 bins")
         return
-    if len(bins) < 2 or any(b <= a for a, b in zip(bins, bins[1:], strict=False)):
+    if len(bins) < 2 or any(b <= a for a, b in pairwise(bins)):
         raise ValueError(f"{where}: bin edges must be at least two increasing numbers")
     if len(bins) > 1001:
         raise ValueError(f"{where}: more than 1000 bins")
