@@ -170,6 +170,35 @@ def _environment() -> list[str]:
     return [*out, ""]
 
 
+def render_analysis_reference() -> str:
+    """The Markdown reference of analysis configs (``experiments/*.analysis.toml``)."""
+    from fedhealth.config import analysis as a
+
+    out = [
+        "# Analysis config reference",
+        "",
+        "Generated from the schema (`python -m fedhealth.config.reference --analysis > "
+        "docs/analysis-reference.md`). Unknown keys are errors. Relative paths are relative "
+        "to the file that contains them. How the numbers are protected: docs/privacy.md.",
+        "",
+    ]
+    _section(a.AnalysisSection, "analysis", out)
+    out += ["### `[columns.<name>]`", "", "The analysis's schema; `type` selects one of:", ""]
+    for col in (a.NumericColumn, a.CategoricalColumn, a.BinaryColumn):
+        kind = typing.get_args(col.model_fields["type"].annotation)[0]
+        _section(col, f'columns.<name>] type = "{kind}" [', out)
+    _section(a.CohortSection, "cohort", out)
+    _section(a.Predicate, "cohort.where[]", out)
+    out += ["### `[[queries]]`", "", "One table per query; `kind` selects one of:", ""]
+    for q in (a.CountQuery, a.MissingnessQuery, a.MeanQuery, a.HistogramQuery,
+              a.QuantilesQuery, a.KaplanMeierQuery):  # fmt: skip
+        kind = typing.get_args(q.model_fields["kind"].annotation)[0]
+        _section(q, f'[queries]] kind = "{kind}" [', out)
+    _section(a.AnalysisPrivacySection, "privacy", out)
+    _section(a.AnalysisTrackingSection, "tracking", out)
+    return "\n".join(out).rstrip() + "\n"
+
+
 def _unwrap(ann: Any) -> type[BaseModel]:
     for a in (ann, *typing.get_args(ann)):
         if isinstance(a, type) and issubclass(a, BaseModel):
@@ -178,4 +207,6 @@ def _unwrap(ann: Any) -> type[BaseModel]:
 
 
 if __name__ == "__main__":
-    print(render_reference(), end="")
+    import sys
+
+    print(render_analysis_reference() if "--analysis" in sys.argv else render_reference(), end="")

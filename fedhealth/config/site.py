@@ -137,6 +137,12 @@ class PrivacyPolicySection(_Strict):
         description="σ of the consortium statistics release (noise std / L2 sensitivity of "
         "the clamped, range-scaled sums and sums of squares).",
     )
+    min_cell_count: int = Field(
+        5,
+        ge=1,
+        description="Analytics: refuse an analysis whose count/crosstab cell, or whose "
+        "records behind any other query (per survival group), number fewer than this.",
+    )
     approval: str = Field(
         "rules",
         pattern=r"^(rules|manual)$",

@@ -222,6 +222,27 @@ def read_table(path: Path, schema: TabularSchema) -> TabularData:
     return _encode(frame, schema, path, where)
 
 
+def read_raw_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A table's cells as stored, unparsed (CSV cells as text), blank lines dropped.
+
+    For readers that parse columns themselves (e.g. the analytics, which report
+    missingness instead of dropping or imputing).
+
+    Parameters
+    ----------
+    path : Path
+        ``.csv``, ``.data``, ``.txt``, ``.parquet`` or ``.pq``.
+    columns : list of str, optional
+        Column names of a header-less CSV.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    schema = TabularSchema(numeric=[], categorical={}, label="", columns=columns)
+    return _load_frame(Path(path), schema)[0]
+
+
 def encode_frame(
     frame: pd.DataFrame, schema: TabularSchema, origin: str, row_names: list[str] | None = None
 ) -> TabularData:
