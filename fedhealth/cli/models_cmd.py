@@ -56,7 +56,7 @@ def show(
     table = Table(title=f"{v['name']} version {v['version']}", show_header=False)
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_row("load with", f'mlflow.pytorch.load_model("{v["uri"]}")')
+    table.add_row("load with", f'mlflow.pyfunc.load_model("{v["uri"]}")')
     table.add_row("run", v["run_id"])
     table.add_row("created", created)
     table.add_row("source", v["source"])

@@ -188,7 +188,7 @@ def print_summary(console: Console, s: RunSummary) -> None:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "
             f"[bold green]{s.version}[/]  ->  "
-            f'mlflow.pytorch.load_model("models:/{s.registered_model}/{s.version}")',
+            f'mlflow.pyfunc.load_model("models:/{s.registered_model}/{s.version}")',
             soft_wrap=True,
         )
 

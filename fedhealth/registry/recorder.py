@@ -17,6 +17,7 @@ import json
 import logging
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -517,6 +518,13 @@ class RunRecorder:
             )
 
             def log() -> None:
+                with warnings.catch_warnings():
+                    # MLflow compares a DataFrame's columns with a range while checking the
+                    # example, which pandas 3 deprecates: MLflow's to fix, not the user's.
+                    warnings.filterwarnings("ignore", message=r"Operation with range is deprecated")
+                    _log_pyfunc()
+
+            def _log_pyfunc() -> None:
                 mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(MODEL_CODE),  # code, not a pickle
