@@ -90,6 +90,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
         MAX_CONTENT_LENGTH=64 * 1024,
     )
     CSRFProtect(app)
+    app.jinja_env.filters["num"] = views.number
     throttle = _Throttle()
 
     def site() -> SiteProfile:

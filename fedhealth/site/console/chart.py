@@ -8,8 +8,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-W, H = 640, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 150, 16, 40
+W, H = 780, 260
+LEFT, RIGHT, TOP, BOTTOM = 56, 230, 16, 40
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
@@ -53,7 +53,7 @@ def spend_chart(
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" '
         f'height="{H}" role="img" aria-label="cumulative epsilon of {escape(dataset)}">',
-        f'<title>ε spent on {escape(dataset)}, charge by charge</title>',
+        f"<title>ε spent on {escape(dataset)}, charge by charge</title>",
         f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>',
     ]
     for k in range(5):  # horizontal grid with ε labels
@@ -67,9 +67,7 @@ def spend_chart(
     path = [f"M {x(0):.1f} {y(0):.1f}"]
     for i, (_, total) in enumerate(points):
         path.append(f"V {y(total):.1f} H {x(i + 1):.1f}")
-    parts.append(
-        f'<path d="{" ".join(path)}" fill="none" stroke="{PALETTE[0]}" stroke-width="2"/>'
-    )
+    parts.append(f'<path d="{" ".join(path)}" fill="none" stroke="{PALETTE[0]}" stroke-width="2"/>')
     for i, (e, total) in enumerate(points):
         parts.append(
             f'<circle cx="{x(i + 1):.1f}" cy="{y(total):.1f}" r="3" fill="{PALETTE[0]}">'

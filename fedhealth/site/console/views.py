@@ -26,6 +26,13 @@ def _eps(x: float | None) -> str:
     return "unbounded" if math.isinf(x) else f"{x:.4g}"
 
 
+def number(x: Any) -> str:
+    """A float to 4 significant digits (``unbounded`` for infinity); anything else as text."""
+    if isinstance(x, float):
+        return _eps(x)
+    return "none" if x is None else str(x)
+
+
 def when(ts: Any) -> str:
     """A UNIX time or ISO timestamp as ``YYYY-MM-DD HH:MM:SS UTC``."""
     try:
@@ -51,7 +58,9 @@ def policy_sentences(profile: SiteProfile) -> list[str]:
         "Differential privacy is required for every training round."
         if p.require_dp
         else "Rounds without differential privacy are accepted.",
-        "Encrypted aggregation is required." if p.require_he else "Encrypted aggregation is optional.",
+        "Encrypted aggregation is required."
+        if p.require_he
+        else "Encrypted aggregation is optional.",
     ]
     if p.min_noise_multiplier:
         out.append(f"DP-SGD needs a noise multiplier of at least {p.min_noise_multiplier:g}.")
@@ -108,9 +117,11 @@ def _count(kind: str, path: str, mtime: float, options: str) -> str:
 
         with np.load(path) as z:
             split = opts.get("split", "all")
-            keys = [k for k in z.files if k.endswith("_labels")] if split == "all" else [
-                f"{split}_labels"
-            ]
+            keys = (
+                [k for k in z.files if k.endswith("_labels")]
+                if split == "all"
+                else [f"{split}_labels"]
+            )
             return f"{sum(len(z[k]) for k in keys):,} images"
     return ""
 
@@ -161,9 +172,8 @@ def connection(profile: SiteProfile, profile_path: Path | None) -> dict[str, str
             continue
         if marker in argv and any(a.endswith(b"flower-supernode") for a in argv[:2]):
             found.append(entry.name)
-    from fedhealth.deploy.site import log_path
-
-    log = log_path(profile)
+    # fedhealth.deploy.site.log_path (not imported: deploy imports the site package)
+    log = profile.workspace / "logs" / "supernode.log"
     seen = f"; its log {log} was last written {when(log.stat().st_mtime)}" if log.exists() else ""
     if found:
         return {"state": "running", "detail": f"SuperNode process {', '.join(found)}{seen}"}
