@@ -145,3 +145,61 @@ def deny(
 ) -> None:
     """Decline a study: the coordinator is told `study-declined`, never why."""
     _decide(profile, study, "declined", by)
+
+
+@app.command("console")
+@guarded
+def console_cmd(
+    profile: Path = typer.Argument(..., help="The site profile (sites/NAME.toml)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (keep 127.0.0.1: there is no TLS)."
+    ),
+    port: int = typer.Option(8765, "--port", help="Port to listen on (0: any free port)."),
+    read_only_token: bool = typer.Option(
+        False, "--read-only-token", help="Also print a token for viewers who cannot decide."
+    ),
+    set_password: bool = typer.Option(
+        False,
+        "--set-password",
+        help="Set the operator password (asked twice; stored hashed, mode 0600), then exit.",
+    ),
+) -> None:
+    """Serve the site console: a local web page with the site's policy, datasets, study
+    requests (approve or deny), privacy spend and audit log."""
+    from rich.markup import escape
+    from werkzeug.serving import make_server
+
+    from fedhealth.config.site import load_site
+    from fedhealth.site.console.app import create_app
+    from fedhealth.site.console.auth import Secrets
+    from fedhealth.site.console.auth import set_password as store_password
+
+    site = load_site(profile)
+    if set_password:
+        password = typer.prompt("Console password", hide_input=True, confirmation_prompt=True)
+        path = store_password(site, password)
+        console.print(f"password stored hashed in {escape(str(path))} (mode 0600)", highlight=False)
+        return
+    keys = Secrets.generate(site, read_only=read_only_token)
+    server = make_server(host, port, create_app(profile, keys), threaded=True)
+    url = f"http://{host}:{server.server_port}/"
+    console.print(f"[green]site {escape(site.name)}[/]: console at {url}", highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            "[red]warning:[/] listening beyond this machine without TLS: the token crosses the "
+            "network in clear; prefer an SSH tunnel to 127.0.0.1",
+            highlight=False,
+        )
+    console.print(f"  operator login token: {keys.token}", highlight=False)
+    if keys.read_only_token:
+        console.print(f"  read-only login token: {keys.read_only_token}", highlight=False)
+    if keys.password_hash:
+        console.print("  or log in with the operator password", highlight=False)
+    console.print("Ctrl-C stops the console; the tokens end with it.")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    console.print(f"site {escape(site.name)}: console stopped")
