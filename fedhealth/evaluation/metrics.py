@@ -114,7 +114,7 @@ def figures(
         recall = tp / P[..., None]
         precision = np.where(tp + fp > 0.5, np.clip(tp / (tp + fp), 0, 1), 1.0)
         auprc = np.clip(((recall[..., :-1] - recall[..., 1:]) * precision[..., :-1]).sum(-1), 0, 1)
-        k = int(round(float(threshold) * bins))
+        k = round(float(threshold) * bins)
         accuracy = np.clip((tp[..., k] + N - fp[..., k]) / (P + N), 0, 1)
         sensitivity = np.clip(tp[..., k] / P, 0, 1)
         specificity = np.clip((N - fp[..., k]) / N, 0, 1)
@@ -138,7 +138,12 @@ def figures(
 
 
 def _replicates(
-    pos: np.ndarray, neg: np.ndarray, ss: np.ndarray, std: float, reps: int, rng: np.random.Generator
+    pos: np.ndarray,
+    neg: np.ndarray,
+    ss: np.ndarray,
+    std: float,
+    reps: int,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bootstrap replicates (reps, bins) of one site's released histograms."""
     p, n = np.clip(pos, 0, None), np.clip(neg, 0, None)
@@ -146,7 +151,7 @@ def _replicates(
     mean = np.where(count > 0, ss / np.maximum(count, 1e-12), 0.0)
     out = []
     for h in (p, n):
-        total = int(round(h.sum()))
+        total = round(float(h.sum()))
         share = h / h.sum() if h.sum() > 0 else np.full(h.size, 1.0 / h.size)
         out.append(rng.multinomial(total, share, size=reps).astype(np.float64))
     bp, bn = out
@@ -160,7 +165,7 @@ def _summary(point: dict[str, np.ndarray], boot: dict[str, np.ndarray]) -> dict[
     out = {}
     for name in METRICS:
         reps = boot[name][np.isfinite(boot[name])]
-        low, high = (np.percentile(reps, [2.5, 97.5]) if reps.size else (np.nan, np.nan))
+        low, high = np.percentile(reps, [2.5, 97.5]) if reps.size else (np.nan, np.nan)
         out[name] = {"value": float(point[name]), "low": float(low), "high": float(high)}
     return out
 
