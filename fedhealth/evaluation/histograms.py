@@ -1,22 +1,21 @@
-"""A site's validation release: score histograms per class and score sums per bin.
+"""A site's validation release: score histograms per class, counts only.
 
 Every record of the evaluated split falls in one of :data:`BINS` equal-width bins of its
 predicted probability of the positive class. The release is, per bin, the number of
-positive records, the number of negative records and the sum of the predicted
-probabilities (for calibration and the Brier score). From it the coordinator reads the
-confusion counts at every threshold ``k / BINS``, the ROC and PR curves and the
-calibration bins; no value of any single record leaves the site.
+positive and of negative records. From it the coordinator reads the confusion counts at
+every threshold ``k / BINS``, the ROC and PR curves and the calibration bins (each bin's
+scores taken at its centre). No score of any record leaves the site: an earlier design
+also released each bin's score sum, and the test of the reply showed that a bin holding
+one record released that record's score exactly (``tests/test_validation.py``).
 
-Under DP (policy ``release_metrics = "dp"``) each record's contribution is the vector
-``(1 in its class's bin, its score in the bin's score sum)``, of L2 norm at most
-``sqrt(2)``; Gaussian noise of std ``σ · sqrt(2)`` is added to every coordinate
-(:func:`fedhealth.privacy.dp.release.noisy_bounded_sums`) and the release is charged to the
-site's ledger as one Gaussian-mechanism step ``(σ, q = 1, 1 step)``.
+Under DP (policy ``release_metrics = "dp"``) each record's contribution is a one-hot
+vector (1 in its class's bin), of L2 norm 1; Gaussian noise of std ``σ`` is added to every
+coordinate (:func:`fedhealth.privacy.dp.release.noisy_bounded_sums`) and the release is
+charged to the site's ledger as one Gaussian-mechanism step ``(σ, q = 1, 1 step)``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,8 @@ from fedhealth.errors import FedHealthError
 BINS = 100
 #: Bins of a DP release: fewer, so that less noise piles up over the empty ones.
 DP_BINS = 20
-#: L2 bound of one record's contribution (one count and one score <= 1).
-L2_BOUND = math.sqrt(2.0)
+#: L2 bound of one record's contribution (a single count).
+L2_BOUND = 1.0
 
 
 def bin_of(scores: np.ndarray, bins: int = BINS) -> np.ndarray:
@@ -38,7 +37,7 @@ def bin_of(scores: np.ndarray, bins: int = BINS) -> np.ndarray:
 
 
 def contributions(scores: np.ndarray, labels: np.ndarray, bins: int = BINS) -> np.ndarray:
-    """Per-record contribution rows (n, 3·bins): positives, negatives, score sums."""
+    """Per-record contribution rows (n, 2·bins): one-hot in positives or negatives."""
     s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     y = np.asarray(labels).astype(np.int64)
     if s.shape != y.shape or s.ndim != 1:
@@ -47,9 +46,8 @@ def contributions(scores: np.ndarray, labels: np.ndarray, bins: int = BINS) -> n
         raise FedHealthError("validation needs binary labels (0 or 1)")
     b = bin_of(s, bins)
     rows = np.arange(s.size)
-    out = np.zeros((s.size, 3 * bins))
+    out = np.zeros((s.size, 2 * bins))
     out[rows, np.where(y == 1, b, bins + b)] = 1.0
-    out[rows, 2 * bins + b] = s
     return out
 
 
@@ -79,8 +77,8 @@ def release(
     -------
     dict
         ``bins``, ``n`` (records evaluated, exact as every reply's ``num-examples``),
-        ``pos``, ``neg``, ``score_sum`` (lists of ``bins`` floats) and ``noise_std`` (the
-        std of the noise on each coordinate; 0 when exact). Only aggregates: never a score.
+        ``pos``, ``neg`` (lists of ``bins`` floats) and ``noise_std`` (the std of the noise
+        on each coordinate; 0 when exact). Only counts: never a score.
     """
     c = contributions(scores, labels, bins)
     if noise_multiplier is None:
@@ -96,7 +94,6 @@ def release(
         "bins": int(bins),
         "n": int(c.shape[0]),
         "pos": values[:bins].tolist(),
-        "neg": values[bins : 2 * bins].tolist(),
-        "score_sum": values[2 * bins :].tolist(),
+        "neg": values[bins:].tolist(),
         "noise_std": std,
     }

@@ -68,11 +68,20 @@ def run_plots(client: MlflowClient, run_id: str) -> dict[str, bytes]:
     eps = {f"site {s}": k for s, k in sorted(per_site.get("epsilon", {}).items())}
     if eps:
         plots["ε per site over rounds"] = _lines(client, run_id, eps, "ε (cumulative)")
-    for metric, label in (("he-bytes", "bytes"), ("he-encrypt-seconds", "seconds")):
-        he = {f"site {s}": k for s, k in sorted(per_site.get(metric, {}).items())}
-        he.update({k.removeprefix("global/"): k for k in keys if k == f"global/{metric}"})
-        if he:
-            plots[f"encrypted aggregation: {metric} per round"] = _lines(client, run_id, he, label)
+    he_bytes = {k.removeprefix("he/"): k for k in keys if k == "he/bytes_per_site"}
+    if he_bytes:
+        plots["encrypted aggregation: bytes per site per round"] = _lines(
+            client, run_id, he_bytes, "bytes"
+        )
+    he_time = {
+        k.removeprefix("he/"): k
+        for k in keys
+        if k.startswith("he/") and k.endswith("_seconds") and "roundtrip" not in k
+    }
+    if he_time:
+        plots["encrypted aggregation: seconds per round"] = _lines(
+            client, run_id, he_time, "seconds"
+        )
     return plots
 
 
@@ -145,9 +154,9 @@ def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def _calibration_points(r: dict[str, Any], groups: int = 10) -> tuple[np.ndarray, np.ndarray]:
     pos = np.clip(np.asarray(r["pos"], float), 0, None)
     neg = np.clip(np.asarray(r["neg"], float), 0, None)
-    ss = np.asarray(r["score_sum"], float)
+    centre = (np.arange(pos.size) + 0.5) / pos.size
     idx = np.minimum(np.arange(pos.size) * groups // pos.size, groups - 1)
-    p, n, s = (np.bincount(idx, w, minlength=groups) for w in (pos, neg, ss))
+    p, n, s = (np.bincount(idx, w, minlength=groups) for w in (pos, neg, (pos + neg) * centre))
     keep = p + n >= 1
     return s[keep] / (p + n)[keep], p[keep] / (p + n)[keep]
 
@@ -156,7 +165,7 @@ def validation_plots(result: ValidationResult, folder: Path) -> list[Path]:
     """ROC and calibration curves per site and pooled, from the released histograms."""
     pooled = {
         k: np.sum([np.asarray(r[k], float) for r in result.releases.values()], axis=0)
-        for k in ("pos", "neg", "score_sum")
+        for k in ("pos", "neg")
     }
     same_bins = len({int(r["bins"]) for r in result.releases.values()}) == 1
     curves = dict(sorted(result.releases.items()))
