@@ -179,7 +179,7 @@ def registered(tmp_path):
 
 
 def _result(sites: list[str], seed: int):
-    from fedhealth.coordinator.validation import ValidationResult
+    from fedhealth.evaluation.result import ValidationResult
 
     rng = np.random.default_rng(seed)
     releases = {}

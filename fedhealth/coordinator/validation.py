@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from flwr.serverapp import Grid
 
 from fedhealth.coordinator.exchange import send_and_receive
 from fedhealth.errors import ConfigError, FederationError
-from fedhealth.evaluation.metrics import INTERVAL_METHOD, derive
+from fedhealth.evaluation.metrics import derive
+from fedhealth.evaluation.result import ValidationResult
 from fedhealth.protocol import (
     MessageKind,
     ModelSection,
@@ -130,29 +130,6 @@ class RegisteredModel:
             seed=0,
             rounds=1,
         )
-
-
-@dataclass
-class ValidationResult:
-    """What an evaluation-only study found."""
-
-    model: str
-    version: str
-    experiment: str
-    split: str
-    threshold: float
-    metrics: dict[str, dict[str, Any]]
-    releases: dict[str, dict[str, Any]]
-    epsilon: dict[str, float]
-    refusals: list[Refusal] = field(default_factory=list)
-    finished: float = field(default_factory=time.time)
-    run_id: str = ""
-    interval_method: str = INTERVAL_METHOD
-
-    @property
-    def sites(self) -> list[str]:
-        """The sites that released statistics."""
-        return sorted(self.releases)
 
 
 def run_validation(

@@ -23,7 +23,7 @@ from fedhealth.errors import FederationError
 if TYPE_CHECKING:
     from fedhealth.coordinator.federation import RunSummary
     from fedhealth.coordinator.progress import Observer
-    from fedhealth.coordinator.validation import ValidationResult
+    from fedhealth.evaluation.result import ValidationResult
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"

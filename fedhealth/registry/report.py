@@ -29,7 +29,7 @@ import numpy as np
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from fedhealth.coordinator.validation import ValidationResult
+    from fedhealth.evaluation.result import ValidationResult
 
 REPORT_FILE = "report.html"
 _SITE_KEY = re.compile(r"^site/(?P<site>[^/]+)/(?P<metric>.+)$")

@@ -20,7 +20,7 @@ from fedhealth.registry.model_card import append_validation, render_validation
 from fedhealth.registry.store import ensure_experiment, use_store
 
 if TYPE_CHECKING:
-    from fedhealth.coordinator.validation import ValidationResult
+    from fedhealth.evaluation.result import ValidationResult
 
 EXPERIMENT = "fedhealth-validation"
 COUNT_TAG = "validations"
