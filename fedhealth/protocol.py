@@ -62,6 +62,8 @@ class MessageKind:
     IDENTIFY: Final = f"query.{IDENTIFY_ACTION}"  # which site is this node
     STUDY_ACTION: Final = "study"
     STUDY: Final = f"query.{STUDY_ACTION}"  # has the site approved this study
+    VALIDATE_ACTION: Final = "validate"
+    VALIDATE: Final = f"query.{VALIDATE_ACTION}"  # evaluate a registered model (histograms)
 
 
 class Record:
@@ -76,6 +78,7 @@ class Record:
     HE_REQUEST: Final = "he-request"  # ConfigRecord: a decryption request
     HE_ANSWER: Final = "he-aggregate"  # ArrayRecord: a decrypted aggregate
     STUDY: Final = "study"  # ConfigRecord: a study-status reply (:class:`StudyKey`)
+    VALIDATION: Final = "validation"  # ConfigRecord: a validation request/reply (ValidationKey)
 
 
 class ConfigKey:
@@ -119,6 +122,13 @@ class StudyKey:
 
     HASH: Final = "hash"  # the study hash the site computed (fedhealth.study)
     STATUS: Final = "status"  # "approved" (pending and declined are refusals)
+
+
+class ValidationKey:
+    """Keys of the ``"validation"`` record of a ``query.validate`` request and its reply."""
+
+    SPLIT: Final = "split"  # request: "test" (the site's pinned test split) or "all"
+    RELEASE: Final = "release"  # reply: JSON histograms (fedhealth.evaluation.histograms)
 
 
 class HEKey:

@@ -88,6 +88,34 @@ def validate(
     validate_files(console, files)
 
 
+@app.command()
+@guarded
+def evaluate(
+    model: str = typer.Argument(..., help="The registered version: models:/NAME/VERSION."),
+    sites: list[str] = typer.Option(
+        None, "--sites", help="Site profile(s) to validate at (repeat, or comma-separated)."
+    ),
+    federation: str = typer.Option(
+        None, "--federation", help="Validate at every site of this real federation instead."
+    ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: ./workspace/mlflow)."
+    ),
+    split: str = typer.Option(
+        "test", help="test: each site's pinned test split; all: every record."
+    ),
+    threshold: float = typer.Option(0.5, help="Threshold of accuracy, sensitivity, specificity."),
+    dataset: str = typer.Option(None, help="Dataset name at the sites (default: the model's)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
+) -> None:
+    """External validation of a registered model at chosen sites; written back to the version."""
+    from fedhealth.cli.evaluate_cmd import evaluate_model
+
+    evaluate_model(
+        console, model, sites or [], federation, tracking_uri, split, threshold, dataset, verbose
+    )
+
+
 @app.command("demo-data")
 @guarded
 def demo_data(

@@ -63,5 +63,16 @@ def show(
     for k, val in sorted(v["tags"].items()):
         table.add_row(k, val)
     console.print(table)
+    from fedhealth.registry.validation_record import list_validations
+
+    validations = list_validations(v["tags"])
+    if validations:
+        vt = Table(title="external validations (AUROC, 95 % interval)")
+        for col in ("#", "when", "sites", "AUROC", "MLflow run"):
+            vt.add_column(col, overflow="fold")
+        for e in validations:
+            auroc = ", ".join(f"{s} {a}" for s, a in sorted(e["auroc"].items()))
+            vt.add_row(str(e["k"]), e["at"], e["sites"], auroc, e["run_id"])
+        console.print(vt)
     if v["model_card"]:
         console.print(Markdown(v["model_card"]))

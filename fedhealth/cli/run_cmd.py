@@ -184,6 +184,8 @@ def print_summary(console: Console, s: RunSummary) -> None:
         f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)",
         soft_wrap=True,
     )
+    if s.report:
+        console.print(f"Run report: [cyan]{escape(s.report)}[/]", soft_wrap=True)
     if s.version:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "

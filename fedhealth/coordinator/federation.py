@@ -74,6 +74,7 @@ class RunSummary:
     refusals: list[Refusal] = field(default_factory=list)
     seconds: float = 0.0
     privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyReport.summary()
+    report: str | None = None  # URI of the run's HTML report artifact
 
 
 def input_dim(cfg: ExperimentConfig) -> int:
@@ -448,6 +449,7 @@ class Federation:
                     glob, per_site = self.evaluate_round(grid, r, arrays)
                     save_evaluation(self.recorder, r, glob, per_site)
             version = self.register(arrays, glob, per_site)
+            report = self.report(run_id)
             status = "FINISHED"
         except FedHealthError as exc:
             self._notify("run-failed", 0, error=str(exc), exit_code=exc.exit_code)
@@ -466,9 +468,26 @@ class Federation:
             refusals=self.refusals,
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
+            report=report,
         )
         self._notify("run-finished", cfg.experiment.rounds)
         return summary
+
+    def report(self, run_id: str) -> str | None:
+        """Log the run's plots and HTML report (from its own logged metrics); their URI.
+
+        A plot that cannot be drawn does not undo a trained, registered model: the failure
+        is reported as a progress event and the run finishes without a report.
+        """
+        from mlflow.exceptions import MlflowException
+
+        from fedhealth.registry.report import build_run_report
+
+        try:
+            return build_run_report(self.recorder.client, run_id)
+        except (MlflowException, OSError, ValueError) as exc:
+            self._notify("report-failed", 0, error=str(exc))
+            return None
 
     def register(self, arrays: ArrayRecord, glob: dict, per_site: dict) -> str | None:
         """Register the final global model as a pyfunc on raw input, with its provenance."""

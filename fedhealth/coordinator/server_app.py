@@ -34,6 +34,24 @@ def run_experiment(grid: Grid, context: Context, on_event: Observer | None = Non
     return federation.run(GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout))
 
 
+def validate_model(grid: Grid, context: Context):
+    """Run the evaluation-only study the run config names (``validate-model`` and
+    ``validate-split``, ``validate-threshold``, ``validate-dataset``)."""
+    from fedhealth.coordinator.validation import run_validation
+
+    configure_mlflow_http()
+    rc = dict(context.run_config)
+    uri = tracking_uri(rc, None, default_tracking_uri())
+    return run_validation(
+        grid,
+        uri,
+        str(rc["validate-model"]),
+        split=str(rc.get("validate-split") or "test"),
+        threshold=float(rc.get("validate-threshold") or 0.5),
+        dataset=str(rc.get("validate-dataset") or "") or None,
+    )
+
+
 def make_app(
     on_event: Observer | None = None, results: list[RunSummary] | None = None
 ) -> ServerApp:
@@ -51,7 +69,10 @@ def make_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_experiment(grid, context, on_event)
+        if context.run_config.get("validate-model"):  # `fedhealth evaluate models:/NAME/V`
+            summary = validate_model(grid, context)
+        else:
+            summary = run_experiment(grid, context, on_event)
         if results is not None:
             results.append(summary)
 

@@ -55,6 +55,10 @@ experiment = ""
 experiment-toml = ""
 tracking-uri = ""
 resume-run-id = ""
+validate-model = ""
+validate-split = ""
+validate-threshold = ""
+validate-dataset = ""
 """
 
 
@@ -117,6 +121,18 @@ def submit(
     resume_run_id: str | None = None,
 ) -> int:
     """Start a run of ``experiment`` on the federation's SuperLink; returns Flower's run id."""
+    path = Path(experiment).resolve()
+    config: dict[str, Any] = {"experiment": str(path), "experiment-toml": path.read_text()}
+    if tracking_uri:
+        config["tracking-uri"] = tracking_uri
+    if resume_run_id:
+        config["resume-run-id"] = resume_run_id
+    return start_run(federation, config)
+
+
+def start_run(federation: str, config: dict[str, Any]) -> int:
+    """Start fedhealth's apps on the federation with run config ``config``; Flower's run id
+    (``fedhealth evaluate --federation`` passes the ``validate-*`` keys)."""
     from flwr.cli.build import build_fab_from_files
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
@@ -124,12 +140,6 @@ def submit(
 
     fab_bytes, _ = build_fab_from_files({"pyproject.toml": APP_PYPROJECT.encode()})
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-    path = Path(experiment).resolve()
-    config: dict[str, Any] = {"experiment": str(path), "experiment-toml": path.read_text()}
-    if tracking_uri:
-        config["tracking-uri"] = tracking_uri
-    if resume_run_id:
-        config["resume-run-id"] = resume_run_id
     client = _client(federation)
     try:
         res = client.StartRun(

@@ -23,6 +23,7 @@ from fedhealth.errors import FederationError
 if TYPE_CHECKING:
     from fedhealth.coordinator.federation import RunSummary
     from fedhealth.coordinator.progress import Observer
+    from fedhealth.evaluation.result import ValidationResult
 
 SERVER_APP = "fedhealth.coordinator.server_app:app"
 CLIENT_APP = "fedhealth.site.client_app:app"
@@ -81,6 +82,56 @@ def run_simulation(
     FedHealthError
         The run stopped (the coordinator's error, e.g. fewer than ``min_sites`` replies).
     """
+    run_config = {
+        "experiment": str(Path(experiment_path).resolve()),
+        "tracking-uri": tracking_uri,
+        "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
+        "resume-run-id": resume_run_id or "",
+    }
+    results = _simulate(run_config, len(cfg.experiment.sites), verbose, cpus_per_site, on_event)
+    if not results:
+        raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
+    return results[0]
+
+
+def run_validation_simulation(
+    model_uri: str,
+    sites: list[Path],
+    tracking_uri: str,
+    split: str = "test",
+    threshold: float = 0.5,
+    dataset: str | None = None,
+    verbose: bool = False,
+) -> ValidationResult:
+    """An evaluation-only study of ``model_uri`` at ``sites``, one simulated SuperNode each.
+
+    Returns
+    -------
+    ValidationResult
+        The metrics per site and pooled, as written back to the version.
+    """
+    run_config = {
+        "validate-model": model_uri,
+        "validate-split": split,
+        "validate-threshold": str(threshold),
+        "validate-dataset": dataset or "",
+        "tracking-uri": tracking_uri,
+        "site-profiles": json.dumps([str(Path(p).resolve()) for p in sites]),
+    }
+    results = _simulate(run_config, len(sites), verbose, 1.0, None)
+    if not results:
+        raise FederationError(f"the validation of {model_uri} ended without a result; rerun -v")
+    return results[0]
+
+
+def _simulate(
+    run_config: dict[str, str],
+    n_sites: int,
+    verbose: bool,
+    cpus_per_site: float,
+    on_event: Observer | None,
+) -> list:
+    """Run the ServerApp on ``run_config`` with ``n_sites`` simulated sites; its results."""
     _quiet(verbose)
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -93,15 +144,9 @@ def run_simulation(
 
     from fedhealth.coordinator.server_app import make_app
 
-    results: list[RunSummary] = []
+    results: list = []
     server_app = make_app(on_event, results)
     client_app = load_app(CLIENT_APP, AttributeError)
-    run_config = {
-        "experiment": str(Path(experiment_path).resolve()),
-        "tracking-uri": tracking_uri,
-        "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
-        "resume-run-id": resume_run_id or "",
-    }
     # Flower's public run_simulation() has no run config; build the Run it would build,
     # with ours, so that every simulated site reads it from its Context like `flwr run`.
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -127,7 +172,7 @@ def run_simulation(
     # reaches the simulated sites through the environment, which Ray's workers inherit.
     os.environ[SIM_ROSTER_ENV] = run_config["site-profiles"]
     _run_simulation(
-        num_supernodes=len(cfg.experiment.sites),
+        num_supernodes=n_sites,
         exit_event=_exit_event(),
         client_app=client_app,
         server_app=server_app,
@@ -136,9 +181,7 @@ def run_simulation(
         run=run,
         verbose_logging=verbose,
     )
-    if not results:
-        raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
-    return results[0]
+    return results
 
 
 def _exit_event():

@@ -184,3 +184,77 @@ def _he_rounds_table(p: dict[str, Any]) -> list[str]:
             f"{', '.join(h.get('decrypted_by', []))} |"
         )
     return [*lines, ""]
+
+
+VALIDATION_HEADER = "## External validation"
+_SHOWN = (
+    ("auroc", "AUROC"),
+    ("auprc", "AUPRC"),
+    ("accuracy", "accuracy"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("brier", "Brier"),
+    ("calibration_intercept", "cal. intercept"),
+    ("calibration_slope", "cal. slope"),
+)
+
+
+def _ci(m: dict[str, float]) -> str:
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
+def render_validation(index: int, v: dict[str, Any]) -> str:
+    """One validation's entry of the model card (appended; earlier entries stay as written).
+
+    Parameters
+    ----------
+    index : int
+        The validation's number (1 for the first of this version).
+    v : dict
+        ``when`` (ISO time), ``run_id``, ``experiment``, ``split``, ``threshold``,
+        ``interval_method``, ``metrics`` (per site and ``pooled``, from
+        :func:`fedhealth.evaluation.metrics.derive`), ``epsilon`` (per site, when charged)
+        and ``refused`` (site -> rule).
+    """
+    metrics = v["metrics"]
+    sites = [s for s in metrics if s != "pooled"]
+    split = "each site's pinned test split" if v["split"] == "test" else "every record"
+    lines = [
+        f"### Validation {index}: {', '.join(sites)} ({v['when']})",
+        "",
+        f"Evaluation-only study `{v['experiment']}` (MLflow run `{v['run_id']}`) on {split}. "
+        "The sites released score histograms per class (no prediction per patient); the "
+        f"figures below are derived from them. Threshold {v['threshold']:g}; 95 % intervals: "
+        f"{v['interval_method']}.",
+        "",
+        "| site | n | positives | " + " | ".join(label for _, label in _SHOWN) + " |",
+        "|---|---|---|" + "---|" * len(_SHOWN),
+    ]
+    for site in [*sorted(sites), "pooled"]:
+        m = metrics[site]
+        noisy = " (DP)" if m.get("noise_std") else ""
+        name = "**pooled**" if site == "pooled" else site
+        lines.append(
+            f"| {name}{noisy} | {m['n']} | {m['positives']:.0f} | "
+            + " | ".join(_ci(m[key]) for key, _ in _SHOWN)
+            + " |"
+        )
+    eps = v.get("epsilon") or {}
+    if eps:
+        lines += [
+            "",
+            "(DP): released with Gaussian noise charged to the site's ledger; ε of the study "
+            "after it: " + ", ".join(f"{s} {e:.3g}" for s, e in sorted(eps.items())) + ".",
+        ]
+    refused = v.get("refused") or {}
+    if refused:
+        lines += ["", "Refused: " + ", ".join(f"{s} ({r})" for s, r in sorted(refused.items()))]
+    return "\n".join([*lines, ""])
+
+
+def append_validation(card: str, entry: str) -> str:
+    """The card with ``entry`` appended under its External validation section."""
+    card = card.rstrip("\n")
+    if VALIDATION_HEADER not in card:
+        card += f"\n\n{VALIDATION_HEADER}\n"
+    return f"{card}\n\n{entry}"

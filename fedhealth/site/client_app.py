@@ -52,6 +52,7 @@ from fedhealth.protocol import (
     SiteKey,
     StatsKey,
     StudyKey,
+    ValidationKey,
 )
 from fedhealth.site.approvals import admit_study, check_round
 from fedhealth.site.audit import audited
@@ -335,4 +336,37 @@ def study(msg: Message, context: Context, request: SiteRequest) -> Message:
         return _refuse(msg, profile.name, exc, request.round)
     record = ConfigRecord({StudyKey.HASH: digest, StudyKey.STATUS: "approved"})
     content = RecordDict({Record.STUDY: record, Record.SITE: _site_record(profile)})
+    return Message(content, reply_to=msg)
+
+
+@app.query(MessageKind.VALIDATE_ACTION)
+@audited(_audit_site, SiteRequest.from_message, _refuse)
+def validate(msg: Message, context: Context, request: SiteRequest) -> Message:
+    """Evaluate a registered model for an evaluation-only study (``query.validate``).
+
+    Admitted like any study; the reply holds score histograms per class and the number of
+    records, never a prediction per patient (``fedhealth.site.validation``).
+    """
+    profile, _ = site_profile(context)
+    try:
+        _admit(profile, request, training=False)
+        from fedhealth.site.limits import check_global_model
+        from fedhealth.site.runtime import SiteRuntime
+        from fedhealth.site.validation import validation_release
+
+        arrays = _arrays(msg)
+        check_global_model(profile, arrays, request.round)
+        asked = msg.content.get(Record.VALIDATION)
+        split = str((asked or {}).get(ValidationKey.SPLIT, "test"))
+        released, metrics = validation_release(SiteRuntime(profile, request), arrays, split)
+    except (FedHealthError, PolicyError, ProtocolError) as exc:
+        return _refuse(msg, profile.name, exc, request.round)
+    with phase("serialise"):
+        content = RecordDict(
+            {
+                Record.VALIDATION: ConfigRecord({ValidationKey.RELEASE: json.dumps(released)}),
+                Record.METRICS: MetricRecord(metrics),
+                Record.SITE: _site_record(profile),
+            }
+        )
     return Message(content, reply_to=msg)

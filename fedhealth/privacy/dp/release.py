@@ -200,3 +200,42 @@ def release_moments(
         # the std of Σx² mixes both noises: var = (2·low·r)²·std² + r⁴·std²
         "sumsq_noise_std": np.sqrt((2 * low * rng_ * std_u) ** 2 + (rng_**2 * std_u) ** 2).tolist(),
     }
+
+
+def noisy_bounded_sums(
+    contributions: np.ndarray, l2_bound: float, noise_multiplier: float, rng: np.random.Generator
+) -> NoisySums:
+    """Gaussian noise on the sums of per-record vectors whose L2 norm is at most ``l2_bound``.
+
+    For sparse releases (a histogram: each record adds 1 to one cell) the L2 sensitivity is
+    the bound on one record's vector, far below :func:`noisy_scaled_sums`' ``sqrt(k)``.
+
+    Parameters
+    ----------
+    contributions : numpy.ndarray
+        Shape (n, k), non-negative and finite; every row's L2 norm at most ``l2_bound``
+        (checked, never assumed).
+    l2_bound : float
+        The L2 sensitivity of the released sums.
+    noise_multiplier : float
+        σ: noise std divided by ``l2_bound``.
+    rng : numpy.random.Generator
+        The site's secret noise generator.
+
+    Returns
+    -------
+    NoisySums
+        ``values`` (k,) and the noise std (k,).
+    """
+    c = np.asarray(contributions, dtype=np.float64)
+    if c.ndim != 2:
+        raise FedHealthError("a DP release needs one row of contributions per record")
+    norms = np.linalg.norm(c, axis=1) if c.size else np.zeros(0)
+    if c.size and (not np.isfinite(c).all() or c.min() < 0 or norms.max() > l2_bound + 1e-9):
+        raise FedHealthError(f"contributions to a DP release must have L2 norm <= {l2_bound}")
+    sigma = float(noise_multiplier)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise FedHealthError(f"a DP release needs a noise multiplier > 0, not {sigma!r}")
+    std = sigma * float(l2_bound)
+    k = c.shape[1]
+    return NoisySums(c.sum(axis=0) + rng.normal(0.0, std, size=k), np.full(k, std))

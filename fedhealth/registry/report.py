@@ -1,0 +1,192 @@
+"""Plots and a single-page HTML report of a run, built from what the run itself logged.
+
+:func:`build_run_report` reads a training run's metric histories back from MLflow
+(``global/*`` and ``site/<name>/*`` per round), draws accuracy and loss per round, ε per
+site over rounds and the encrypted-aggregation bytes and seconds per round (matplotlib,
+Agg backend), logs each plot under ``plots/`` and a ``report.html`` with the images
+embedded as base64 (no CDN, no script: it opens from the MLflow UI's artifact view or a
+file). :func:`validation_plots` draws ROC and calibration curves of a validation from the
+released histograms.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: plots are files
+import matplotlib.pyplot as plt
+import numpy as np
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from fedhealth.evaluation.result import ValidationResult
+
+REPORT_FILE = "report.html"
+_SITE_KEY = re.compile(r"^site/(?P<site>[^/]+)/(?P<metric>.+)$")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _series(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    steps: dict[int, float] = {}
+    for p in points:
+        steps.setdefault(p.step, p.value)  # the first value of a step (a resume keeps it)
+    return list(steps), list(steps.values())
+
+
+def run_plots(client: MlflowClient, run_id: str) -> dict[str, bytes]:
+    """PNG plots of a run's logged metrics, by title (only those the run has data for)."""
+    keys = sorted(client.get_run(run_id).data.metrics)
+    per_site: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        m = _SITE_KEY.match(key)
+        if m:
+            per_site[m["metric"]][m["site"]] = key
+    plots: dict[str, bytes] = {}
+    for metric, label in (("accuracy", "accuracy"), ("loss", "loss")):
+        lines = {f"site {s}": k for s, k in sorted(per_site.get(metric, {}).items())}
+        if f"global/{metric}" in keys:
+            lines = {"global (weighted)": f"global/{metric}", **lines}
+        if lines:
+            plots[f"{label} per round"] = _lines(client, run_id, lines, label)
+    eps = {f"site {s}": k for s, k in sorted(per_site.get("epsilon", {}).items())}
+    if eps:
+        plots["ε per site over rounds"] = _lines(client, run_id, eps, "ε (cumulative)")
+    he_bytes = {k.removeprefix("he/"): k for k in keys if k == "he/bytes_per_site"}
+    if he_bytes:
+        plots["encrypted aggregation: bytes per site per round"] = _lines(
+            client, run_id, he_bytes, "bytes"
+        )
+    he_time = {
+        k.removeprefix("he/"): k
+        for k in keys
+        if k.startswith("he/") and k.endswith("_seconds") and "roundtrip" not in k
+    }
+    if he_time:
+        plots["encrypted aggregation: seconds per round"] = _lines(
+            client, run_id, he_time, "seconds"
+        )
+    return plots
+
+
+def _lines(client: MlflowClient, run_id: str, lines: dict[str, str], ylabel: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, key in lines.items():
+        x, y = _series(client, run_id, key)
+        style = {"linewidth": 2.5, "color": "black"} if label.startswith("global") else {}
+        ax.plot(x, y, marker="o", markersize=3, label=label, **style)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def render_html(title: str, summary: list[tuple[str, str]], plots: dict[str, bytes]) -> str:
+    """A self-contained HTML page: a summary table and the plots inline (base64 PNG)."""
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
+    )
+    figures = "".join(
+        f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"><figcaption>{html.escape(t)}</figcaption>'
+        "</figure>"
+        for t, png in plots.items()
+    )
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
+        "max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}th,td{{text-align:"
+        "left;padding:.2em .8em;border-bottom:1px solid #ddd}}figure{{display:inline-block;"
+        "margin:1em}}img{{max-width:100%}}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table>{rows}</table>{figures}</body></html>"
+    )
+
+
+def build_run_report(client: MlflowClient, run_id: str) -> str:
+    """Log a run's plots and its HTML report as artifacts; returns the report's URI."""
+    run = client.get_run(run_id)
+    plots = run_plots(client, run_id)
+    summary = [
+        ("experiment", run.data.tags.get("mlflow.runName", run.info.run_name or "")),
+        ("MLflow run", run_id),
+        ("registered version", run.data.tags.get("fedhealth.registered_version", "none")),
+    ]
+    summary += [
+        (k, f"{v:.4g}") for k, v in sorted(run.data.metrics.items()) if k.startswith("global/")
+    ]
+    page = render_html(f"fedhealth run {run.info.run_name or run_id}", summary, plots)
+    with tempfile.TemporaryDirectory() as tmp:
+        for title, png in plots.items():
+            path = Path(tmp) / (re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png")
+            path.write_bytes(png)
+            client.log_artifact(run_id, str(path), artifact_path="plots")
+        report = Path(tmp) / REPORT_FILE
+        report.write_text(page, encoding="utf-8")
+        client.log_artifact(run_id, str(report))
+    return f"{run.info.artifact_uri.rstrip('/')}/{REPORT_FILE}"
+
+
+def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.clip(np.asarray(r["pos"], float), 0, None)
+    neg = np.clip(np.asarray(r["neg"], float), 0, None)
+    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
+    fp = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])
+    return fp / max(neg.sum(), 1e-9), tp / max(pos.sum(), 1e-9)
+
+
+def _calibration_points(r: dict[str, Any], groups: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.clip(np.asarray(r["pos"], float), 0, None)
+    neg = np.clip(np.asarray(r["neg"], float), 0, None)
+    centre = (np.arange(pos.size) + 0.5) / pos.size
+    idx = np.minimum(np.arange(pos.size) * groups // pos.size, groups - 1)
+    p, n, s = (np.bincount(idx, w, minlength=groups) for w in (pos, neg, (pos + neg) * centre))
+    keep = p + n >= 1
+    return s[keep] / (p + n)[keep], p[keep] / (p + n)[keep]
+
+
+def validation_plots(result: ValidationResult, folder: Path) -> list[Path]:
+    """ROC and calibration curves per site and pooled, from the released histograms."""
+    pooled = {
+        k: np.sum([np.asarray(r[k], float) for r in result.releases.values()], axis=0)
+        for k in ("pos", "neg")
+    }
+    same_bins = len({int(r["bins"]) for r in result.releases.values()}) == 1
+    curves = dict(sorted(result.releases.items()))
+    if same_bins:
+        curves["pooled"] = pooled
+    out = []
+    for name, draw, xl, yl in (
+        ("roc.png", _roc_points, "1 - specificity", "sensitivity"),
+        ("calibration.png", _calibration_points, "mean predicted probability", "observed"),
+    ):
+        fig, ax = plt.subplots(figsize=(4.8, 4.8))
+        ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+        for site, r in curves.items():
+            x, y = draw(r)
+            auc = result.metrics[site]["auroc"]["value"]
+            label = f"{site} (AUROC {auc:.3f})" if name == "roc.png" else site
+            ax.plot(x, y, marker="." if name != "roc.png" else None, label=label)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=8)
+        path = folder / name
+        path.write_bytes(_png(fig))
+        out.append(path)
+    return out
