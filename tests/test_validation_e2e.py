@@ -63,8 +63,10 @@ def test_train_on_three_centres_validate_at_the_fourth(tmp_path, request):
     assert mv.tags["validations"] == "2" and mv.tags["validation/1/sites"] == "va"
     page = Path(
         mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="report.html", tracking_uri=uri,
+            run_id=mv.run_id,
+            artifact_path="report.html",
+            tracking_uri=uri,
             dst_path=str(tmp_path / "dl"),
-        )  # fmt: skip
+        )
     ).read_text()
     assert page.count("data:image/png;base64,") >= 2 and "<script" not in page
