@@ -62,6 +62,8 @@ class MessageKind:
     IDENTIFY: Final = f"query.{IDENTIFY_ACTION}"  # which site is this node
     STUDY_ACTION: Final = "study"
     STUDY: Final = f"query.{STUDY_ACTION}"  # has the site approved this study
+    ANALYSIS_ACTION: Final = "analysis"
+    ANALYSIS: Final = f"query.{ANALYSIS_ACTION}"  # federated analytics (:class:`AnalysisKey`)
 
 
 class Record:
@@ -76,6 +78,8 @@ class Record:
     HE_REQUEST: Final = "he-request"  # ConfigRecord: a decryption request
     HE_ANSWER: Final = "he-aggregate"  # ArrayRecord: a decrypted aggregate
     STUDY: Final = "study"  # ConfigRecord: a study-status reply (:class:`StudyKey`)
+    ANALYSIS: Final = "analysis"  # ConfigRecord: an analysis request (:class:`AnalysisKey`)
+    RELEASE: Final = "release"  # ConfigRecord: a site's noisy analysis release
 
 
 class ConfigKey:
@@ -119,6 +123,19 @@ class StudyKey:
 
     HASH: Final = "hash"  # the study hash the site computed (fedhealth.study)
     STATUS: Final = "status"  # "approved" (pending and declined are refusals)
+
+
+class AnalysisKey:
+    """Keys of an analysis request's ``"analysis"`` record and its reply's ``"release"``.
+
+    The spec is :class:`fedhealth.config.analysis.AnalysisSpec` as canonical JSON (sorted
+    keys, no whitespace, ASCII); the site validates it again with the same rules as a file.
+    """
+
+    PROTOCOL_VERSION: Final = "protocol-version"  # int: PROTOCOL_VERSION of the sender
+    SPEC: Final = "spec"  # in "analysis": the AnalysisSpec, canonical JSON
+    RELEASE: Final = "release"  # in "release": JSON of the site's release (noisy numbers, ε)
+    STUDY: Final = "study"  # in "release": the study hash the site admitted
 
 
 class HEKey:

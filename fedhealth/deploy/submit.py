@@ -55,6 +55,8 @@ experiment = ""
 experiment-toml = ""
 tracking-uri = ""
 resume-run-id = ""
+analysis = ""
+analysis-toml = ""
 """
 
 
@@ -115,8 +117,13 @@ def submit(
     experiment: Path,
     tracking_uri: str | None = None,
     resume_run_id: str | None = None,
+    kind: str = "experiment",
 ) -> int:
-    """Start a run of ``experiment`` on the federation's SuperLink; returns Flower's run id."""
+    """Start a run of ``experiment`` on the federation's SuperLink; returns Flower's run id.
+
+    ``kind = "analysis"`` submits ``experiment`` as an analysis TOML (``fedhealth analyze``):
+    the same app, whose ServerApp runs the analysis its run config names.
+    """
     from flwr.cli.build import build_fab_from_files
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
@@ -125,7 +132,9 @@ def submit(
     fab_bytes, _ = build_fab_from_files({"pyproject.toml": APP_PYPROJECT.encode()})
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     path = Path(experiment).resolve()
-    config: dict[str, Any] = {"experiment": str(path), "experiment-toml": path.read_text()}
+    if kind not in ("experiment", "analysis"):
+        raise ValueError(f"kind is 'experiment' or 'analysis', not {kind!r}")
+    config: dict[str, Any] = {kind: str(path), f"{kind}-toml": path.read_text()}
     if tracking_uri:
         config["tracking-uri"] = tracking_uri
     if resume_run_id:
