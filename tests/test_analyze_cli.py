@@ -95,11 +95,12 @@ def test_heart_disease_feasibility_through_fedhealth_analyze(project):
     result = json.loads(Path(local).read_text())
     assert sorted(result["sites"]) == sorted(HEART_SITES)
     for site in HEART_SITES:
-        # The ε the site charged to its ledger is the ε in the run, and it is ~1.
+        # The ε the site charged to its ledger is the ε in the run: at most the analysis's
+        # ε = 1 (less where a site withheld a query with a cell below its minimum).
         entries = ledger_entries(project, site, "heart-disease")
         assert len(entries) == 1, site
         eps = run.data.metrics[f"epsilon.{site}"]
-        assert eps == pytest.approx(entries[0].epsilon_increment) and abs(eps - 1.0) < 0.011
+        assert eps == pytest.approx(entries[0].epsilon_increment) and 0 < eps < 1.011
     total = result["queries"]["count"]["estimate"][0]
     assert abs(total - 920) < 4 * result["queries"]["count"]["noise_std"]  # 920 UCI records
 
