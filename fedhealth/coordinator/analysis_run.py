@@ -152,6 +152,7 @@ def run_analysis(
     need = cfg.analysis.min_sites
     guarded = GuardedGrid(grid, need, len(cfg.analysis.sites), timeout)
     releases, refusals = collect_releases(guarded, cfg, timeout)
+    refusals = sorted(refusals, key=lambda r: r.site)  # reply order is arrival order
     refused = {r.site: {"rule": r.rule, "message": r.message} for r in refusals}
     if len(releases) < need:
         why = "; ".join(f"{r.site} ({r.rule}): {r.message}" for r in refusals) or "no reply"
