@@ -154,7 +154,7 @@ def test_fewer_than_min_sites_stops_with_every_refusal_named(project):
     path.write_text(path.read_text().replace("min_sites = 2", "min_sites = 4"))
     va = project / "sites" / "va.toml"
     va.write_text(va.read_text().replace("[privacy]", '[privacy]\napproval = "manual"', 1))
-    code, out, uri = analyze(project, HEART)
+    code, out, _ = analyze(project, HEART)
     assert code != 0
     assert "min_sites = 4" in out and "va (study-pending)" in out
     assert ledger_entries(project, "va", "heart-disease") == []

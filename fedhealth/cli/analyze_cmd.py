@@ -32,7 +32,14 @@ def _header(console: Console, cfg: AnalysisConfig, where: str) -> None:
     )
 
 
-def _footer(console: Console, uri: str, run_id: str) -> None:
+def _footer(console: Console, result: dict, uri: str, run_id: str) -> None:
+    for site, why in result.get("refused", {}).items():
+        console.print(
+            f"[yellow]site {escape(site)} refused ({escape(why['rule'])}):[/] "
+            f"{escape(why['message'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"MLflow store: [cyan]{escape(uri)}[/]  run {run_id} (result.json, one CSV per query, "
         "PNG plots)",
@@ -65,7 +72,7 @@ def analyze_simulated(
     except FedHealthError as exc:
         raise FederationError(f"analysis {cfg.name!r} stopped: {exc}") from None
     render(outcome.result, console)
-    _footer(console, outcome.tracking_uri, outcome.run_id)
+    _footer(console, outcome.result, outcome.tracking_uri, outcome.run_id)
     return outcome.result
 
 
@@ -125,7 +132,7 @@ def analyze_on_federation(
     from fedhealth.analytics.report import render
 
     render(result, console)
-    _footer(console, watch_uri, seen.mlflow_run_id)
+    _footer(console, result, watch_uri, seen.mlflow_run_id)
     return result
 
 

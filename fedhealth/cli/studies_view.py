@@ -77,10 +77,13 @@ def study_lines(record: dict[str, Any]) -> list[str]:
 
 def _analysis_lines(asks: dict[str, Any], privacy: dict[str, Any]) -> list[str]:
     """What a stored analysis request asks for (``fedhealth analyze``)."""
-    cols = ", ".join(
-        f"{k} ({_options({n: v for n, v in c.items() if n != 'type'}) if c.get('type') == 'numeric' else c.get('type')})"
-        for k, c in asks["columns"].items()
-    )
+
+    def column(c: dict[str, Any]) -> str:
+        if c.get("type") != "numeric":
+            return str(c.get("type"))
+        return _options({n: v for n, v in c.items() if n != "type"})
+
+    cols = ", ".join(f"{k} ({column(c)})" for k, c in asks["columns"].items())
     where = asks["cohort"].get("where") or []
     cohort = "; ".join(f"{p['column']} {p['op']} {p.get('value', '')}".strip() for p in where)
     queries = "; ".join(f"{name} ({q['kind']})" for name, q in asks["queries"].items())

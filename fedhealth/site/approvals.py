@@ -548,7 +548,8 @@ def _analysis_projection(profile: SiteProfile, spec: AnalysisSpec) -> dict[str, 
     try:
         from fedhealth.analytics.mechanism import analysis_epsilon, plan_noise
 
-        out["epsilon"] = analysis_epsilon(plan_noise(spec.queries, spec.privacy), spec.privacy.delta)
+        sigmas = plan_noise(spec.queries, spec.privacy)
+        out["epsilon"] = analysis_epsilon(sigmas, spec.privacy.delta)
         if profile.ledger_path.is_file():
             from fedhealth.privacy.dp.ledger import PrivacyLedger
 
