@@ -84,7 +84,7 @@ def analyze(
     tracking_uri: str = typer.Option(
         None,
         "--tracking-uri",
-        help="MLflow tracking URI (default: the analysis's [tracking] uri, else "
+        help="MLflow tracking URI (default: the analysis's \\[tracking] uri, else "
         "./workspace/mlflow).",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
