@@ -64,6 +64,8 @@ class MessageKind:
     STUDY: Final = f"query.{STUDY_ACTION}"  # has the site approved this study
     VALIDATE_ACTION: Final = "validate"
     VALIDATE: Final = f"query.{VALIDATE_ACTION}"  # evaluate a registered model (histograms)
+    ANALYSIS_ACTION: Final = "analysis"
+    ANALYSIS: Final = f"query.{ANALYSIS_ACTION}"  # federated analytics (:class:`AnalysisKey`)
 
 
 class Record:
@@ -79,6 +81,8 @@ class Record:
     HE_ANSWER: Final = "he-aggregate"  # ArrayRecord: a decrypted aggregate
     STUDY: Final = "study"  # ConfigRecord: a study-status reply (:class:`StudyKey`)
     VALIDATION: Final = "validation"  # ConfigRecord: a validation request/reply (ValidationKey)
+    ANALYSIS: Final = "analysis"  # ConfigRecord: an analysis request (:class:`AnalysisKey`)
+    RELEASE: Final = "release"  # ConfigRecord: a site's noisy analysis release
 
 
 class ConfigKey:
@@ -129,6 +133,19 @@ class ValidationKey:
 
     SPLIT: Final = "split"  # request: "test" (the site's pinned test split) or "all"
     RELEASE: Final = "release"  # reply: JSON histograms (fedhealth.evaluation.histograms)
+
+
+class AnalysisKey:
+    """Keys of an analysis request's ``"analysis"`` record and its reply's ``"release"``.
+
+    The spec is :class:`fedhealth.config.analysis.AnalysisSpec` as canonical JSON (sorted
+    keys, no whitespace, ASCII); the site validates it again with the same rules as a file.
+    """
+
+    PROTOCOL_VERSION: Final = "protocol-version"  # int: PROTOCOL_VERSION of the sender
+    SPEC: Final = "spec"  # in "analysis": the AnalysisSpec, canonical JSON
+    RELEASE: Final = "release"  # in "release": JSON of the site's release (noisy numbers, ε)
+    STUDY: Final = "study"  # in "release": the study hash the site admitted
 
 
 class HEKey:

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedhealth import __version__
 from fedhealth.protocol import TaskSpec
 
-__all__ = ["columns_read", "normalise_hash", "study_document", "study_hash"]
+if TYPE_CHECKING:
+    from fedhealth.config.analysis import AnalysisSpec
+
+__all__ = [
+    "analysis_study_document",
+    "analysis_study_hash",
+    "columns_read",
+    "normalise_hash",
+    "study_document",
+    "study_hash",
+]
 
 
 def columns_read(spec: TaskSpec) -> list[str]:
@@ -68,6 +78,48 @@ def study_document(spec: TaskSpec, version: str = __version__) -> dict[str, Any]
     }
 
 
+def _sha256(document: dict[str, Any]) -> str:
+    blob = json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def analysis_study_document(spec: AnalysisSpec, version: str = __version__) -> dict[str, Any]:
+    """What an analysis's study hash is computed over (JSON-ready).
+
+    An analysis is a study like a training: its hash covers the analysis spec (cohort,
+    queries, bounds, ε and δ), the dataset, the columns it reads and the fedhealth version
+    at the site; ``kind`` keeps it apart from any training study.
+
+    Parameters
+    ----------
+    spec : AnalysisSpec
+        The analysis as the coordinator sends it.
+    version : str
+        The fedhealth version that answers it at the site.
+
+    Returns
+    -------
+    dict
+        ``kind`` ("analysis"), ``analysis``, ``analysis_sha256``, ``dataset``,
+        ``columns`` (sorted), ``fedhealth_version``.
+    """
+    return {
+        "kind": "analysis",
+        "analysis": spec.name,
+        "analysis_sha256": spec.spec_hash(),
+        "dataset": spec.dataset,
+        "columns": sorted(spec.columns),
+        "fedhealth_version": version,
+    }
+
+
+def analysis_study_hash(spec: AnalysisSpec, version: str = __version__) -> str:
+    """SHA-256 (hex) of the canonical JSON of :func:`analysis_study_document`."""
+    return _sha256(analysis_study_document(spec, version))
+
+
 def study_hash(spec: TaskSpec, version: str = __version__) -> str:
     """SHA-256 (hex) of the canonical JSON of :func:`study_document`.
 
@@ -81,14 +133,7 @@ def study_hash(spec: TaskSpec, version: str = __version__) -> str:
     str
         64 hex digits.
     """
-    blob = json.dumps(
-        study_document(spec, version),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-    )
-    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+    return _sha256(study_document(spec, version))
 
 
 def normalise_hash(text: str) -> str:

@@ -196,7 +196,8 @@ def write_artifacts(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def log_to_mlflow(result: dict[str, Any], tracking_uri: str | None = None,
-                  experiment: str | None = None) -> str:  # fmt: skip
+                  experiment: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:  # fmt: skip
     """Record the analysis as an MLflow run: params, per-site ε metrics, artifacts.
 
     Parameters
@@ -207,6 +208,9 @@ def log_to_mlflow(result: dict[str, Any], tracking_uri: str | None = None,
         Default: the project's SQLite store in ``./workspace/mlflow``.
     experiment : str, optional
         MLflow experiment; default: the analysis name.
+    tags : dict, optional
+        Extra run tags (a deployed run: ``fedhealth.flwr_run_id``, so that the submitting
+        command finds the run).
 
     Returns
     -------
@@ -221,7 +225,8 @@ def log_to_mlflow(result: dict[str, Any], tracking_uri: str | None = None,
     client = use_store(uri)
     exp_id = ensure_experiment(client, experiment or result["analysis"], uri)
     with mlflow.start_run(experiment_id=exp_id, run_name=f"analysis-{result['analysis']}") as run:
-        mlflow.set_tags({"fedhealth.kind": "analysis", "fedhealth.spec_hash": result["spec_hash"]})
+        mlflow.set_tags({"fedhealth.kind": "analysis", "fedhealth.spec_hash": result["spec_hash"],
+                         **(tags or {})})  # fmt: skip
         mlflow.log_params({
             "analysis": result["analysis"],
             "dataset": result["dataset"],

@@ -370,6 +370,40 @@ def _allowed(name: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(name == p or fnmatchcase(name, p) for p in patterns)
 
 
+def parse_spec(site: str, spec: dict[str, Any] | AnalysisSpec) -> AnalysisSpec:
+    """Validate a received analysis request with the same rules as a config file.
+
+    Parameters
+    ----------
+    site : str
+        This site's name (for the refusal).
+    spec : dict or AnalysisSpec
+        The request as received (a dict is validated; a spec is returned as is).
+
+    Returns
+    -------
+    AnalysisSpec
+
+    Raises
+    ------
+    AnalysisRefused
+        ``undeclared_column`` for a query on a column the analysis did not declare,
+        ``spec`` for any other problem (every problem named by its key).
+    """
+    if isinstance(spec, AnalysisSpec):
+        return spec
+    try:
+        return AnalysisSpec.model_validate(spec)
+    except ValidationError as exc:
+        text = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        rule = "undeclared_column" if "undeclared column" in text else "spec"
+        raise AnalysisRefused(site, rule, f"the request is invalid: {text}") from None
+
+
 def answer_analysis(
     profile: SiteProfile,
     spec: dict[str, Any] | AnalysisSpec,
@@ -403,17 +437,7 @@ def answer_analysis(
         At the first failed rule; nothing was charged and nothing released.
     """
     site = profile.name
-    if not isinstance(spec, AnalysisSpec):
-        try:
-            spec = AnalysisSpec.model_validate(spec)
-        except ValidationError as exc:
-            text = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '(top level)'}: "
-                f"{e['msg'].removeprefix('Value error, ')}"
-                for e in exc.errors()
-            )
-            rule = "undeclared_column" if "undeclared column" in text else "spec"
-            raise AnalysisRefused(site, rule, f"the request is invalid: {text}") from None
+    spec = parse_spec(site, spec)
     policy = profile.privacy
     min_cell = int(getattr(policy, "min_cell_count", DEFAULT_MIN_CELL_COUNT))
     if not _allowed(spec.name, policy.allowed_experiments):

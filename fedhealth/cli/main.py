@@ -79,6 +79,34 @@ def run(
 
 @app.command()
 @guarded
+def analyze(
+    analysis: Path = typer.Argument(..., help="Analysis config (*.analysis.toml) to run."),
+    tracking_uri: str = typer.Option(
+        None,
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the analysis's \\[tracking] uri, else "
+        "./workspace/mlflow).",
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
+    federation: str = typer.Option(
+        None,
+        "--federation",
+        help="Run on this real federation (a flwr SuperLink connection) instead of simulating.",
+    ),
+) -> None:
+    """Run a federated analysis (counts, statistics, survival) on the consortium's sites, each
+    release noisy and charged to the site's privacy ledger; prints the answers and each site's
+    ε, and records an MLflow run."""
+    from fedhealth.cli import analyze_cmd
+
+    if federation:
+        analyze_cmd.analyze_on_federation(console, analysis, federation, tracking_uri)
+        return
+    analyze_cmd.analyze_simulated(console, analysis, tracking_uri, verbose)
+
+
+@app.command()
+@guarded
 def validate(
     files: list[Path] = typer.Argument(..., help="Experiment configs or site profiles."),
 ) -> None:

@@ -39,6 +39,8 @@ def study_lines(record: dict[str, Any]) -> list[str]:
     asks = record.get("asks")
     if not isinstance(asks, dict):
         return ["(no stored request: decided by hash)"]
+    if asks.get("kind") == "analysis":
+        return _analysis_lines(asks, record.get("privacy", {}))
     model = dict(asks["model"])
     name = model.pop("name")
     strategy = dict(asks["strategy"])
@@ -70,6 +72,31 @@ def study_lines(record: dict[str, Any]) -> list[str]:
         f"DP           {dp_text}",
         f"HE           {'off' if he == 'off' else _options(he)}",
         f"privacy      projected {projected}; {caps}",
+    ]
+
+
+def _analysis_lines(asks: dict[str, Any], privacy: dict[str, Any]) -> list[str]:
+    """What a stored analysis request asks for (``fedhealth analyze``)."""
+
+    def column(c: dict[str, Any]) -> str:
+        if c.get("type") != "numeric":
+            return str(c.get("type"))
+        return _options({n: v for n, v in c.items() if n != "type"})
+
+    cols = ", ".join(f"{k} ({column(c)})" for k, c in asks["columns"].items())
+    where = asks["cohort"].get("where") or []
+    cohort = "; ".join(f"{p['column']} {p['op']} {p.get('value', '')}".strip() for p in where)
+    queries = "; ".join(f"{name} ({q['kind']})" for name, q in asks["queries"].items())
+    return [
+        f"analysis     {asks['experiment']}  (fedhealth {asks['fedhealth_version']})",
+        f"dataset      {asks['dataset']}: columns {cols}",
+        f"cohort       {cohort or 'every record'}",
+        f"queries      {queries}",
+        f"privacy      ε {_num(privacy.get('epsilon'))} for the whole analysis (δ "
+        f"{_num(asks.get('delta'))}); cap per experiment "
+        f"{_num(privacy.get('max_epsilon_per_experiment'))}, lifetime budget "
+        f"{_num(privacy.get('lifetime_epsilon_budget'))}, spent on the dataset "
+        f"{_num(privacy.get('spent_on_dataset', 0.0))}",
     ]
 
 

@@ -460,10 +460,19 @@ class AnalysisSpec(_Strict):
         """Each query's name in the results, in order."""
         return [q.name or q.default_name() for q in self.queries]
 
+    def canonical_bytes(self) -> bytes:
+        """Deterministic JSON (sorted keys, no whitespace, ASCII): what travels and is hashed."""
+        return json.dumps(
+            self.model_dump(mode="json"),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+            allow_nan=False,
+        ).encode("ascii")
+
     def spec_hash(self) -> str:
         """SHA-256 of the canonical JSON spec: what a site approves and charges."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
 
 class AnalysisConfig(_Strict):

@@ -4,6 +4,10 @@ The run config carries ``experiment`` (path of the experiment TOML on the
 coordinator's machine) and ``tracking-uri``; the same app runs in simulation
 and on a SuperLink. The simulation engine builds its own with :func:`make_app`, to
 watch the run's progress and to get its :class:`RunSummary` back.
+
+A run config naming an ``analysis`` instead runs that federated analysis
+(:mod:`fedhealth.coordinator.analysis_run`); its result is an
+:class:`~fedhealth.coordinator.analysis_run.AnalysisOutcome`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.federation import Federation, RunSummary
 from fedhealth.coordinator.guard import GuardedGrid
 from fedhealth.coordinator.progress import Observer
-from fedhealth.coordinator.runconfig import experiment_path, resume_run, tracking_uri
+from fedhealth.coordinator.runconfig import (
+    experiment_path,
+    is_analysis,
+    resume_run,
+    tracking_uri,
+)
 from fedhealth.registry.retry import configure_mlflow_http
 from fedhealth.registry.store import default_tracking_uri
 
@@ -52,18 +61,17 @@ def validate_model(grid: Grid, context: Context):
     )
 
 
-def make_app(
-    on_event: Observer | None = None, results: list[RunSummary] | None = None
-) -> ServerApp:
-    """A ServerApp running the experiment of its run config.
+def make_app(on_event: Observer | None = None, results: list | None = None) -> ServerApp:
+    """A ServerApp running the experiment, the analysis or the validation of its run config.
 
     Parameters
     ----------
     on_event : callable, optional
         Observer of the run's progress events (a live display).
     results : list, optional
-        The run's :class:`RunSummary` is appended here when it finishes (Flower drops a
-        ServerApp's return value; an in-process caller reads it from this list).
+        The run's :class:`RunSummary` (an analysis: its ``AnalysisOutcome``) is appended
+        here when it finishes (Flower drops a ServerApp's return value; an in-process
+        caller reads it from this list).
     """
     server = ServerApp()
 
@@ -71,6 +79,10 @@ def make_app(
     def main(grid: Grid, context: Context) -> None:
         if context.run_config.get("validate-model"):  # `fedhealth evaluate models:/NAME/V`
             summary = validate_model(grid, context)
+        elif is_analysis(dict(context.run_config)):
+            from fedhealth.coordinator.analysis_run import run_from_context
+
+            summary = run_from_context(grid, context)
         else:
             summary = run_experiment(grid, context, on_event)
         if results is not None:

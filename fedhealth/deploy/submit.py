@@ -59,6 +59,8 @@ validate-model = ""
 validate-split = ""
 validate-threshold = ""
 validate-dataset = ""
+analysis = ""
+analysis-toml = ""
 """
 
 
@@ -119,10 +121,17 @@ def submit(
     experiment: Path,
     tracking_uri: str | None = None,
     resume_run_id: str | None = None,
+    kind: str = "experiment",
 ) -> int:
-    """Start a run of ``experiment`` on the federation's SuperLink; returns Flower's run id."""
+    """Start a run of ``experiment`` on the federation's SuperLink; returns Flower's run id.
+
+    ``kind = "analysis"`` submits ``experiment`` as an analysis TOML (``fedhealth analyze``):
+    the same app, whose ServerApp runs the analysis its run config names.
+    """
+    if kind not in ("experiment", "analysis"):
+        raise ValueError(f"kind is 'experiment' or 'analysis', not {kind!r}")
     path = Path(experiment).resolve()
-    config: dict[str, Any] = {"experiment": str(path), "experiment-toml": path.read_text()}
+    config: dict[str, Any] = {kind: str(path), f"{kind}-toml": path.read_text()}
     if tracking_uri:
         config["tracking-uri"] = tracking_uri
     if resume_run_id:

@@ -14,13 +14,15 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedhealth import settings
 from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.errors import FederationError
 
 if TYPE_CHECKING:
+    from fedhealth.config.analysis import AnalysisConfig
+    from fedhealth.coordinator.analysis_run import AnalysisOutcome
     from fedhealth.coordinator.federation import RunSummary
     from fedhealth.coordinator.progress import Observer
     from fedhealth.evaluation.result import ValidationResult
@@ -82,15 +84,70 @@ def run_simulation(
     FedHealthError
         The run stopped (the coordinator's error, e.g. fewer than ``min_sites`` replies).
     """
+    _quiet(verbose)
+    from fedhealth.coordinator.server_app import make_app
+
+    results: list[RunSummary] = []
     run_config = {
         "experiment": str(Path(experiment_path).resolve()),
         "tracking-uri": tracking_uri,
         "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
         "resume-run-id": resume_run_id or "",
     }
-    results = _simulate(run_config, len(cfg.experiment.sites), verbose, cpus_per_site, on_event)
+    _simulate(make_app(on_event, results), run_config, len(cfg.experiment.sites), verbose,
+              cpus_per_site)  # fmt: skip
     if not results:
         raise FederationError(f"experiment {cfg.name!r} ended without a result; rerun with -v")
+    return results[0]
+
+
+def run_analysis_simulation(
+    analysis_path: Path,
+    cfg: AnalysisConfig,
+    tracking_uri: str,
+    verbose: bool = False,
+    cpus_per_site: float = 1.0,
+) -> AnalysisOutcome:
+    """Run an analysis with one simulated SuperNode per site; returns its outcome.
+
+    The same ServerApp and ClientApp as a deployment: the spec travels as a
+    ``query.analysis`` message and each simulated site answers from its own profile.
+
+    Parameters
+    ----------
+    analysis_path : Path
+        The analysis file (passed to the ServerApp in its run config).
+    cfg : AnalysisConfig
+        The validated analysis.
+    tracking_uri : str
+        MLflow store for the run.
+    verbose : bool
+        Show Flower's and Ray's own logs.
+    cpus_per_site : float
+        CPU share of each simulated site.
+
+    Returns
+    -------
+    AnalysisOutcome
+
+    Raises
+    ------
+    FedHealthError
+        The analysis stopped (e.g. fewer than ``min_sites`` sites answered).
+    """
+    _quiet(verbose)
+    from fedhealth.coordinator.server_app import make_app
+
+    results: list[AnalysisOutcome] = []
+    run_config = {
+        "analysis": str(Path(analysis_path).resolve()),
+        "tracking-uri": tracking_uri,
+        "site-profiles": json.dumps([str(p) for p in cfg.analysis.sites]),
+    }
+    _simulate(make_app(None, results), run_config, len(cfg.analysis.sites), verbose,
+              cpus_per_site)  # fmt: skip
+    if not results:
+        raise FederationError(f"analysis {cfg.name!r} ended without a result; rerun with -v")
     return results[0]
 
 
@@ -110,6 +167,10 @@ def run_validation_simulation(
     ValidationResult
         The metrics per site and pooled, as written back to the version.
     """
+    _quiet(verbose)
+    from fedhealth.coordinator.server_app import make_app
+
+    results: list[ValidationResult] = []
     run_config = {
         "validate-model": model_uri,
         "validate-split": split,
@@ -118,21 +179,21 @@ def run_validation_simulation(
         "tracking-uri": tracking_uri,
         "site-profiles": json.dumps([str(Path(p).resolve()) for p in sites]),
     }
-    results = _simulate(run_config, len(sites), verbose, 1.0, None)
+    _simulate(make_app(None, results), run_config, len(sites), verbose, 1.0)
     if not results:
         raise FederationError(f"the validation of {model_uri} ended without a result; rerun -v")
     return results[0]
 
 
 def _simulate(
+    server_app: Any,
     run_config: dict[str, str],
-    n_sites: int,
+    num_sites: int,
     verbose: bool,
     cpus_per_site: float,
-    on_event: Observer | None,
-) -> list:
-    """Run the ServerApp on ``run_config`` with ``n_sites`` simulated sites; its results."""
-    _quiet(verbose)
+) -> None:
+    """Run ``server_app`` against fedhealth's ClientApp on ``num_sites`` simulated nodes
+    (:func:`_quiet` has run before Flower was imported)."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -142,10 +203,6 @@ def _simulate(
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedhealth.coordinator.server_app import make_app
-
-    results: list = []
-    server_app = make_app(on_event, results)
     client_app = load_app(CLIENT_APP, AttributeError)
     # Flower's public run_simulation() has no run config; build the Run it would build,
     # with ours, so that every simulated site reads it from its Context like `flwr run`.
@@ -172,7 +229,7 @@ def _simulate(
     # reaches the simulated sites through the environment, which Ray's workers inherit.
     os.environ[SIM_ROSTER_ENV] = run_config["site-profiles"]
     _run_simulation(
-        num_supernodes=n_sites,
+        num_supernodes=num_sites,
         exit_event=_exit_event(),
         client_app=client_app,
         server_app=server_app,
@@ -181,7 +238,6 @@ def _simulate(
         run=run,
         verbose_logging=verbose,
     )
-    return results
 
 
 def _exit_event():

@@ -27,13 +27,23 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedhealth.config.site import SiteProfile
 from fedhealth.errors import ConfigError, CryptoError, FedHealthError, PolicyError
 from fedhealth.jsonlines import append
 from fedhealth.protocol import HERound, TaskSpec
-from fedhealth.study import columns_read, normalise_hash, study_document, study_hash
+from fedhealth.study import (
+    analysis_study_document,
+    analysis_study_hash,
+    columns_read,
+    normalise_hash,
+    study_document,
+    study_hash,
+)
+
+if TYPE_CHECKING:
+    from fedhealth.config.analysis import AnalysisSpec
 
 __all__ = [
     "APPROVAL_KEY",
@@ -41,9 +51,11 @@ __all__ = [
     "Decision",
     "StudyRefused",
     "StudyStatus",
+    "admit_analysis",
     "admit_study",
     "check_round",
     "decide",
+    "describe_analysis",
     "describe_spec",
     "list_studies",
     "resolve_study",
@@ -447,6 +459,27 @@ def _hold(profile: SiteProfile, spec: TaskSpec, study: str) -> None:
         _audit(profile, {"event": "study-requested", "study": study, "experiment": spec.experiment})
 
 
+def _gate(profile: SiteProfile, study: str, experiment: str, hold) -> str:
+    """Approved: the study hash. Declined or pending: :class:`StudyRefused` (``hold()``
+    stores the request the first time a study is seen)."""
+    status, _ = study_status(profile, study)
+    if status == "approved":
+        return study
+    if status == "declined":
+        raise StudyRefused(
+            f"site {profile.name!r} declined study {study} (experiment {experiment!r})",
+            rule="study-declined",
+        )
+    if status == "unknown":
+        hold()
+    raise StudyRefused(
+        f"site {profile.name!r} has not approved study {study} (experiment "
+        f"{experiment!r}) yet: its operator reviews it with `fedhealth site requests` "
+        "and decides with `fedhealth site approve` or `deny`",
+        rule="study-pending",
+    )
+
+
 def admit_study(profile: SiteProfile, spec: TaskSpec) -> str:
     """The gate of every train, evaluate and statistics request: is this study approved here?
 
@@ -468,22 +501,102 @@ def admit_study(profile: SiteProfile, spec: TaskSpec) -> str:
         request is stored for the operator, on first sight).
     """
     study = study_hash(spec)
-    status, _ = study_status(profile, study)
-    if status == "approved":
-        return study
-    if status == "declined":
-        raise StudyRefused(
-            f"site {profile.name!r} declined study {study} (experiment {spec.experiment!r})",
-            rule="study-declined",
-        )
-    if status == "unknown":
-        _hold(profile, spec, study)
-    raise StudyRefused(
-        f"site {profile.name!r} has not approved study {study} (experiment "
-        f"{spec.experiment!r}) yet: its operator reviews it with `fedhealth site requests` "
-        "and decides with `fedhealth site approve` or `deny`",
-        rule="study-pending",
-    )
+    return _gate(profile, study, spec.experiment, lambda: _hold(profile, spec, study))
+
+
+# -- analyses ----------------------------------------------------------------------------------
+
+
+def describe_analysis(spec: AnalysisSpec) -> dict[str, Any]:
+    """What an analysis asks of a site, as a person reads it (no site data in it).
+
+    Returns
+    -------
+    dict
+        ``kind`` ("analysis"), ``experiment`` (the ledger's name ``analysis:<name>``),
+        ``dataset``, ``columns`` (with their declared type and bounds), ``cohort``,
+        ``queries`` (name: kind and columns), ``epsilon``, ``delta``, ``fedhealth_version``.
+    """
+    doc = analysis_study_document(spec)
+    queries = {
+        name: q.model_dump(mode="json", exclude_none=True)
+        for name, q in zip(spec.query_names(), spec.queries, strict=True)
+    }
+    return {
+        "kind": "analysis",
+        "experiment": f"analysis:{spec.name}",
+        "dataset": spec.dataset,
+        "columns": {k: v.model_dump(mode="json") for k, v in sorted(spec.columns.items())},
+        "cohort": spec.cohort.model_dump(mode="json"),
+        "queries": queries,
+        "epsilon": spec.privacy.epsilon,
+        "delta": spec.privacy.delta,
+        "fedhealth_version": doc["fedhealth_version"],
+    }
+
+
+def _analysis_projection(profile: SiteProfile, spec: AnalysisSpec) -> dict[str, Any]:
+    """The ε the analysis would charge at this site (planned, before min-cell withholding),
+    the site's caps and what its ledger has spent on the dataset."""
+    policy = profile.privacy
+    out: dict[str, Any] = {
+        "dp": "analysis",
+        "delta": spec.privacy.delta,
+        "max_epsilon_per_experiment": policy.max_epsilon_per_experiment,
+        "lifetime_epsilon_budget": policy.lifetime_epsilon_budget,
+    }
+    try:
+        from fedhealth.analytics.mechanism import analysis_epsilon, plan_noise
+
+        sigmas = plan_noise(spec.queries, spec.privacy)
+        out["epsilon"] = analysis_epsilon(sigmas, spec.privacy.delta)
+        if profile.ledger_path.is_file():
+            from fedhealth.privacy.dp.ledger import PrivacyLedger
+
+            with PrivacyLedger(profile.ledger_path) as ledger:
+                out["spent_on_dataset"] = ledger.spent(spec.dataset)
+    except (FedHealthError, OSError, TypeError, ValueError) as exc:
+        out["epsilon"] = f"not projected: {exc}"
+    return out
+
+
+def admit_analysis(profile: SiteProfile, spec: AnalysisSpec) -> str:
+    """The study gate of an analysis request: the same approval as a training study.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+    spec : AnalysisSpec
+        The validated request.
+
+    Returns
+    -------
+    str
+        The analysis's study hash (:func:`fedhealth.study.analysis_study_hash`).
+
+    Raises
+    ------
+    StudyRefused
+        ``study-declined`` or ``study-pending`` (the request stored on first sight).
+    """
+    study = analysis_study_hash(spec)
+    experiment = f"analysis:{spec.name}"
+
+    def hold() -> None:
+        record = {
+            "study": study,
+            "site": profile.name,
+            "experiment": experiment,
+            "first_seen": time.time(),
+            "asks": describe_analysis(spec),
+            "privacy": _analysis_projection(profile, spec),
+            "document": analysis_study_document(spec),
+            "spec": json.loads(spec.canonical_bytes()),
+        }
+        if _create_once(_request_path(profile, study), record):
+            _audit(profile, {"event": "study-requested", "study": study, "experiment": experiment})
+
+    return _gate(profile, study, experiment, hold)
 
 
 def check_round(profile: SiteProfile, spec: TaskSpec, he: HERound | None) -> None:

@@ -43,6 +43,7 @@ from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.errors import ConfigError, DataError, FedHealthError, PolicyError
 from fedhealth.protocol import (
     REFUSAL_CODE,
+    AnalysisKey,
     HEKey,
     MessageKind,
     Metric,
@@ -54,10 +55,10 @@ from fedhealth.protocol import (
     StudyKey,
     ValidationKey,
 )
-from fedhealth.site.approvals import admit_study, check_round
+from fedhealth.site.approvals import admit_analysis, admit_study, check_round
 from fedhealth.site.audit import audited
 from fedhealth.site.refusals import DATA_RULE, public_message
-from fedhealth.site.request import SiteRequest
+from fedhealth.site.request import AnalysisRequest, SiteRequest
 from fedhealth.site.timing import phase
 
 if TYPE_CHECKING:
@@ -366,6 +367,39 @@ def validate(msg: Message, context: Context, request: SiteRequest) -> Message:
             {
                 Record.VALIDATION: ConfigRecord({ValidationKey.RELEASE: json.dumps(released)}),
                 Record.METRICS: MetricRecord(metrics),
+                Record.SITE: _site_record(profile),
+            }
+        )
+    return Message(content, reply_to=msg)
+
+
+@app.query(MessageKind.ANALYSIS_ACTION)
+@audited(_audit_site, AnalysisRequest.from_message, _refuse)
+def analysis(msg: Message, context: Context, request: AnalysisRequest) -> Message:
+    """Answer a federated analysis (``query.analysis``) with noisy statistics, never rows.
+
+    The spec is validated as a file would be, the analysis passes the study gate like a
+    training study (a manual-approval site answers ``study-pending``), and
+    ``fedhealth.analytics.site_queries.answer_analysis`` applies the site's policy, caps
+    and minimum cell count and charges the ledger before any noisy number is built.
+    """
+    profile, _ = site_profile(context)
+    try:
+        _import(["fedhealth.analytics.site_queries"])
+        from fedhealth.analytics.site_queries import answer_analysis, parse_spec
+
+        spec = parse_spec(profile.name, request.spec)
+        study_hash = admit_analysis(profile, spec)
+        with phase("load"):
+            release = answer_analysis(profile, spec)
+    except FedHealthError as exc:
+        return _refuse(msg, profile.name, exc)
+    with phase("serialise"):
+        record = {AnalysisKey.RELEASE: json.dumps(release), AnalysisKey.STUDY: study_hash}
+        content = RecordDict(
+            {
+                Record.RELEASE: ConfigRecord(record),
+                Record.METRICS: MetricRecord({Metric.EPSILON: float(release["epsilon"])}),
                 Record.SITE: _site_record(profile),
             }
         )

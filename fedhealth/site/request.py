@@ -8,10 +8,19 @@ same object to the handler, the runtime and the encrypted reply.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from fedhealth.protocol import HERound, Record, RoundConfig, TaskSpec
+from fedhealth.protocol import (
+    PROTOCOL_VERSION,
+    AnalysisKey,
+    HERound,
+    ProtocolError,
+    Record,
+    RoundConfig,
+    TaskSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -104,5 +113,68 @@ class SiteRequest:
             # The MLflow run, and through it the model version, this round contributes to.
             "mlflow_run": self.config.mlflow_run_id or None,
             "registered_model": self.config.registered_model or None,
+        }
+        return {k: v for k, v in info.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """One parsed analysis request (``query.analysis``): the spec as received.
+
+    The spec stays a plain dict here; the handler validates it with the analysis schema
+    (:func:`fedhealth.analytics.site_queries.parse_spec`) so that a bad spec is refused
+    with the rule that names the problem.
+
+    Parameters
+    ----------
+    spec : dict
+        The decoded JSON of the ``"analysis"`` record's ``spec`` key.
+    """
+
+    spec: dict[str, Any]
+
+    @classmethod
+    def from_message(cls, msg: Any) -> AnalysisRequest:
+        """Parse a Flower message's ``"analysis"`` record.
+
+        Raises
+        ------
+        fedhealth.protocol.ProtocolError
+            The record or its spec is missing, not JSON, or of another protocol version.
+        """
+        record = msg.content.get(Record.ANALYSIS)
+        if record is None:
+            raise ProtocolError("the request carries no `analysis` record", field=Record.ANALYSIS)
+        version = record.get(AnalysisKey.PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {version!r}, but this fedhealth speaks version "
+                f"{PROTOCOL_VERSION}; run the same fedhealth version at the coordinator and "
+                "the sites",
+                field=AnalysisKey.PROTOCOL_VERSION,
+            )
+        raw = record.get(AnalysisKey.SPEC)
+        try:
+            spec = json.loads(str(raw))
+        except ValueError:
+            spec = None
+        if not isinstance(spec, dict):
+            raise ProtocolError(
+                "analysis key `spec` is missing or not a JSON object", field=AnalysisKey.SPEC
+            )
+        return cls(spec)
+
+    @property
+    def round(self) -> int:
+        """Always 0: an analysis is one exchange."""
+        return 0
+
+    def audit_info(self) -> dict[str, Any]:
+        """What the site's audit log records about the request."""
+        name, dataset = self.spec.get("name"), self.spec.get("dataset")
+        info = {
+            "round": 0,
+            "experiment": f"analysis:{name}" if isinstance(name, str) else None,
+            "dataset": dataset if isinstance(dataset, str) else None,
         }
         return {k: v for k, v in info.items() if v is not None}
