@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ class RunSummary:
 def input_dim(cfg: ExperimentConfig) -> int:
     """Model input width: encoded feature count (tabular) or image channels."""
     if cfg.task.kind == "tabular":
+        assert cfg.task.schema_ is not None  # validated: a tabular task has a schema
         return len(cfg.task.schema_.feature_names())
     return 1
 
@@ -117,6 +118,7 @@ def input_layout(cfg: ExperimentConfig, statistics: bool = True) -> str:
         )
     if task.kind == "tabular":
         schema = task.schema_
+        assert schema is not None  # validated: a tabular task has a schema
         names = schema.feature_names()
         cats = "; ".join(f"{c}: {', '.join(map(str, v))}" for c, v in schema.categorical.items())
         missing = {
@@ -340,6 +342,7 @@ class Federation:
             count += m["count"]
             s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
             ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
+        assert s is not None and ss is not None  # _require: at least one site answered
         mean = s / count
         std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
         if self.statistics_dp:
@@ -429,7 +432,8 @@ class Federation:
         )
         status = "FAILED"
         try:
-            grid = self.admit_sites(grid)  # only sites that approved the study take part
+            gate = self.admit_sites(grid)  # only sites that approved the study take part
+            grid = cast(Grid, gate)  # the gate delegates the rest of Grid to the real grid
             if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
             elif cfg.task.normalisation == "site" and self.norm_stats is None:
@@ -440,7 +444,7 @@ class Federation:
                 save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
                 self._notify("round-started", r)
-                grid.round_start(r)  # a site approved since joins this round
+                gate.round_start(r)  # a site approved since joins this round
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
                 save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
@@ -546,6 +550,7 @@ def _within_bounds(
         low, high = np.zeros_like(mean), np.ones_like(mean)
     else:
         schema = cfg.task.schema_
+        assert schema is not None  # validated: a tabular task has a schema
         pairs = [schema.bounds.get(n, (0.0, 1.0)) for n in schema.feature_names()]
         low = np.array([p[0] for p in pairs], dtype=float)
         high = np.array([p[1] for p in pairs], dtype=float)

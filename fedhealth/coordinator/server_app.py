@@ -8,6 +8,8 @@ watch the run's progress and to get its :class:`RunSummary` back.
 
 from __future__ import annotations
 
+from typing import cast
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,7 +33,8 @@ def run_experiment(grid: Grid, context: Context, on_event: Observer | None = Non
     federation.resume_from = resume_run(rc)
     # Never wait forever for sites: Flower's sampler would (see fedhealth.coordinator.guard).
     exp = cfg.experiment
-    return federation.run(GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout))
+    guarded = GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout)
+    return federation.run(cast(Grid, guarded))  # it delegates the rest of Grid to `grid`
 
 
 def make_app(
