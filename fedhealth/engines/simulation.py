@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedhealth import settings
 from fedhealth.config.experiment import ExperimentConfig
@@ -96,7 +96,7 @@ def run_simulation(
     results: list[RunSummary] = []
     server_app = make_app(on_event, results)
     client_app = load_app(CLIENT_APP, AttributeError)
-    run_config = {
+    run_config: dict[str, Any] = {
         "experiment": str(Path(experiment_path).resolve()),
         "tracking-uri": tracking_uri,
         "site-profiles": json.dumps([str(p) for p in cfg.experiment.sites]),
@@ -114,7 +114,7 @@ def run_simulation(
     server_context = Context(
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
-    backend = {
+    backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {
             "logging_level": "info" if verbose else "error",

@@ -250,7 +250,7 @@ class RunRecorder:
         ms = [m for m in ms if (m.key, m.step) not in self._before_resume]
         if not ms:
             return
-        run_id = self.run_id
+        run_id = cast(str, self.run_id)  # metrics are logged after start() or reopen()
         tried = False
 
         def send() -> None:

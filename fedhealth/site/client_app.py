@@ -23,7 +23,7 @@ import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from flwr.app import (
     Array,
@@ -105,7 +105,7 @@ def _refuse(msg: Message, site: str, exc: Exception, round_: int = 0) -> Message
 
 def _arrays(msg: Message) -> dict:
     with phase("serialise"):
-        record = msg.content.get(Record.ARRAYS)
+        record = cast("ArrayRecord | None", msg.content.get(Record.ARRAYS))
         if record is None:
             raise ProtocolError("the request carries no global model (`arrays` record)")
         return {k: v.numpy() for k, v in record.items()}
