@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                         "lower": None, "upper": None, "interval": res["suppressed"]})  # fmt: skip
             continue
         kind = res["kind"]
+        items: Iterable[tuple[str, Any, Any, Any]]
         if kind in ("count", "histogram", "missingness"):
             items = zip(_cell_labels(res), res["estimate"], res["lower"], res["upper"], strict=True)
         elif kind == "quantiles":

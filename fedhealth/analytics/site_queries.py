@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ from fedhealth.analytics.mechanism import (
 )
 from fedhealth.config.analysis import (
     AnalysisSpec,
+    BinaryColumn,
     CategoricalColumn,
     NumericColumn,
 )
@@ -152,7 +153,8 @@ def _parse(site: str, name: str, decl: Any, series: pd.Series, na: set[str]) -> 
     text = np.array([None if v is None else str(v).strip() for v in raw], dtype=object)
     missing = np.array([t is None or t in na or t.lower() == "nan" for t in text], dtype=bool)
     if isinstance(decl, NumericColumn):
-        vals = pd.to_numeric(pd.Series(np.where(missing, None, text)), errors="coerce")
+        # numpy's stubs reject a None fill, which object arrays take.
+        vals = pd.to_numeric(pd.Series(np.where(missing, None, text)), errors="coerce")  # type: ignore[call-overload]
         out = np.array(vals.to_numpy(dtype=np.float64, na_value=np.nan), copy=True)
         if np.any(np.isnan(out) & ~missing):
             raise AnalysisRefused(site, "data", f"column {name!r} holds cells that are not numbers")
@@ -203,7 +205,7 @@ def cohort_mask(spec: AnalysisSpec, table: dict[str, np.ndarray]) -> np.ndarray:
             elif p.op == "in":
                 hit = present & np.isin(x, np.asarray(p.value, dtype=np.float64))
             else:
-                v = float(p.value)
+                v = float(cast("float | str", p.value))  # the predicate checked: one value
                 hit = (
                     present
                     & {
@@ -220,7 +222,8 @@ def cohort_mask(spec: AnalysisSpec, table: dict[str, np.ndarray]) -> np.ndarray:
             if p.op == "not null":
                 hit = present
             elif p.op == "in":
-                hit = np.isin(col.astype(str), [str(v) for v in p.value]) & present
+                values = cast("list[float | str]", p.value)  # the predicate checked: a list
+                hit = np.isin(col.astype(str), [str(v) for v in values]) & present
             elif p.op == "==":
                 hit = (col.astype(str) == str(p.value)) & present
             else:  # "!="
@@ -273,7 +276,7 @@ def exact_statistics(spec: AnalysisSpec, table: dict[str, np.ndarray]) -> list[Q
                 )
             )
         elif q.kind == "mean":
-            decl = spec.columns[q.column]
+            decl = cast(NumericColumn, spec.columns[q.column])  # the spec checked: numeric
             x = rows[q.column]
             x = np.clip(x[~np.isnan(x)], decl.lower, decl.upper)
             c, r = (decl.upper + decl.lower) / 2, (decl.upper - decl.lower) / 2
@@ -287,7 +290,7 @@ def exact_statistics(spec: AnalysisSpec, table: dict[str, np.ndarray]) -> list[Q
                 )
             )
         elif q.kind in ("histogram", "quantiles"):
-            decl = spec.columns[q.column]
+            decl = cast(NumericColumn, spec.columns[q.column])  # the spec checked: numeric
             edges = _edges(q.bins, decl)
             h = _histogram(rows[q.column], edges, decl)
             out.append(
@@ -312,7 +315,8 @@ def _is_missing(col: np.ndarray) -> np.ndarray:
 def _count(spec: AnalysisSpec, q: Any, rows: dict[str, np.ndarray], n: int) -> QueryStats:
     if not q.by:
         return QueryStats(np.array([n], dtype=np.float64), [1], {"by": []}, [("count", n)])
-    levels = [spec.columns[c].labels() for c in q.by]
+    # The spec checked: `by` columns are categorical or binary.
+    levels = [cast("CategoricalColumn | BinaryColumn", spec.columns[c]).labels() for c in q.by]
     shape = [len(lv) for lv in levels]
     counts = np.zeros(shape, dtype=np.float64)
     present = np.ones(n, dtype=bool)
@@ -335,14 +339,15 @@ def _kaplan_meier(spec: AnalysisSpec, q: Any, rows: dict[str, np.ndarray]) -> Qu
     k = len(grid)
     t, e = rows[q.time], rows[q.event]
     ok = ~np.isnan(t) & ~_is_missing(e)
-    groups = spec.columns[q.group].labels() if q.group else ["all"]
+    by = cast("CategoricalColumn | BinaryColumn", spec.columns[q.group]) if q.group else None
+    groups = by.labels() if by is not None else ["all"]
     g = rows[q.group] if q.group else np.full(len(t), "all", dtype=object)
     if q.group:
         ok &= ~_is_missing(g)
     # Cells per group: events per bin (k), censorings per bin (k), beyond the horizon (1).
     # Bin j is (grid[j-1], grid[j]] with grid[-1] = -inf; one record is in one cell.
     cells = np.zeros((len(groups), 2 * k + 1), dtype=np.float64)
-    tt = np.maximum(t[ok], spec.columns[q.time].lower)
+    tt = np.maximum(t[ok], cast(NumericColumn, spec.columns[q.time]).lower)
     ee, gg = e[ok], g[ok]
     idx = np.searchsorted(grid, tt, side="left")
     for gi, name in enumerate(groups):
@@ -445,7 +450,7 @@ def answer_analysis(
             site,
             "allowed_experiments",
             f"analysis {spec.name!r} is not among the site's allowed experiments "
-            f"{list(policy.allowed_experiments)}; ask the operator to add it to "
+            f"{list(policy.allowed_experiments or [])}; ask the operator to add it to "
             "`privacy.allowed_experiments`",
         )
     delta = float(spec.privacy.delta)

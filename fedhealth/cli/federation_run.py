@@ -18,7 +18,7 @@ from fedhealth.errors import ConfigError, FederationError
 def run_on_federation(
     console: Console,
     experiments: list[Path],
-    federation: str | None,
+    federation: str,
     tracking_uri: str | None,
     resume: str | None,
     timeout: float | None = None,

@@ -6,7 +6,9 @@ nothing until the end, so a long run would look hung: then one plain line per ro
 
 from __future__ import annotations
 
-from rich.console import Console, Group
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +44,7 @@ class LiveRun:
             self.live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if not self.plain:
             self.live.update(self._render())
             self.live.__exit__(*exc)
@@ -70,7 +72,8 @@ class LiveRun:
             if dp:
                 row.append(f"{m[Metric.EPSILON]:.4g}" if Metric.EPSILON in m else "-")
             table.add_row(*row)
-        parts = [self.progress, table] + [f"[yellow]{escape(n)}[/]" for n in self.notes[-5:]]
+        parts: list[RenderableType] = [self.progress, table]
+        parts += [f"[yellow]{escape(n)}[/]" for n in self.notes[-5:]]
         return Group(*parts)
 
     def __call__(self, event: Event) -> None:

@@ -101,8 +101,8 @@ def check_experiment(cfg: ExperimentConfig, sites: list[SiteProfile]) -> Preflig
             out.problems.append(exc)
             out_of_run[site.name] = "its DP plan is impossible"
     out.he_line, he_problems = he_check(cfg, sites)
-    for who, exc in he_problems.items():
-        out.problems.append(exc)
+    for who, problem in he_problems.items():
+        out.problems.append(problem)
         if who is not None:
             out_of_run.setdefault(who, "its encryption keys fail")
     short = _participation(cfg, sites, out.outlook, out_of_run)

@@ -120,7 +120,8 @@ class FhirSource(DataSourceBase):
         min_length=1, description="Schema column -> where its value comes from (label too)."
     )
 
-    _abs = field_validator("path")(_resolve)
+    # Replaces the base's path validator by name (this module's _resolve also takes None).
+    _abs = field_validator("path")(_resolve)  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _index(self) -> FhirSource:
@@ -216,7 +217,8 @@ class OmopSource(DataSourceBase):
         description="SQLAlchemy URL without a password, e.g. "
         "postgresql+psycopg://reader@db.hospital:5432/cdm.",
     )
-    path: Path | None = Field(None, description="Or a SQLite file (the embedded default).")
+    # An OMOP source may be a database URL instead of a file: its path is optional.
+    path: Path | None = Field(None, description="Or a SQLite file (the embedded default).")  # type: ignore[assignment]
     cdm_schema: str | None = Field(None, description="Schema holding the CDM tables.")
     password_env: str | None = Field(
         None, description="Environment variable holding the database password."
@@ -229,7 +231,7 @@ class OmopSource(DataSourceBase):
         min_length=1, description="Schema column -> where its value comes from (label too)."
     )
 
-    _abs = field_validator("path", "password_file")(_resolve)
+    _abs = field_validator("path", "password_file")(_resolve)  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _where(self) -> OmopSource:

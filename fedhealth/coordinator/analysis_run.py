@@ -124,7 +124,7 @@ def collect_releases(
         release, refusal = _release(reply, spec_hash)
         if release is not None:
             releases.append(release)
-        else:
+        elif refusal is not None:
             refusals.append(refusal)
     names = [r["site"] for r in releases]
     if len(set(names)) != len(names):

@@ -60,7 +60,8 @@ def _pack(ck: Checkpoint) -> bytes:
             arrays.update({f"s/{name}/{i}": v for i, v in enumerate(value)})
     header = dict(ck.meta, round=ck.round, strategy_layout=layout, globals=list(ck.arrays))
     buf = io.BytesIO()
-    np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    head = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(buf, __header__=head, **arrays)  # type: ignore[arg-type]  # stub: keys may clash with allow_pickle
     return buf.getvalue()
 
 

@@ -30,10 +30,19 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from mlflow.entities import Param
 
@@ -92,7 +101,7 @@ def _exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
 def _answer(round_: int, msg: Message) -> np.ndarray:
     """The decrypted aggregate in a site's answer; FederationError if it carries none."""
     try:
-        answer = msg.content[Record.HE_ANSWER][HEKey.ANSWER_ARRAY]
+        answer = cast(ArrayRecord, msg.content[Record.HE_ANSWER])[HEKey.ANSWER_ARRAY]
         return np.asarray(answer.numpy(), dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise FederationError(
@@ -105,7 +114,7 @@ def _answer(round_: int, msg: Message) -> np.ndarray:
 def _refused(reply: Message, site: str, rule: str, exc: Exception) -> Message:
     """An error reply standing for a contribution the coordinator refused."""
     reason = Refusal(site=site, rule=rule, message=str(exc)).encode()
-    return Message(
+    return Message(  # type: ignore[call-overload]  # Flower's overloads omit `metadata`
         error=Error(code=CONTRIBUTION_REFUSED_CODE, reason=reason),
         metadata=copy.deepcopy(reply.metadata),
     )
@@ -301,7 +310,9 @@ class EncryptedAggregation:
         assert self.round is not None
         self.round = dataclasses.replace(self.round, cohort=cohort)
         for m in msgs:
-            m.content[Record.CONFIG][ConfigKey.HE_COHORT] = json.dumps(list(cohort))
+            cast(ConfigRecord, m.content[Record.CONFIG])[ConfigKey.HE_COHORT] = json.dumps(
+                list(cohort)
+            )
 
     def _take(self, round_: int, reply: Message) -> Message:
         if reply.has_error():
@@ -352,7 +363,8 @@ class EncryptedAggregation:
                 Record.SITE: reply.content[Record.SITE],
             }
         )
-        return Message(content=light, metadata=copy.deepcopy(reply.metadata))
+        # Flower's overloads omit the `metadata` form its constructor accepts.
+        return Message(content=light, metadata=copy.deepcopy(reply.metadata))  # type: ignore[call-overload]
 
     def aggregate(
         self,
@@ -429,13 +441,18 @@ class EncryptedAggregation:
             raise FederationError(f"round {round_}: the decrypted total weight is {total:g}")
         new = self._apply(arrays, weighted / total)
         examples = sum(
-            float(m.content[Record.METRICS].get(Metric.NUM_EXAMPLES, 0)) for m in replies
+            float(cast(float, m.content[Record.METRICS].get(Metric.NUM_EXAMPLES, 0)))
+            for m in replies
         )
-        metrics = {self.weight_key: total, Metric.NUM_EXAMPLES: examples}
+        metrics: dict[str, MetricRecordValues] = {
+            self.weight_key: total,
+            Metric.NUM_EXAMPLES: examples,
+        }
         self._log_costs(round_, replies, answered, roundtrip, request.sum_chunks)
         self.history[round_] = {"contributors": sorted(sites), "decrypted_by": chosen}
         content = RecordDict({Record.ARRAYS: new, Record.METRICS: MetricRecord(metrics)})
-        return [Message(content=content, metadata=copy.deepcopy(replies[0].metadata))]
+        meta = copy.deepcopy(replies[0].metadata)
+        return [Message(content=content, metadata=meta)]  # type: ignore[call-overload]  # see _take
 
     def _apply(self, arrays: ArrayRecord, mean_update: np.ndarray) -> ArrayRecord:
         assert self._spec is not None
@@ -455,10 +472,11 @@ class EncryptedAggregation:
         assert self._spec is not None
         sent = list(self._costs["bytes"].values())
         enc = [
-            float(m.content[Record.METRICS].get(Metric.HE_ENCRYPT_SECONDS, np.nan)) for m in replies
+            float(cast(float, m.content[Record.METRICS].get(Metric.HE_ENCRYPT_SECONDS, np.nan)))
+            for m in replies
         ]
         dec = [
-            float(m.content[Record.METRICS].get(Metric.HE_DECRYPT_SECONDS, np.nan))
+            float(cast(float, m.content[Record.METRICS].get(Metric.HE_DECRYPT_SECONDS, np.nan)))
             for m in answered
         ]
         per_site = statistics.median(sent) if sent else 0.0

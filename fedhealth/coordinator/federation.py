@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from fedhealth.registry.model_card import split_rule
 from fedhealth.registry.recorder import RunRecorder
 from fedhealth.study import study_hash
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 
 @dataclass
 class RunSummary:
@@ -80,6 +83,7 @@ class RunSummary:
 def input_dim(cfg: ExperimentConfig) -> int:
     """Model input width: encoded feature count (tabular) or image channels."""
     if cfg.task.kind == "tabular":
+        assert cfg.task.schema_ is not None  # validated: a tabular task has a schema
         return len(cfg.task.schema_.feature_names())
     return 1
 
@@ -118,6 +122,7 @@ def input_layout(cfg: ExperimentConfig, statistics: bool = True) -> str:
         )
     if task.kind == "tabular":
         schema = task.schema_
+        assert schema is not None  # validated: a tabular task has a schema
         names = schema.feature_names()
         cats = "; ".join(f"{c}: {', '.join(map(str, v))}" for c, v in schema.categorical.items())
         missing = {
@@ -341,6 +346,7 @@ class Federation:
             count += m["count"]
             s = np.asarray(m["sum"]) if s is None else s + np.asarray(m["sum"])
             ss = np.asarray(m["sumsq"]) if ss is None else ss + np.asarray(m["sumsq"])
+        assert s is not None and ss is not None  # _require: at least one site answered
         mean = s / count
         std = np.sqrt(np.maximum(ss / count - mean**2, 0.0))
         if self.statistics_dp:
@@ -430,7 +436,8 @@ class Federation:
         )
         status = "FAILED"
         try:
-            grid = self.admit_sites(grid)  # only sites that approved the study take part
+            gate = self.admit_sites(grid)  # only sites that approved the study take part
+            grid = cast(Grid, gate)  # the gate delegates the rest of Grid to the real grid
             if cfg.task.normalisation == "consortium" and self.norm_stats is None:
                 self.consortium_statistics(grid)
             elif cfg.task.normalisation == "site" and self.norm_stats is None:
@@ -441,7 +448,7 @@ class Federation:
                 save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
                 self._notify("round-started", r)
-                grid.round_start(r)  # a site approved since joins this round
+                gate.round_start(r)  # a site approved since joins this round
                 arrays = self.train_round(grid, r, arrays)
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
                 save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
@@ -484,7 +491,7 @@ class Federation:
         from fedhealth.registry.report import build_run_report
 
         try:
-            return build_run_report(self.recorder.client, run_id)
+            return build_run_report(cast("MlflowClient", self.recorder.client), run_id)
         except (MlflowException, OSError, ValueError) as exc:
             self._notify("report-failed", 0, error=str(exc))
             return None
@@ -565,6 +572,7 @@ def _within_bounds(
         low, high = np.zeros_like(mean), np.ones_like(mean)
     else:
         schema = cfg.task.schema_
+        assert schema is not None  # validated: a tabular task has a schema
         pairs = [schema.bounds.get(n, (0.0, 1.0)) for n in schema.feature_names()]
         low = np.array([p[0] for p in pairs], dtype=float)
         high = np.array([p[1] for p in pairs], dtype=float)

@@ -87,7 +87,7 @@ class PrivacyReport:
             return out
         reporting = 0
         for msg in replies:
-            m = dict(msg.content[Record.METRICS])
+            m: dict[str, Any] = dict(msg.content[Record.METRICS])
             if Metric.EPSILON not in m:
                 continue
             reporting += 1

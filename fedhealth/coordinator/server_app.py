@@ -12,6 +12,8 @@ A run config naming an ``analysis`` instead runs that federated analysis
 
 from __future__ import annotations
 
+from typing import cast
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -40,7 +42,8 @@ def run_experiment(grid: Grid, context: Context, on_event: Observer | None = Non
     federation.resume_from = resume_run(rc)
     # Never wait forever for sites: Flower's sampler would (see fedhealth.coordinator.guard).
     exp = cfg.experiment
-    return federation.run(GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout))
+    guarded = GuardedGrid(grid, exp.min_sites, len(exp.sites), exp.round_timeout)
+    return federation.run(cast(Grid, guarded))  # it delegates the rest of Grid to `grid`
 
 
 def validate_model(grid: Grid, context: Context):

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -109,7 +109,7 @@ class RegisteredModel:
                 "pass --dataset NAME (the name the sites register the data under)"
             )
         split = s.get("split") or {}
-        task = TaskSection(
+        task = TaskSection(  # type: ignore[call-arg]  # populated by its alias `schema`
             dataset=data,
             kind=s["kind"],
             num_classes=2,
@@ -236,5 +236,5 @@ def _collect(
         releases[site] = json.loads(str(msg.content[Record.VALIDATION][ValidationKey.RELEASE]))
         metrics = dict(msg.content.get(Record.METRICS) or {})
         if "epsilon" in metrics:
-            epsilon[site] = float(metrics["epsilon"])
+            epsilon[site] = float(cast(float, metrics["epsilon"]))
     return releases, epsilon, refusals

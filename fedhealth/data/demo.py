@@ -94,8 +94,8 @@ def write_breast_cancer_sites(out_dir: Path, sites: list[str], seed: int = 0) ->
 
     columns = [_snake(n) for n in data.feature_names]
     out: dict[str, Path] = {}
-    for site, rows in zip(sites, per_site, strict=True):
-        rows = rng.permutation(rows)
+    for site, kept in zip(sites, per_site, strict=True):
+        rows = rng.permutation(kept)
         frame = pd.DataFrame(data.data[rows], columns=columns)
         frame[LABEL_COLUMN] = np.where(data.target[rows] == 0, "malignant", "benign")
         path = Path(out_dir) / site / TABULAR_FILE
@@ -282,7 +282,7 @@ def _write_ct(
 ) -> None:
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
     slope = float(rng.choice([0.5, 1.0, 2.0]))
     intercept = float(rng.integers(-1300, -1100))
@@ -294,7 +294,7 @@ def _write_ct(
     sop_uid = _uid(seed, "image", index)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()

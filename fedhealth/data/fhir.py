@@ -129,6 +129,7 @@ def read_fhir(source: FhirSource, schema: TabularSchema) -> FhirTable:
         )
         ids.append(pid)
     if not rows:
+        assert source.index is not None  # patients exist, so only the index event left them out
         raise DataError(
             f"{folder}: no patient has the index event {source.index.resource} "
             f"{source.index.codes}; check the [index] codes"
@@ -166,7 +167,7 @@ def load_export(folder: Path) -> _Export:
                 label = f"{name}{where}: {rtype}/{rid}"
                 try:
                     model = get_fhir_model_class(str(rtype))
-                    res = model.model_validate(raw)
+                    res: Any = model.model_validate(raw)  # of the class `rtype` names
                 except ValueError as exc:  # pydantic's ValidationError is a ValueError
                     export.invalid.append((label, _first_error(exc)))
                     continue
@@ -400,6 +401,7 @@ def _value(col: str, feat: FhirFeature, rec: _Record, folder: Path) -> Any:
             f"{where}: column {col!r}: code(s) {sorted(got)} are not in the site profile's "
             f"values table (known: {sorted(feat.values or {})}). Add them to values."
         )
+    assert feat.values is not None  # `known` is not empty
     return feat.values[known[0]]
 
 

@@ -171,6 +171,7 @@ def read_npz(path: Path, split: str, image_size: int) -> ImageData:
     with archive:
         keys = set(archive.files)
         splits = NPZ_SPLITS if split == "all" else (split,)
+        files: list[str]
         images, labels, files = [], [], []
         for name in splits:
             missing = [k for k in (f"{name}_images", f"{name}_labels") if k not in keys]

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,7 @@ def safe_url(source: OmopSource) -> str:
     """The database URL as shown in messages: never with a password."""
     if source.path is not None:
         return f"sqlite:///{source.path}"
+    assert source.url is not None  # validated: exactly one of path and url
     return make_url(source.url).render_as_string(hide_password=True)
 
 
@@ -72,6 +73,7 @@ def engine_for(source: OmopSource) -> Engine:
             "sqlite", database=f"file:{source.path}", query={"mode": "ro", "uri": "true"}
         )
         return create_engine(url)
+    assert source.url is not None  # validated: exactly one of path and url
     url = make_url(source.url)
     password = read_password(source)
     if password is not None:
@@ -193,7 +195,8 @@ def _cohort(conn: Connection, source: OmopSource) -> dict[int, dt.date]:
             f"{safe_url(source)}: cohort concept id(s) {c.concept_ids} match no record in "
             f"{_qualified(source, c.table)}.{concept_col}; check cohort.concept_ids"
         )
-    return {int(pid): _as_date(day) for pid, day in rows}
+    # The CDM's event start dates are NOT NULL, so every cohort member has an index date.
+    return {int(pid): cast(dt.date, _as_date(day)) for pid, day in rows}
 
 
 def _check_concepts(conn: Connection, source: OmopSource, col: str, feat: OmopFeature) -> None:

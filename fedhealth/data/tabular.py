@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,9 +82,9 @@ class TabularSchema:
     label_map: dict[str, int] | None = None
     binarize_label_above: float | None = None
     missing: str = "drop"
-    na_values: list[str] = ("?", "")
+    na_values: Sequence[str] = ("?", "")
     columns: list[str] | None = None
-    drop: list[str] = ()
+    drop: Sequence[str] = ()
     drop_first: bool = False
 
     def __post_init__(self) -> None:
@@ -176,7 +176,9 @@ def _format_number(x: float) -> str:
 class _Where:
     """Formats "where" in messages: file, column, row (and CSV line)."""
 
-    def __init__(self, path: Path, header_lines: int | None, row_names: list[str] | None = None):
+    def __init__(
+        self, path: Path | str, header_lines: int | None, row_names: list[str] | None = None
+    ):
         self.path = path
         self.header_lines = header_lines  # None for Parquet: no lines
         # Original 0-based row of each position (blank CSV lines are removed).
@@ -378,6 +380,7 @@ def _load_frame(path: Path, schema: TabularSchema) -> tuple[pd.DataFrame, _Where
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read as CSV: {exc}") from exc
     if not header:
+        assert schema.columns is not None  # no header: the schema names the columns
         if frame.shape[1] != len(schema.columns):
             raise DataError(
                 f"{path}: rows have {frame.shape[1]} fields but the schema's columns "
@@ -575,6 +578,7 @@ def tabular_schema(task: dict[str, Any], source: DataSourceBase) -> TabularSchem
     the default missing-value tokens.
     """
     s = task["schema"]
+    columns = getattr(source, "columns", None)  # header names of a header-less CSV
     return TabularSchema(
         numeric=list(s["numeric"]),
         categorical={k: list(v) for k, v in s["categorical"].items()},
@@ -583,7 +587,7 @@ def tabular_schema(task: dict[str, Any], source: DataSourceBase) -> TabularSchem
         binarize_label_above=s.get("binarize_label_above"),
         missing=s.get("missing", "drop"),
         na_values=list(getattr(source, "na_values", ["?", ""])),
-        columns=list(source.columns) if getattr(source, "columns", None) else None,
+        columns=list(columns) if columns else None,
         drop=list(s.get("drop", [])),
         drop_first=bool(s.get("drop_first", False)),
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedhealth.config.site import SiteProfile
 from fedhealth.deploy.processes import Child, ProcessGroup, venv_bin
@@ -37,7 +38,7 @@ class NodeSettings:
     def from_profile(cls, profile: SiteProfile, **overrides) -> NodeSettings:
         """The profile's ``[deploy]`` section with CLI overrides (``None`` = keep)."""
         d = profile.deploy
-        base = {
+        base: dict[str, Any] = {
             "superlink": d.superlink if d else "127.0.0.1:9093",
             "root_certificate": d.root_certificate if d else None,
             "auth_key": d.auth_key if d else None,

@@ -142,8 +142,10 @@ def run_executor(address: str, profile: Path, secret: Path, poll: float = 1.0) -
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
+    master = load_superexec_auth_secret(str(secret))
+    assert master is not None  # it returns None only when given no file
     auth = SuperExecAuthHttpInterceptor(
-        master_secret=load_superexec_auth_secret(str(secret)),
+        master_secret=master,
         protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
     )
     client = _runtime_client(address, [auth])

@@ -108,7 +108,7 @@ def main() -> None:
         return OperatorGate(create_app(*args, **kwargs))
 
     # flower_superlink() imports create_app from this module when it starts serving.
-    superlink_main.create_app = gated_app  # type: ignore[assignment]
+    superlink_main.create_app = gated_app
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 

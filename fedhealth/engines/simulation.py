@@ -187,7 +187,7 @@ def run_validation_simulation(
 
 def _simulate(
     server_app: Any,
-    run_config: dict[str, str],
+    run_config: dict[str, Any],
     num_sites: int,
     verbose: bool,
     cpus_per_site: float,
@@ -216,7 +216,7 @@ def _simulate(
     server_context = Context(
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
-    backend = {
+    backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {
             "logging_level": "info" if verbose else "error",

@@ -210,11 +210,15 @@ def derive(
     if len({s.shape for s in sums}) != 1:
         raise FedHealthError("the sites released histograms with different numbers of bins")
     total = np.sum(sums, axis=0)
+    pooled_pos, pooled_neg = total[0], total[1]
     rep_total = tuple(np.sum([b[i] for b in boots], axis=0) for i in range(2))
     out["pooled"] = {
         "n": sum(int(releases[s].get("n", 0)) for s in releases),
         "positives": float(np.clip(total[0], 0, None).sum()),
         "noise_std": float(np.sqrt(variance)),
-        **_summary(figures(*total, threshold), figures(*rep_total, threshold)),
+        **_summary(
+            figures(pooled_pos, pooled_neg, threshold),
+            figures(rep_total[0], rep_total[1], threshold),
+        ),
     }
     return out

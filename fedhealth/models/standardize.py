@@ -17,6 +17,9 @@ class Standardize(nn.Module):
         ``{"mean": [...], "std": [...]}`` per feature (tabular) or per channel (images).
     """
 
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
+
     def __init__(self, stats: dict[str, Any]) -> None:
         super().__init__()
         mean = torch.as_tensor(stats["mean"], dtype=torch.float32)

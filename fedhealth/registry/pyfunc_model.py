@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.pyfunc.model import PythonModelContext as PythonContext
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.types.schema import AnyType
 from torch import nn
 
@@ -76,7 +76,9 @@ def signature(spec: dict[str, Any]) -> ModelSignature:
     schema = spec["schema"]
     # Any type per column: MLflow's enforcement refuses int64 for a double column (a CSV
     # column without a missing value reads as int64); predict checks every value itself.
-    cols = [ColSpec(AnyType(), c) for c in [*schema["numeric"], *schema["categorical"]]]
+    cols: list[ColSpec | TensorSpec] = [
+        ColSpec(AnyType(), c) for c in [*schema["numeric"], *schema["categorical"]]
+    ]
     return ModelSignature(Schema(cols), outputs, params)
 
 

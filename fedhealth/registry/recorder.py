@@ -20,7 +20,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import mlflow
 import numpy as np
@@ -251,7 +251,7 @@ class RunRecorder:
         ms = [m for m in ms if (m.key, m.step) not in self._before_resume]
         if not ms:
             return
-        run_id = self.run_id
+        run_id = cast(str, self.run_id)  # metrics are logged after start() or reopen()
         tried = False
 
         def send() -> None:

@@ -89,7 +89,9 @@ def _lines(client: MlflowClient, run_id: str, lines: dict[str, str], ylabel: str
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for label, key in lines.items():
         x, y = _series(client, run_id, key)
-        style = {"linewidth": 2.5, "color": "black"} if label.startswith("global") else {}
+        style: dict[str, Any] = (
+            {"linewidth": 2.5, "color": "black"} if label.startswith("global") else {}
+        )
         ax.plot(x, y, marker="o", markersize=3, label=label, **style)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)

@@ -164,9 +164,11 @@ def retrying(
 
     def warn_first(state: RetryCallState) -> None:
         if state.attempt_number == 1 and state.outcome is not None:
+            exc = state.outcome.exception()
+            assert exc is not None  # tenacity retries only after an exception (see `retry`)
             log.warning(
                 "%s is unreachable while %s (%s); retrying for up to %.0f s",
-                server, what, _short(state.outcome.exception(), 120), limit,
+                server, what, _short(exc, 120), limit,
             )  # fmt: skip
 
     def give_up(state: RetryCallState) -> T:

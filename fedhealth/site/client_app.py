@@ -23,7 +23,7 @@ import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import (
     Array,
@@ -33,6 +33,7 @@ from flwr.app import (
     Error,
     Message,
     MetricRecord,
+    MetricRecordValues,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
@@ -107,7 +108,7 @@ def _refuse(msg: Message, site: str, exc: Exception, round_: int = 0) -> Message
 
 def _arrays(msg: Message) -> dict:
     with phase("serialise"):
-        record = msg.content.get(Record.ARRAYS)
+        record = cast("ArrayRecord | None", msg.content.get(Record.ARRAYS))
         if record is None:
             raise ProtocolError("the request carries no global model (`arrays` record)")
         return {k: v.numpy() for k, v in record.items()}
@@ -357,8 +358,8 @@ def validate(msg: Message, context: Context, request: SiteRequest) -> Message:
 
         arrays = _arrays(msg)
         check_global_model(profile, arrays, request.round)
-        asked = msg.content.get(Record.VALIDATION)
-        split = str((asked or {}).get(ValidationKey.SPLIT, "test"))
+        asked = cast(ConfigRecord, msg.content.get(Record.VALIDATION) or ConfigRecord())
+        split = str(asked.get(ValidationKey.SPLIT, "test"))
         released, metrics = validation_release(SiteRuntime(profile, request), arrays, split)
     except (FedHealthError, PolicyError, ProtocolError) as exc:
         return _refuse(msg, profile.name, exc, request.round)
@@ -366,7 +367,7 @@ def validate(msg: Message, context: Context, request: SiteRequest) -> Message:
         content = RecordDict(
             {
                 Record.VALIDATION: ConfigRecord({ValidationKey.RELEASE: json.dumps(released)}),
-                Record.METRICS: MetricRecord(metrics),
+                Record.METRICS: MetricRecord(cast(dict[str, MetricRecordValues], metrics)),
                 Record.SITE: _site_record(profile),
             }
         )
@@ -398,7 +399,7 @@ def analysis(msg: Message, context: Context, request: AnalysisRequest) -> Messag
         record = {AnalysisKey.RELEASE: json.dumps(release), AnalysisKey.STUDY: study_hash}
         content = RecordDict(
             {
-                Record.RELEASE: ConfigRecord(record),
+                Record.RELEASE: ConfigRecord(cast(dict[str, Any], record)),
                 Record.METRICS: MetricRecord({Metric.EPSILON: float(release["epsilon"])}),
                 Record.SITE: _site_record(profile),
             }

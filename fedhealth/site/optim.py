@@ -35,8 +35,8 @@ class _EagerOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` without the lazy ``torch._dynamo`` import."""
 
     # torch's own implementations; inspect.unwrap only removes the dynamo-disabling wrapper.
-    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)  # type: ignore[assignment]
-    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)  # type: ignore[assignment]
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
 
     def _closure(self, closure: Callable[[], Any] | None) -> Any:
         if closure is None:
@@ -83,7 +83,7 @@ class SGD(_EagerOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient."""
         loss = self._closure(closure)
         for group, p, grad in self._gradients():
@@ -136,7 +136,7 @@ class Adam(_EagerOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient."""
         loss = self._closure(closure)
         for group, p, grad in self._gradients():

@@ -128,7 +128,7 @@ def check_split(profile: SiteProfile, task: TaskSection, experiment: str) -> dic
         schema than the one pinned (the message names the key, not the values).
     """
     dataset = task.dataset
-    asked = {
+    asked: dict[str, Any] = {
         "split_seed": int(task.split_seed),
         "test_fraction": float(task.test_fraction),
         "schema_hash": schema_hash(task),

@@ -52,7 +52,7 @@ def _check_delta(delta: float) -> float:
     return delta
 
 
-def _check_step(noise_multiplier: float, sample_rate: float, steps: int) -> Step:
+def _check_step(noise_multiplier: float, sample_rate: float, steps: float) -> Step:
     sigma, q = float(noise_multiplier), float(sample_rate)
     if not math.isfinite(sigma) or sigma < 0:
         raise ConfigError(
@@ -319,7 +319,7 @@ class PrivacyAccountant:
             self._append(self._history, *h)
 
     @staticmethod
-    def _append(history: list[Step], noise_multiplier: float, sample_rate: float, steps: int):
+    def _append(history: list[Step], noise_multiplier: float, sample_rate: float, steps: float):
         sigma, q, n = _check_step(noise_multiplier, sample_rate, steps)
         if n == 0:
             return

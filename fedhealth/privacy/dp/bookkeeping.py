@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import nn
 
 from fedhealth.errors import FedHealthError
@@ -92,7 +93,7 @@ def _names() -> str:
 def _materialised(per_sample: list[torch.Tensor]) -> LayerResult:
     """Norms and clipped sums from per-sample gradients (B, *param shape)."""
     flat = [g.reshape(len(g), -1) for g in per_sample]
-    norms2 = sum(f.pow(2).sum(1) for f in flat)
+    norms2 = cast(torch.Tensor, sum(f.pow(2).sum(1) for f in flat))  # never empty
 
     def clipped(c: torch.Tensor) -> list[torch.Tensor]:
         return [(c @ f).view(g.shape[1:]) for f, g in zip(flat, per_sample, strict=True)]
@@ -131,14 +132,15 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
     gf = g.reshape(n, out_ch, positions)
     k = module.weight[0].numel()  # in_channels x kernel area
     norms2 = gf.sum(2).pow(2).sum(1) if has_bias else gf.new_zeros(n)
-    bias_sum = gf.sum(2) if has_bias else None
+    bias_sum = cast(torch.Tensor, gf.sum(2) if has_bias else None)  # used only if has_bias
     if not has_weight:
 
         def clipped_bias(c: torch.Tensor) -> list[torch.Tensor]:
             return [c @ bias_sum]
 
         return norms2, clipped_bias
-    cols = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+    padding = cast(tuple[int, ...], module.padding)  # numbers: the supported layers' padding
+    cols = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
     # Ghost norm <A A^T, G G^T> costs positions^2 (k + out); materialising costs positions k out.
     if positions * (k + out_ch) < k * out_ch:
         aa = torch.bmm(cols.transpose(1, 2), cols)
@@ -188,7 +190,7 @@ def _layer_result(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> LayerR
         return _linear(module, a, g)
     if isinstance(module, nn.Conv2d):
         return _conv2d(module, a, g)
-    return _norm_layer(module, a, g)
+    return _norm_layer(cast("nn.LayerNorm | nn.GroupNorm", module), a, g)  # the last supported
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -289,6 +291,7 @@ class BookKeeping:
                 f"DP-SGD: layers {missing} took no part in the forward pass; their parameters "
                 "would get noise without a gradient. Freeze them (requires_grad=False)."
             )
+        assert norms2 is not None  # every layer took part
         factor = (self.max_grad_norm / (norms2.sqrt() + 1e-6)).clamp(max=1.0)
         self.summed = [s for module, _ in self.layers for s in results[module](factor)]
 

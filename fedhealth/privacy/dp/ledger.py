@@ -696,6 +696,7 @@ class PrivacyLedger:
         kind: str,
     ) -> dict[str, Any]:
         where = f"charge of round {round!r} of experiment {experiment!r} on dataset {dataset!r}"
+        v: Any  # the checks below take values of any type (a ledger row, a caller's mistake)
         for name, v in (
             ("dataset", dataset),
             ("experiment", experiment),

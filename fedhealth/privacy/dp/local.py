@@ -71,13 +71,13 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedhealth.errors import ConfigError, FedHealthError
 
@@ -328,7 +328,7 @@ def _guard_ghost_step(gsm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         try:
             return inner_step(*args, **kwargs)
         finally:
-            gsm._per_sample_gradient_norms = None
+            gsm._per_sample_gradient_norms = None  # type: ignore[assignment]  # torch's stub: tensors/modules only
 
     optimizer.step = step  # type: ignore[method-assign]
 
@@ -517,7 +517,8 @@ def _wrap_bookkeeping(
     loader: Any = data_loader
     if args.poisson_sampling:
         if fast_loader_applies(data_loader):
-            loader = PoissonLoader(data_loader.dataset, q, data_loader.generator)
+            dataset = cast(TensorDataset, data_loader.dataset)  # fast_loader_applies checked
+            loader = PoissonLoader(dataset, q, data_loader.generator)
         else:
             loader = DPDataLoader.from_data_loader(data_loader)
     engine = BookKeeping(model, args.clip)
@@ -526,7 +527,7 @@ def _wrap_bookkeeping(
             optimizer,
             engine,
             args.sigma,
-            expected_batch_size(len(data_loader.dataset), q),
+            expected_batch_size(len(cast(Sized, data_loader.dataset)), q),
             args.reduction,
             args.noise_generator,
         )

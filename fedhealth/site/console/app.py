@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from flask import Flask, abort, flash, redirect, render_template, request, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -108,7 +108,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
         return wrapped
 
     @app.after_request
-    def headers(response):  # type: ignore[no-untyped-def]
+    def headers(response):
         response.headers.update(_HEADERS)
         return response
 
@@ -122,24 +122,24 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
         }
 
     @app.errorhandler(CSRFError)
-    def csrf_error(exc: CSRFError):  # type: ignore[no-untyped-def]
+    def csrf_error(exc: CSRFError):
         return render_template("error.html", code=400, message=(
             f"Refused: {exc.description} Reload the page and submit the form again."
         )), 400  # fmt: skip
 
     @app.errorhandler(401)
-    def unauthorised(exc):  # type: ignore[no-untyped-def]
+    def unauthorised(exc):
         return render_template("error.html", code=401, message="Log in first."), 401
 
     @app.errorhandler(403)
-    def forbidden(exc):  # type: ignore[no-untyped-def]
+    def forbidden(exc):
         return render_template("error.html", code=403, message=(
             "Refused: you are logged in read-only; only the site operator can approve or "
             "decline a study."
         )), 403  # fmt: skip
 
     @app.route("/login", methods=["GET", "POST"])
-    def login():  # type: ignore[no-untyped-def]
+    def login():
         error = ""
         if request.method == "POST":
             if throttle.blocked():
@@ -157,13 +157,13 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
         return render_template("login.html", error=error, password=bool(keys.password_hash)), code
 
     @app.post("/logout")
-    def logout():  # type: ignore[no-untyped-def]
+    def logout():
         session.clear()
         return redirect(url_for("login"))
 
     @app.get("/")
     @login_required
-    def overview():  # type: ignore[no-untyped-def]
+    def overview():
         profile = site()
         return render_template(
             "overview.html",
@@ -176,7 +176,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
 
     @app.get("/studies")
     @login_required
-    def studies():  # type: ignore[no-untyped-def]
+    def studies():
         profile = site()
         pending, decided = views.studies(profile)
         return render_template(
@@ -189,7 +189,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
 
     @app.post("/studies/<study>/decide")
     @login_required
-    def decide_study(study: str):  # type: ignore[no-untyped-def]
+    def decide_study(study: str):
         if session.get("role") != "operator":
             abort(403)
         profile = site()
@@ -202,7 +202,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
             flash("Choose approve or deny, and say who decides.", "error")
             return redirect(url_for("studies"))
         try:
-            d = decide(profile, study, verdict, by=by)  # type: ignore[arg-type]
+            d = decide(profile, study, cast(Literal["approved", "declined"], verdict), by=by)
         except FedHealthError as exc:
             flash(str(exc), "error")
         else:
@@ -215,7 +215,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
 
     @app.get("/privacy")
     @login_required
-    def privacy():  # type: ignore[no-untyped-def]
+    def privacy():
         profile = site()
         data = views.privacy(profile)
         p = profile.privacy
@@ -228,7 +228,7 @@ def create_app(profile_path: Path, keys: Secrets) -> Flask:
 
     @app.get("/audit")
     @login_required
-    def audit():  # type: ignore[no-untyped-def]
+    def audit():
         profile = site()
         ledger = views.privacy(profile)
         return render_template("audit.html", data=views.audit(profile, ledger["entries"]))

@@ -126,7 +126,7 @@ def _count(kind: str, path: str, mtime: float, options: str) -> str:
     return ""
 
 
-def datasets(profile: SiteProfile) -> list[dict[str, str]]:
+def datasets(profile: SiteProfile) -> list[dict[str, object]]:
     """Each offered dataset: name, kind, path and how many records (never a record)."""
     out = []
     for name, source in sorted(profile.datasets.items()):
@@ -185,7 +185,8 @@ def connection(profile: SiteProfile, profile_path: Path | None) -> dict[str, str
 
 def studies(profile: SiteProfile) -> tuple[list[dict], list[dict]]:
     """(pending, decided) studies, newest first; each with ``first_seen_text``."""
-    pending, decided = [], []
+    pending: list[dict] = []
+    decided: list[dict] = []
     for s in list_studies(profile):
         s["first_seen_text"] = when(s.get("first_seen"))
         (pending if s["status"] in ("pending", "unknown") else decided).append(s)
