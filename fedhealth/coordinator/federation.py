@@ -369,8 +369,14 @@ class Federation:
         config = self._config(round_)
         if self.encryption is not None:
             self.encryption.announce(round_, arrays, config)  # round binding and fresh nonce
-        msgs = self.strategy.configure_train(round_, arrays, config, grid)
+        msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
         ok = self._split(round_, self.receive(grid, round_, msgs))
+        if self.encryption is not None:
+            # A cohort-bound round with a drop-out is announced again to the sites that
+            # contributed (new cohort, fresh nonce), and they contribute again.
+            again = self.encryption.reannounce(round_, arrays, msgs)
+            if again:
+                ok = self._split(round_, self.receive(grid, round_, again))
         self._require(round_, ok, "training")
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
@@ -418,6 +424,8 @@ class Federation:
             start = resume_point(self.recorder, cfg.config_hash(), arrays)
             if start.state is not None:
                 self.load_state_dict(start.state)
+            elif self.encryption is not None:
+                self.encryption.restore_binding()
         arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
         self._notify(
             "run-started",
