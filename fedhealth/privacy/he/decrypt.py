@@ -85,13 +85,6 @@ def verify_and_decrypt(
         )
     if expected_announcement is None:
         expected_announcement = site_keys.ledger.announcement(exp, rnd, nonce)
-        if expected_announcement is None:
-            raise HERuleError(
-                f"{where}: this site did not contribute to that round under nonce {nonce!r}, "
-                "so it has no announcement to compare the contributions with; it decrypts "
-                "only rounds it took part in",
-                rule="he-own-round",
-            )
     registry = site_keys.registry
     seen: set[str] = set()
     for c in request.contributions:
@@ -100,6 +93,16 @@ def verify_and_decrypt(
         check_round(c, exp, rnd, nonce, who)
         if c.site in seen:
             raise CryptoError(f"{who} is claimed twice; each site may count once")
+        seen.add(c.site)
+    if expected_announcement is None:
+        raise HERuleError(
+                f"{where}: this site did not contribute to that round under nonce {nonce!r}, "
+                "so it has no announcement to compare the contributions with; it decrypts "
+                "only rounds it took part in",
+            rule="he-own-round",
+        )
+    for c in request.contributions:
+        who = f"{where}: contribution of site {c.site!r}"
         if c.announcement != expected_announcement:
             raise HERuleError(
                 f"{who} signed another announcement of the round than this site was shown "
@@ -108,7 +111,6 @@ def verify_and_decrypt(
                 "min_sites or cohorts, which can steer the sum towards one site's update",
                 rule="he-same-announcement",
             )
-        seen.add(c.site)
     if len(seen) < min_sites:
         raise CryptoError(
             f"{where}: it claims {len(seen)} contribution(s) {sorted(seen)}, fewer than "
