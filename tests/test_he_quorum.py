@@ -718,17 +718,21 @@ def test_forged_sum_of_another_announcement_fails_the_tags(keys, coord) -> None:
 
 def test_one_site_holding_most_of_the_weight_is_refused(keys, coord) -> None:
     """With honest, equal announcements, a sum where one site holds more than the cap
-    (default 0.9) of the total weight is refused: it would be that site's update."""
-    skewed = {"alpha": 9_000, "beta": 400, "gamma": 300}
+    (default 0.99) of the total weight is refused: it would be that site's update."""
+    skewed = {"alpha": 99_500, "beta": 300, "gamma": 200}
+    scale = {"weight_scale": 10_000.0}  # the same for every site: the announcements agree
     fresh = _keys_fresh(keys)
-    request = _sum(coord, _shown(fresh, {s: {} for s in SITES}, skewed)).decryption_request()
-    with pytest.raises(CryptoError, match=r"'alpha' holds 0\.92\d* of the total.*weight-share"):
+    replies = _shown(fresh, {s: scale for s in SITES}, skewed)
+    request = _sum(coord, replies).decryption_request()
+    with pytest.raises(CryptoError, match=r"'alpha' holds 0\.995 of the total.*weight-share"):
         _decrypt(request, fresh["beta"])
-    # a site may choose a looser cap; the default accepts the usual skew (beta holds 0.6)
-    _decrypt(request, fresh["gamma"], max_weight_share=0.95)
+    # a site sets its own cap: a tighter one refuses an honest skew, a looser one accepts
+    _decrypt(request, fresh["gamma"], max_weight_share=1.0)
     fresh = _keys_fresh(keys)
     request = _sum(coord, _shown(fresh, {s: {} for s in SITES})).decryption_request()
-    _decrypt(request, fresh["beta"])
+    with pytest.raises(CryptoError, match=r"'beta' holds 0\.6 of the total"):
+        _decrypt(request, fresh["alpha"], max_weight_share=0.5)
+    _decrypt(request, fresh["beta"])  # beta holds 0.6 under the default cap
 
 
 def test_second_experiment_id_from_the_same_global_model_is_refused(

@@ -212,7 +212,7 @@ class KeysSection(_Strict):
         "site decrypts it.",
     )
     max_weight_share: float = Field(
-        0.9,
+        0.99,
         gt=0,
         le=1,
         description="Largest share of an aggregate's total weight any one site's contribution "

@@ -32,7 +32,7 @@ from fedhealth.privacy.he.binding import model_hash
 from fedhealth.privacy.he.ceremony import SiteKeys, load_site_keys
 from fedhealth.privacy.he.ckks import flatten_state
 from fedhealth.privacy.he.contribute import make_contribution
-from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.decrypt import DEFAULT_MAX_WEIGHT_SHARE, verify_and_decrypt
 from fedhealth.privacy.he.ledger import SiteLedger
 from fedhealth.privacy.he.wire import (
     HERound,
@@ -292,7 +292,11 @@ def decrypt_aggregate(profile: SiteProfile, record: Any, config: Any) -> tuple[n
             expected_round=request.round,
             expected_nonce=nonce,
             min_sites=max(2, floor, announced),
-            max_weight_share=profile.keys.max_weight_share if profile.keys is not None else 0.9,
+            max_weight_share=(
+                profile.keys.max_weight_share
+                if profile.keys is not None
+                else DEFAULT_MAX_WEIGHT_SHARE
+            ),
         )
     except HERefusal:
         raise

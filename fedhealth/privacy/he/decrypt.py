@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_WEIGHT_SHARE", "verify_and_decrypt"]
 
 #: Largest share of the total weight any one claimed contribution may hold (rule
-#: ``he-weight-share``): the other sites together carry at least 10 % of the aggregate, so a
-#: coordinator cannot shrink the others' weights until the sum is one site's update.
-DEFAULT_MAX_WEIGHT_SHARE = 0.9
+#: ``he-weight-share``): the other sites together carry at least 1 % of the aggregate, so the
+#: sum is never one site's update with the others' weights shrunk to nothing. Loose enough
+#: for honestly skewed consortia (a site may set a tighter cap in ``[keys]``).
+DEFAULT_MAX_WEIGHT_SHARE = 0.99
 
 
 def verify_and_decrypt(
