@@ -42,6 +42,9 @@ from fedhealth.privacy.he.wire import (
 from fedhealth.site.client_app import app as client_app
 
 SITES = ["alpha", "beta", "gamma"]
+# Tests of the checks a cohort-bound round makes redundant (subset sums, one aggregate per
+# round without a cohort) turn cohort binding (on by default) off.
+NO_COHORT = {"quorum = 2": "quorum = 2\nbind_cohort = false"}
 
 EXPERIMENT = """
 [experiment]
@@ -484,7 +487,7 @@ def test_replays_from_an_earlier_round_or_another_experiment_are_refused(world, 
 def test_ciphertext_under_another_key_stops_the_round_cleanly(world, stub_mlflow, tmp_path):
     init_consortium(tmp_path / "other", SITES, "beta")
     other = load_site_keys(tmp_path / "other", "gamma")
-    fed = Federation(experiment(world), "unused")
+    fed = Federation(experiment(world, edits=NO_COHORT), "unused")
 
     def rekey(site: str, reply: Message) -> Message:
         if site != "gamma" or not is_training_reply(reply):
@@ -501,6 +504,10 @@ def test_ciphertext_under_another_key_stops_the_round_cleanly(world, stub_mlflow
             experiment_id=he.experiment_id,
             round=1,
             nonce=he.nonce,
+            spec_digest=fed.spec.digest(),
+            global_model=fed.encryption.announcement().model_hash,
+            weight_key=he.weight_key,
+            min_sites=he.min_sites,
         )
         return with_contribution(reply, chunks, c2)
 
@@ -559,7 +566,7 @@ def _refusal(reply: Message) -> dict:
 
 
 def test_sites_refuse_every_forged_decryption_request(world, stub_mlflow):
-    fed = Federation(experiment(world), "unused")
+    fed = Federation(experiment(world, edits=NO_COHORT), "unused")
     grid = LocalGrid(world)
     _, raw = _contributed_round(world, grid, fed, 1)
     he = fed.encryption.round
@@ -609,7 +616,7 @@ def test_sites_refuse_every_forged_decryption_request(world, stub_mlflow):
 
 
 def test_one_aggregate_per_round_and_identical_answers_to_a_quorum(world, stub_mlflow):
-    fed = Federation(experiment(world), "unused")
+    fed = Federation(experiment(world, edits=NO_COHORT), "unused")
     grid = LocalGrid(world)
     _, raw = _contributed_round(world, grid, fed, 1)
     he = fed.encryption.round

@@ -310,7 +310,9 @@ class EncryptedAggregation:
         if not again:
             return None
         config = ConfigRecord(dict(again[0].content[Record.CONFIG]))
+        refused = self._costs.get("refused", 0)
         self.announce(round_, arrays, config)
+        self._costs["refused"] = refused
         out = []
         for m in again:
             content = RecordDict({k: v for k, v in m.content.items() if k != Record.CONFIG})
@@ -407,8 +409,9 @@ class EncryptedAggregation:
                     f"{where} signed the cohort {contribution.cohort}, not the announced "
                     f"{list(announced)}"
                 )
-            expected = self.announcement().digest()
-            if contribution.announcement != expected:
+            current = (self._sum.experiment_id, self._sum.round, self._sum.nonce)
+            binding = (contribution.experiment_id, contribution.round, contribution.nonce)
+            if binding == current and contribution.announcement != self.announcement().digest():
                 raise CryptoError(
                     f"{where} signed another announcement of the round than the one sent "
                     "(spec, global model, weight scale or key, min_sites or cohort differ); "
