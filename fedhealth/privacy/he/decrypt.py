@@ -97,9 +97,9 @@ def verify_and_decrypt(
         seen.add(c.site)
     if expected_announcement is None:
         raise HERuleError(
-                f"{where}: this site did not contribute to that round under nonce {nonce!r}, "
-                "so it has no announcement to compare the contributions with; it decrypts "
-                "only rounds it took part in",
+            f"{where}: this site did not contribute to that round under nonce {nonce!r}, "
+            "so it has no announcement to compare the contributions with; it decrypts "
+            "only rounds it took part in",
             rule="he-own-round",
         )
     for c in request.contributions:
@@ -138,8 +138,7 @@ def verify_and_decrypt(
     total_claimed = sum(weights_claimed.values())
     if not all(w > 0 for w in weights_claimed.values()):
         raise HERuleError(
-            f"{where}: every claimed contribution must sign a positive weight "
-            f"({weights_claimed})",
+            f"{where}: every claimed contribution must sign a positive weight ({weights_claimed})",
             rule="he-weight-share",
         )
     heaviest = max(weights_claimed, key=lambda s: weights_claimed[s])
