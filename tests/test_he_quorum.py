@@ -112,7 +112,7 @@ def _raw_sum(coord, chunk_lists: list[list[bytes]]) -> list[bytes]:
     return [ctx.dump(a) for a in acc]
 
 
-def _decrypt(request, site_keys, min_sites=2, exp=EXP, rnd=RND, nonce=NONCE):
+def _decrypt(request, site_keys, min_sites=2, exp=EXP, rnd=RND, nonce=NONCE, **kw):
     return verify_and_decrypt(
         request,
         site_keys,
@@ -120,6 +120,7 @@ def _decrypt(request, site_keys, min_sites=2, exp=EXP, rnd=RND, nonce=NONCE):
         expected_round=rnd,
         expected_nonce=nonce,
         min_sites=min_sites,
+        **kw,
     )
 
 
@@ -428,11 +429,14 @@ def test_cohort_binding_blocks_cross_site_differencing(keys, coord) -> None:
     with pytest.raises(CryptoError, match="not exactly the cohort"):
         _decrypt(subset, keys["beta"])
     _decrypt(full, keys["alpha"])
-    # the coordinator cannot get alpha and beta to contribute again under a smaller cohort
+    # the coordinator cannot complete a smaller re-run cohort: alpha, who decrypted, refuses
+    # it (beta, who did not, accepts a re-announcement after a drop-out, but the cohort
+    # {alpha, beta} never completes)
     with pytest.raises(CryptoError, match="contribute again"):
         _contribute(keys, sites=["alpha"], cohort=["alpha", "beta"])
-    with pytest.raises(CryptoError, match="contribute again"):
-        _contribute(keys, sites=["beta"], nonce="another-nonce", cohort=["alpha", "beta"])
+    with pytest.raises(CryptoError, match="already decrypted"):
+        _contribute(keys, sites=["alpha"], nonce="another-nonce", cohort=["alpha", "beta"])
+    _contribute(keys, sites=["beta"], nonce="another-nonce", cohort=["alpha", "beta"])
     # and its own sum refuses to build an incomplete cohort request
     with pytest.raises(CryptoError, match="incomplete"):
         _sum(coord, {"alpha": replies["alpha"]}).decryption_request()
@@ -607,11 +611,14 @@ def test_round_rerun_refused_after_a_decryption(keys, coord) -> None:
     _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")
 
 
-def test_round_rerun_under_cohort_binding_keeps_the_cohort(keys, coord) -> None:
-    _contribute(keys, cohort=SITES)
-    with pytest.raises(CryptoError, match=r"without \['gamma'\]"):
-        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["alpha", "beta"])
-    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=SITES)
+def test_round_rerun_under_cohort_binding_only_drops_sites(keys, coord) -> None:
+    """A re-announced cohort-bound round (after a drop-out) may only lose sites."""
+    _contribute(keys, sites=["alpha", "beta"], cohort=["alpha", "beta"])
+    with pytest.raises(CryptoError, match=r"rule he-rerun-cohort"):
+        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=SITES)
+    with pytest.raises(CryptoError, match=r"rule he-rerun-cohort"):
+        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")  # and keeps the binding
+    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["alpha", "beta"])
 
 
 # ------------------------------------------------------------------ the sum's headroom
@@ -642,3 +649,109 @@ def test_sum_and_decryption_refuse_more_than_max_sites(keys, coord) -> None:
     )
     with pytest.raises(CryptoError, match="more than the HE parameters' max_sites=2"):
         _decrypt(request, tight_keys)
+
+
+# ------------------------------------------------------------------ what each site was shown
+
+
+def _shown(keys, shown: dict[str, dict], counts=COUNTS, exp=EXP, nonce=NONCE):
+    """Contributions of the sites in ``shown``, each made from what it alone was shown."""
+    base = {"spec_digest": "spec-a", "global_model": "model-a", "weight_key": "num-examples"}
+    return {
+        s: make_contribution(
+            UPDATES[s],
+            counts[s],
+            keys[s],
+            experiment_id=exp,
+            round=RND,
+            nonce=nonce,
+            **{"weight_scale": WS, **base, **extra},
+        )
+        for s, extra in shown.items()
+    }
+
+
+def test_sites_shown_different_weight_scales_or_specs_are_refused(keys, coord) -> None:
+    """The steering attack: two sites told a huge weight scale (their weights vanish) and the
+    third a small one, so the sum is the third site's update; or two sites told
+    learning_rate = 0 (another spec). Each site signs what it was shown; a decrypting site
+    refuses contributions that signed another announcement than its own."""
+    steered = _shown(
+        keys, {"alpha": {"weight_scale": 1e9}, "beta": {"weight_scale": 1e9}, "gamma": {}}
+    )
+    request = _sum(coord, steered).decryption_request()  # the coordinator can still sum them
+    for site in SITES:
+        with pytest.raises(CryptoError, match="rule he-same-announcement"):
+            _decrypt(request, keys[site])
+    lr0 = _shown(
+        _keys_fresh(keys),
+        {"alpha": {"spec_digest": "lr-0"}, "beta": {"spec_digest": "lr-0"}, "gamma": {}},
+    )
+    with pytest.raises(CryptoError, match="rule he-same-announcement"):
+        _decrypt(_sum(coord, lr0).decryption_request(), keys["gamma"])
+    # another global model, min_sites or weight key each change the announcement too
+    for extra in ({"global_model": "model-b"}, {"min_sites": 3}, {"weight_key": "w"}):
+        fresh = _keys_fresh(keys)
+        mixed = _shown(fresh, {"alpha": extra, "beta": {}, "gamma": {}})
+        with pytest.raises(CryptoError, match="rule he-same-announcement"):
+            _decrypt(_sum(coord, mixed).decryption_request(), fresh["beta"])
+    # the same announcement everywhere decrypts
+    fresh = _keys_fresh(keys)
+    honest = _shown(fresh, {s: {} for s in SITES})
+    out = _decrypt(_sum(coord, honest).decryption_request(), fresh["alpha"])
+    np.testing.assert_allclose(out[-1], sum(COUNTS.values()) / WS, atol=1e-5)
+
+
+def test_forged_sum_of_another_announcement_fails_the_tags(keys, coord) -> None:
+    """Even a contribution that a site signed for another announcement of the same round
+    draws its tags from that announcement: relabelled, it fails the tag check."""
+    fresh = _keys_fresh(keys)
+    other = _shown(fresh, {"alpha": {"weight_scale": 1e9}, "beta": {}, "gamma": {}})
+    honest = _shown(_keys_fresh(keys), {s: {} for s in SITES})
+    forged = _request(
+        [c for _, c in honest.values()],
+        _raw_sum(coord, [other["alpha"][0], honest["beta"][0], honest["gamma"][0]]),
+    )
+    with pytest.raises(CryptoError, match="membership-tag check failed"):
+        _decrypt(forged, fresh["beta"])
+
+
+def test_one_site_holding_most_of_the_weight_is_refused(keys, coord) -> None:
+    """With honest, equal announcements, a sum where one site holds more than the cap
+    (default 0.99) of the total weight is refused: it would be that site's update."""
+    skewed = {"alpha": 99_500, "beta": 300, "gamma": 200}
+    scale = {"weight_scale": 10_000.0}  # the same for every site: the announcements agree
+    fresh = _keys_fresh(keys)
+    replies = _shown(fresh, {s: scale for s in SITES}, skewed)
+    request = _sum(coord, replies).decryption_request()
+    with pytest.raises(CryptoError, match=r"'alpha' holds 0\.995 of the total.*weight-share"):
+        _decrypt(request, fresh["beta"])
+    # a site sets its own cap: a tighter one refuses an honest skew, a looser one accepts
+    _decrypt(request, fresh["gamma"], max_weight_share=1.0)
+    fresh = _keys_fresh(keys)
+    request = _sum(coord, _shown(fresh, {s: {} for s in SITES})).decryption_request()
+    with pytest.raises(CryptoError, match=r"'beta' holds 0\.6 of the total"):
+        _decrypt(request, fresh["alpha"], max_weight_share=0.5)
+    _decrypt(request, fresh["beta"])  # beta holds 0.6 under the default cap
+
+
+def test_second_experiment_id_from_the_same_global_model_is_refused(
+    consortium, coord, tmp_path
+) -> None:
+    """A new run (new experiment id) of the same experiment, round and global model would
+    give a second sum of nearly the same updates: refused under any experiment id, even by
+    a site that did not decrypt, and across restarts (persisted ledger)."""
+    ledger = tmp_path / "alpha-ledger.json"
+    keys = {**_keys(consortium), "alpha": load_site_keys(consortium, "alpha", ledger_path=ledger)}
+    shown = {s: {} for s in SITES}
+    first = _shown(keys, shown, exp="study:run-1:aa")
+    request = _sum(coord, first, exp="study:run-1:aa").decryption_request()
+    _decrypt(request, keys["beta"], exp="study:run-1:aa")
+    restarted = {**keys, "alpha": load_site_keys(consortium, "alpha", ledger_path=ledger)}
+    for site in SITES:
+        with pytest.raises(CryptoError, match="rule he-one-contribution-per-model"):
+            _shown(restarted, {site: {}}, exp="study:run-2:bb", nonce="n-2")
+    # another global model (the next round's, or another seed) is a new contribution
+    _shown(restarted, {"alpha": {"global_model": "model-b"}}, exp="study:run-2:bb", nonce="n-2")
+    # the same experiment id re-runs a crashed round before any decryption (resume)
+    _shown(restarted, {"alpha": {}, "gamma": {}}, exp="study:run-1:aa", nonce="n-rerun")

@@ -45,11 +45,11 @@ class HESection(BaseModel):
         "site's example count.",
     )
     bind_cohort: bool = Field(
-        False,
+        True,
         description="Each site signs the list of sites sampled for the round and decrypts "
         "only the sum of exactly that list, so the coordinator cannot have different sites "
-        "decrypt different subsets and subtract them; but a round with any drop-out or "
-        "refused contribution then stops.",
+        "decrypt different subsets and subtract them; a round with a drop-out or a refused "
+        "contribution is announced again to the sites that contributed (fresh nonce).",
     )
     answer_tolerance: float = Field(
         1e-6,

@@ -211,6 +211,13 @@ class KeysSection(_Strict):
         description="Fewest distinct sites' contributions an aggregate must hold before this "
         "site decrypts it.",
     )
+    max_weight_share: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Largest share of an aggregate's total weight any one site's contribution "
+        "may hold before this site decrypts it (the others carry at least the rest).",
+    )
 
     _abs = field_validator("identity", "he_secret", "registry", "he_ledger")(_resolve_optional)
 

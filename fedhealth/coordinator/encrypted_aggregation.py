@@ -50,6 +50,7 @@ from fedhealth.config.experiment import ExperimentConfig
 from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, send_and_receive
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.answers import answers_agree, split_aggregate
+from fedhealth.privacy.he.binding import Announcement, model_hash
 from fedhealth.privacy.he.ceremony import CoordinatorKeys, load_coordinator_keys
 from fedhealth.privacy.he.ckks import FlatSpec, HEParams, flatten_state, unflatten
 from fedhealth.privacy.he.encrypted_sum import EncryptedSum
@@ -170,6 +171,8 @@ class EncryptedAggregation:
         self._nodes: dict[str, int] = {}
         self._costs: dict[str, Any] = {}
         self._site_of_node: dict[int, str] = {}  # for cohort binding
+        self._spec_digest = cfg.task_spec().digest()  # what every site signs, with the round
+        self._model_hash = ""
         # Bookkeeping that survives a coordinator restart (state_dict): which sites'
         # contributions each aggregated round summed, and which sites decrypted it.
         self.history: dict[int, dict[str, list[str]]] = {}
@@ -219,6 +222,18 @@ class EncryptedAggregation:
         self.attempt = int(state.get("attempt", 1)) + 1
         self.history = {int(r): dict(h) for r, h in state.get("history", {}).items()}
 
+    def restore_binding(self) -> None:
+        """On a resume without any checkpoint: take the experiment id the crashed attempt
+        logged to MLflow (``he.experiment_id``), so its interrupted first round is re-run
+        under the same binding (sites refuse a new id for the same round and global model)."""
+        run_id = self.recorder.run_id
+        if self.experiment_id is not None or run_id is None:
+            return
+        run = self.recorder.client.get_run(run_id)
+        logged = run.data.params.get("he.experiment_id")
+        if logged and logged != "None":
+            self.experiment_id = logged
+
     def _log_setup(self) -> None:
         run_id = self.recorder.run_id
         if run_id is None:
@@ -251,7 +266,9 @@ class EncryptedAggregation:
         for key, value in self.round.to_config().items():
             config[key] = value
         self._names = sorted(arrays)
-        _, self._spec = flatten_state({k: arrays[k].numpy() for k in self._names})
+        glob = {k: arrays[k].numpy() for k in self._names}
+        _, self._spec = flatten_state(glob)
+        self._model_hash = model_hash(glob)
         self._sum = EncryptedSum(
             self.keys.public_context,
             self.experiment_id,
@@ -261,6 +278,62 @@ class EncryptedAggregation:
         )
         self._nodes = {}
         self._costs = {"bytes": {}, "add": 0.0, "refused": 0}
+
+    def announcement(self) -> Announcement:
+        """What every site of the current round is shown (their signed announcement)."""
+        assert self.round is not None, "announce() first"
+        return Announcement(
+            spec_digest=self._spec_digest,
+            model_hash=self._model_hash,
+            weight_scale=self.round.weight_scale,
+            weight_key=self.round.weight_key,
+            min_sites=self.round.min_sites,
+            cohort=self.round.cohort,
+        )
+
+    def reannounce(
+        self, round_: int, arrays: ArrayRecord, msgs: list[Message]
+    ) -> list[Message] | None:
+        """After a drop-out in a cohort-bound round: the training messages of a re-run.
+
+        A cohort-bound sum is decrypted only when every site of the cohort contributed. If
+        some did not (a site dropped out, or its contribution was refused) but at least
+        ``min_sites`` did, the round is announced again with those sites as the cohort and a
+        fresh nonce, and they train and contribute again; a site accepts that only before it
+        decrypted anything of the round, and only for a cohort with fewer sites
+        (``SiteLedger.check_contribution``).
+
+        Returns
+        -------
+        list of Message or None
+            The messages to send again (to the contributing sites), or ``None`` when nothing
+            is to be re-run (no cohort binding, a complete cohort, or too few contributions).
+        """
+        if self.round is None or self.round.cohort is None or self._sum is None:
+            return None
+        done = set(self._sum.sites)
+        if done == set(self.round.cohort) or len(done) < self.cfg.experiment.min_sites:
+            return None
+        nodes = {self._nodes[s] for s in done}
+        again = [m for m in msgs if m.metadata.dst_node_id in nodes]
+        if not again:
+            return None
+        config = ConfigRecord(dict(again[0].content[Record.CONFIG]))
+        refused = self._costs.get("refused", 0)
+        self.announce(round_, arrays, config)
+        self._costs["refused"] = refused
+        out = []
+        for m in again:
+            content = RecordDict({k: v for k, v in m.content.items() if k != Record.CONFIG})
+            content[Record.CONFIG] = ConfigRecord(dict(config))
+            out.append(
+                Message(
+                    content,
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                )
+            )
+        return out
 
     def receive(
         self, grid: Grid, round_: int, msgs: Iterable[Message], timeout: float
@@ -301,11 +374,15 @@ class EncryptedAggregation:
                 if not reply.has_error():
                     self._site_of_node[reply.metadata.src_node_id] = _site(reply)
         missing = [n for n in nodes if n not in self._site_of_node]
-        if missing:
+        if len(nodes) - len(missing) < self.cfg.experiment.min_sites:
             raise FederationError(
-                f"round {round_}: node(s) {missing} did not say which site they are; with "
-                "privacy.he.bind_cohort every sampled site must answer (or turn it off)"
+                f"round {round_}: node(s) {missing} did not say which site they are, and "
+                f"fewer than min_sites={self.cfg.experiment.min_sites} sites remain for the "
+                "round's cohort (privacy.he.bind_cohort); start the missing sites"
             )
+        # A node that does not answer has dropped out: the cohort is the sites that did.
+        msgs[:] = [m for m in msgs if m.metadata.dst_node_id in self._site_of_node]
+        nodes = [m.metadata.dst_node_id for m in msgs]
         cohort = tuple(sorted(self._site_of_node[n] for n in nodes))
         assert self.round is not None
         self.round = dataclasses.replace(self.round, cohort=cohort)
@@ -342,6 +419,14 @@ class EncryptedAggregation:
                 raise CryptoError(
                     f"{where} signed the cohort {contribution.cohort}, not the announced "
                     f"{list(announced)}"
+                )
+            current = (self._sum.experiment_id, self._sum.round, self._sum.nonce)
+            binding = (contribution.experiment_id, contribution.round, contribution.nonce)
+            if binding == current and contribution.announcement != self.announcement().digest():
+                raise CryptoError(
+                    f"{where} signed another announcement of the round than the one sent "
+                    "(spec, global model, weight scale or key, min_sites or cohort differ); "
+                    "the site and the coordinator disagree on what the round is"
                 )
             if contribution.n_values != self._spec.size:
                 raise CryptoError(

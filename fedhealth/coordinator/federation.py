@@ -13,6 +13,7 @@ model is registered as a new model version with its provenance.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -376,8 +377,14 @@ class Federation:
         config = self._config(round_)
         if self.encryption is not None:
             self.encryption.announce(round_, arrays, config)  # round binding and fresh nonce
-        msgs = self.strategy.configure_train(round_, arrays, config, grid)
+        msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
         ok = self._split(round_, self.receive(grid, round_, msgs))
+        if self.encryption is not None:
+            # A cohort-bound round with a drop-out is announced again to the sites that
+            # contributed (new cohort, fresh nonce), and they contribute again.
+            again = self.encryption.reannounce(round_, arrays, msgs)
+            if again:
+                ok = self._split(round_, self.receive(grid, round_, again))
         self._require(round_, ok, "training")
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
@@ -404,27 +411,39 @@ class Federation:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def initial_model(self) -> torch.nn.Module:
-        """The seeded initial global model."""
+    def initial_model(self, run_id: str | None = None) -> torch.nn.Module:
+        """The seeded initial global model.
+
+        With ``run_id``, its weights are drawn from the experiment's seed *and* the run id:
+        every run starts from its own global model (a resumed run reopens the same id, so
+        the same one). Sites accept one contribution per (experiment, round, global model)
+        under any run (docs/security.md), so a second run of the same experiment must not
+        start from a model a site has already contributed from.
+        """
         spec = self.spec
-        return build_model(spec.model, input_dim(self.cfg), spec.task.num_classes, spec.seed)
+        seed = spec.seed
+        if run_id:
+            digest = hashlib.sha256(f"{spec.seed}:{run_id}".encode()).digest()
+            seed = int.from_bytes(digest[:4], "big")
+        return build_model(spec.model, input_dim(self.cfg), spec.task.num_classes, seed)
 
     def run(self, grid: Grid) -> RunSummary:
         """Run every round, then register the global model. Returns the summary."""
         t0 = time.time()
         cfg = self.cfg
         random.seed(cfg.experiment.seed)  # Flower samples sites with `random`
-        model = self.initial_model()
-        arrays = ArrayRecord(model.state_dict())
         if self.resume_from:
             run_id = self.recorder.reopen(self.resume_from)
         else:
             run_id = self.recorder.start(self.run_tags)
+        arrays = ArrayRecord(self.initial_model(run_id).state_dict())
         start = ResumePoint(1, arrays, {}, {})
         if self.resume_from:
             start = resume_point(self.recorder, cfg.config_hash(), arrays)
             if start.state is not None:
                 self.load_state_dict(start.state)
+            elif self.encryption is not None:
+                self.encryption.restore_binding()
         arrays, glob, per_site = start.arrays, start.global_metrics, start.site_metrics
         self._notify(
             "run-started",

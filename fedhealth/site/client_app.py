@@ -206,6 +206,7 @@ def train(msg: Message, context: Context, request: SiteRequest) -> Message:
                     global_arrays=global_arrays,
                     new_arrays=arrays,
                     metrics=metrics,
+                    spec_digest=request.spec.digest(),
                 )
     except (FedHealthError, PolicyError, ProtocolError) as exc:
         return _refuse(msg, profile.name, exc, request.round)

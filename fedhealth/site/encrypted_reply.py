@@ -28,10 +28,11 @@ import numpy as np
 
 from fedhealth.config.site import SiteProfile
 from fedhealth.errors import ConfigError, CryptoError
+from fedhealth.privacy.he.binding import model_hash
 from fedhealth.privacy.he.ceremony import SiteKeys, load_site_keys
 from fedhealth.privacy.he.ckks import flatten_state
 from fedhealth.privacy.he.contribute import make_contribution
-from fedhealth.privacy.he.decrypt import verify_and_decrypt
+from fedhealth.privacy.he.decrypt import DEFAULT_MAX_WEIGHT_SHARE, verify_and_decrypt
 from fedhealth.privacy.he.ledger import SiteLedger
 from fedhealth.privacy.he.wire import (
     HERound,
@@ -130,6 +131,7 @@ def encrypt_update(
     global_arrays: dict[str, np.ndarray],
     new_arrays: dict[str, np.ndarray],
     metrics: dict[str, Any],
+    spec_digest: str = "",
 ) -> tuple[Any, dict[str, float]]:
     """Encrypt and sign this site's update for an encrypted round.
 
@@ -145,6 +147,9 @@ def encrypt_update(
         The global weights received and the locally trained weights (after DP noise).
     metrics
         The reply's plaintext metrics; ``metrics[he.weight_key]`` weights the update.
+    spec_digest
+        ``TaskSpec.digest()`` of the request's spec: with the global model's hash and the
+        announcement it makes the digest the contribution signs.
 
     Returns
     -------
@@ -187,9 +192,14 @@ def encrypt_update(
             nonce=he.nonce,
             weight_scale=he.weight_scale,
             cohort=he.cohort,
+            spec_digest=spec_digest,
+            global_model=model_hash(global_arrays),
+            weight_key=he.weight_key,
+            min_sites=he.min_sites,
+            experiment=experiment,
         )
     except (ConfigError, CryptoError) as exc:
-        raise HERefusal(str(exc), rule="he-encrypt") from None
+        raise HERefusal(str(exc), rule=getattr(exc, "rule", "he-encrypt")) from None
     costs = {
         Metric.HE_ENCRYPT_SECONDS: time.perf_counter() - t0,
         Metric.HE_BYTES: float(sum(map(len, chunks))),
@@ -208,6 +218,7 @@ def seal_update(
     global_arrays: dict[str, np.ndarray],
     new_arrays: dict[str, np.ndarray],
     metrics: dict[str, Any],
+    spec_digest: str = "",
 ) -> Any:
     """The train reply's encrypted update for the round announced by ``he``.
 
@@ -223,12 +234,14 @@ def seal_update(
         global_arrays=global_arrays,
         new_arrays=new_arrays,
         metrics=metrics,
+        spec_digest=spec_digest,
     )
     metrics.update(costs)
     return record
 
 
-def _contributed_nonce(keys: SiteKeys, experiment_id: str, round_: int) -> str:
+def _contributed(keys: SiteKeys, experiment_id: str, round_: int) -> tuple[str, str]:
+    """The nonce and the announcement digest this site contributed under (its ledger)."""
     token = keys.ledger.contributed.get(SiteLedger.key(experiment_id, round_))
     if token is None:
         raise HERefusal(
@@ -237,7 +250,8 @@ def _contributed_nonce(keys: SiteKeys, experiment_id: str, round_: int) -> str:
             "part in",
             rule="he-decrypt-request",
         )
-    return str(json.loads(token)[0])
+    entry = json.loads(token)
+    return str(entry[0]), str(entry[2]) if len(entry) > 2 else ""
 
 
 def decrypt_aggregate(profile: SiteProfile, record: Any, config: Any) -> tuple[np.ndarray, float]:
@@ -268,7 +282,7 @@ def decrypt_aggregate(profile: SiteProfile, record: Any, config: Any) -> tuple[n
     keys = site_keys(profile)
     try:
         request = read_request(record)
-        nonce = _contributed_nonce(keys, request.experiment_id, request.round)
+        nonce, _ = _contributed(keys, request.experiment_id, request.round)
         floor = profile.keys.min_decrypt_sites if profile.keys is not None else 2
         announced = int((config or {}).get(ConfigKey.HE_MIN_SITES, 2))
         out = verify_and_decrypt(
@@ -278,9 +292,14 @@ def decrypt_aggregate(profile: SiteProfile, record: Any, config: Any) -> tuple[n
             expected_round=request.round,
             expected_nonce=nonce,
             min_sites=max(2, floor, announced),
+            max_weight_share=(
+                profile.keys.max_weight_share
+                if profile.keys is not None
+                else DEFAULT_MAX_WEIGHT_SHARE
+            ),
         )
     except HERefusal:
         raise
     except (ConfigError, CryptoError, TypeError, ValueError) as exc:
-        raise HERefusal(str(exc), rule="he-decrypt-request") from None
+        raise HERefusal(str(exc), rule=getattr(exc, "rule", "he-decrypt-request")) from None
     return out, time.perf_counter() - t0

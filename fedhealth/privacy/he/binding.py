@@ -7,9 +7,41 @@ the records and the tag schedule can share it without depending on each other.
 
 from __future__ import annotations
 
-from fedhealth.errors import ConfigError
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-__all__ = ["check_round_ids", "length_prefixed", "round_label"]
+import numpy as np
+
+from fedhealth.errors import ConfigError, CryptoError
+
+__all__ = [
+    "Announcement",
+    "HERuleError",
+    "check_round_ids",
+    "length_prefixed",
+    "model_hash",
+    "round_label",
+]
+
+_ANNOUNCEMENT = b"fedhealth/he-announcement/v1"
+_MODEL = b"fedhealth/he-global-model/v1"
+
+
+class HERuleError(CryptoError):
+    """A check of encrypted aggregation failed; ``rule`` names it (e.g. ``he-same-announcement``).
+
+    Parameters
+    ----------
+    message
+        What was wrong and what to do.
+    rule
+        The rule's name, also shown in the message.
+    """
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(f"{message} (rule {rule})")
+        self.rule = rule
 
 
 def length_prefixed(*fields: bytes | str | int) -> bytes:
@@ -53,3 +85,63 @@ def check_round_ids(experiment_id: str, round_: int, nonce: str) -> None:
             f"HE round binding needs a non-empty experiment id, a round >= 0 and a non-empty "
             f"nonce; got experiment {experiment_id!r}, round {round_!r}, nonce {nonce!r}"
         )
+
+
+def model_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a model's arrays in canonical order (sorted names).
+
+    Each tensor contributes its name, dtype, shape and C-order bytes, so the same weights give
+    the same hash at the coordinator and at every site, and any other weights another hash.
+    """
+    h = hashlib.sha256(_MODEL)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        h.update(length_prefixed(name, a.dtype.str, ",".join(map(str, a.shape))))
+        h.update(len(a.data.tobytes()).to_bytes(8, "big"))
+        h.update(a.data.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a site was shown for an encrypted round, beyond (experiment id, round, nonce).
+
+    Its :meth:`digest` is signed in every contribution and feeds the tag derivation, so
+    sites shown different specs, global models, weight scales, weight keys, ``min_sites``
+    or cohorts sign different digests, and a decrypting site refuses a sum that mixes them.
+
+    Attributes
+    ----------
+    spec_digest
+        ``TaskSpec.digest()`` of the round's spec (model, training, DP, HE parameters).
+    model_hash
+        :func:`model_hash` of the global model the site received.
+    weight_scale, weight_key
+        The public divisor of the weights and the metric the update is weighted by.
+    min_sites
+        The experiment's ``min_sites``.
+    cohort
+        The sorted sites of the round (cohort binding) or ``None``.
+    """
+
+    spec_digest: str
+    model_hash: str
+    weight_scale: float
+    weight_key: str
+    min_sites: int
+    cohort: tuple[str, ...] | None = None
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the canonical framing of every field."""
+        cohort: Sequence[str] = ("-",) if self.cohort is None else ("cohort", *self.cohort)
+        return hashlib.sha256(
+            length_prefixed(
+                _ANNOUNCEMENT,
+                self.spec_digest,
+                self.model_hash,
+                repr(float(self.weight_scale)),
+                self.weight_key,
+                int(self.min_sites),
+                length_prefixed(*cohort),
+            )
+        ).hexdigest()

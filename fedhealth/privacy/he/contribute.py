@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedhealth.errors import ConfigError
-from fedhealth.privacy.he.binding import check_round_ids, round_label
+from fedhealth.privacy.he.binding import Announcement, check_round_ids, round_label
 from fedhealth.privacy.he.ckks import encrypt_update
 from fedhealth.privacy.he.keys import sign
 from fedhealth.privacy.he.records import Contribution, chunks_digest
@@ -32,6 +32,11 @@ def make_contribution(
     nonce: str,
     weight_scale: float = 1000.0,
     cohort: Sequence[str] | None = None,
+    spec_digest: str = "",
+    global_model: str = "",
+    weight_key: str = "",
+    min_sites: int = 2,
+    experiment: str | None = None,
 ) -> tuple[list[bytes], Contribution]:
     """Encrypt, tag and sign one site's update.
 
@@ -50,6 +55,14 @@ def make_contribution(
         Public, consortium-wide divisor keeping ``w * |update| <= params.max_abs_value``.
     cohort
         Optional list of the sites announced for this round (cohort binding, see module doc).
+    spec_digest, global_model, weight_key, min_sites
+        The rest of what the site was shown: ``TaskSpec.digest()``, ``binding.model_hash`` of
+        the global model received, the weighted-by metric and the experiment's ``min_sites``.
+        With ``weight_scale`` and ``cohort`` they make the signed announcement digest
+        (:class:`~fedhealth.privacy.he.binding.Announcement`).
+    experiment
+        The experiment's name (default: the part of ``experiment_id`` before ``:``); the
+        ledger allows one contribution per (name, round, global model) under any experiment id.
 
     Returns
     -------
@@ -83,12 +96,21 @@ def make_contribution(
                 f"{where}: cohort {list(cohort_t)} must list distinct consortium sites including "
                 f"this one (unknown: {unknown})"
             )
-    token = json.dumps([nonce, cohort_t])
+    shown = Announcement(
+        spec_digest=spec_digest,
+        model_hash=global_model,
+        weight_scale=float(weight_scale),
+        weight_key=weight_key,
+        min_sites=int(min_sites),
+        cohort=cohort_t,
+    ).digest()
+    token = json.dumps([nonce, cohort_t, shown])
     ledger = site_keys.ledger
-    ledger.check_contribution(experiment_id, round, token)
+    binding = {"experiment": experiment, "global_model": global_model}
+    ledger.check_contribution(experiment_id, round, token, **binding)
 
     w = float(n_examples) / float(weight_scale)
-    schedule = TagSchedule(site_keys.tag_key, experiment_id, round, nonce, params)
+    schedule = TagSchedule(site_keys.tag_key, experiment_id, round, nonce, params, shown)
     n_chunks = schedule.layout.n_chunks(vec.size)
     tags = schedule.tags(site, n_chunks)
 
@@ -110,9 +132,11 @@ def make_contribution(
         n_values=int(vec.size),
         digest=chunks_digest(chunks),
         cohort=cohort_t,
+        announcement=shown,
+        weight=w,
     )
     contribution = replace(
         contribution, signature=sign(site_keys.identity, contribution.signed_bytes())
     )
-    ledger.record_contribution(experiment_id, round, token)
+    ledger.record_contribution(experiment_id, round, token, **binding)
     return chunks, contribution

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedhealth.errors import ConfigError, CryptoError
-from fedhealth.privacy.he.binding import round_label
+from fedhealth.privacy.he.binding import HERuleError, round_label
 from fedhealth.privacy.he.ckks import unpack
 from fedhealth.privacy.he.records import DecryptionRequest, check_round, verify_signed
 from fedhealth.privacy.he.tags import TagSchedule
@@ -18,7 +18,13 @@ from fedhealth.privacy.he.tags import TagSchedule
 if TYPE_CHECKING:
     from fedhealth.privacy.he.ceremony import SiteKeys
 
-__all__ = ["verify_and_decrypt"]
+__all__ = ["DEFAULT_MAX_WEIGHT_SHARE", "verify_and_decrypt"]
+
+#: Largest share of the total weight any one claimed contribution may hold (rule
+#: ``he-weight-share``): the other sites together carry at least 1 % of the aggregate, so the
+#: sum is never one site's update with the others' weights shrunk to nothing. Loose enough
+#: for honestly skewed consortia (a site may set a tighter cap in ``[keys]``).
+DEFAULT_MAX_WEIGHT_SHARE = 0.99
 
 
 def verify_and_decrypt(
@@ -29,6 +35,8 @@ def verify_and_decrypt(
     expected_round: int,
     expected_nonce: str,
     min_sites: int,
+    expected_announcement: str | None = None,
+    max_weight_share: float = DEFAULT_MAX_WEIGHT_SHARE,
 ) -> np.ndarray:
     """Check a decryption request from the coordinator and, if legitimate, decrypt it.
 
@@ -42,6 +50,13 @@ def verify_and_decrypt(
         The round this site is taking part in.
     min_sites
         Smallest number of distinct contributions (>= 2) the site will decrypt.
+    expected_announcement
+        The announcement digest this site signed for the round (default: the one its ledger
+        recorded when it contributed to that experiment id, round and nonce): every claimed
+        contribution must carry it (rule ``he-same-announcement``).
+    max_weight_share
+        Largest share of the claimed total weight one contribution may hold, in (0, 1]
+        (rule ``he-weight-share``).
 
     Returns
     -------
@@ -62,11 +77,15 @@ def verify_and_decrypt(
         raise ConfigError(
             f"min_sites must be >= 2 (got {min_sites}): decrypting one contribution discloses it"
         )
+    if not 0 < max_weight_share <= 1:
+        raise ConfigError(f"max_weight_share must be in (0, 1] (got {max_weight_share})")
     if (request.experiment_id, request.round, request.nonce) != (exp, rnd, nonce):
         raise CryptoError(
             f"{where}: the request is for experiment {request.experiment_id!r}, round "
             f"{request.round}, nonce {request.nonce!r} (replay or mix-up)"
         )
+    if expected_announcement is None:
+        expected_announcement = site_keys.ledger.announcement(exp, rnd, nonce)
     registry = site_keys.registry
     seen: set[str] = set()
     for c in request.contributions:
@@ -76,6 +95,23 @@ def verify_and_decrypt(
         if c.site in seen:
             raise CryptoError(f"{who} is claimed twice; each site may count once")
         seen.add(c.site)
+    if expected_announcement is None:
+        raise HERuleError(
+            f"{where}: this site did not contribute to that round under nonce {nonce!r}, "
+            "so it has no announcement to compare the contributions with; it decrypts "
+            "only rounds it took part in",
+            rule="he-own-round",
+        )
+    for c in request.contributions:
+        who = f"{where}: contribution of site {c.site!r}"
+        if c.announcement != expected_announcement:
+            raise HERuleError(
+                f"{who} signed another announcement of the round than this site was shown "
+                f"({c.announcement[:12] or 'none'}... vs {expected_announcement[:12]}...): the "
+                "sites were given different specs, global models, weight scales, weight keys, "
+                "min_sites or cohorts, which can steer the sum towards one site's update",
+                rule="he-same-announcement",
+            )
     if len(seen) < min_sites:
         raise CryptoError(
             f"{where}: it claims {len(seen)} contribution(s) {sorted(seen)}, fewer than "
@@ -98,8 +134,23 @@ def verify_and_decrypt(
             f"signed ({sorted(c for c in cohorts if c)}); cohort-bound rounds decrypt only "
             "the full cohort"
         )
+    weights_claimed = {c.site: float(c.weight) for c in request.contributions}
+    total_claimed = sum(weights_claimed.values())
+    if not all(w > 0 for w in weights_claimed.values()):
+        raise HERuleError(
+            f"{where}: every claimed contribution must sign a positive weight ({weights_claimed})",
+            rule="he-weight-share",
+        )
+    heaviest = max(weights_claimed, key=lambda s: weights_claimed[s])
+    share = weights_claimed[heaviest] / total_claimed
+    if share > max_weight_share:
+        raise HERuleError(
+            f"{where}: site {heaviest!r} holds {share:.4g} of the total weight, above the cap "
+            f"{max_weight_share:g}; the aggregate would be mostly that one site's update",
+            rule="he-weight-share",
+        )
     params = site_keys.params
-    schedule = TagSchedule(site_keys.tag_key, exp, rnd, nonce, params)
+    schedule = TagSchedule(site_keys.tag_key, exp, rnd, nonce, params, expected_announcement)
     layout = schedule.layout
     if (
         len(request.sum_chunks) != first.n_chunks
@@ -138,6 +189,13 @@ def verify_and_decrypt(
     weights = reserved[:, 1]
     if not (weights[0] > 0 and np.all(np.abs(weights - weights[0]) <= params.tag_atol)):
         reason = "weight-slot check failed (weights differ between chunks or are not positive)"
+        ledger.lock(exp, rnd, reason)
+        raise CryptoError(f"{where}: {reason}; this round is now locked at this site")
+    if abs(float(np.mean(weights)) - total_claimed) > params.tag_atol * max(1.0, total_claimed):
+        reason = (
+            f"weight-slot check failed (decrypted total weight {float(np.mean(weights)):.6g}, "
+            f"signed weights sum to {total_claimed:.6g})"
+        )
         ledger.lock(exp, rnd, reason)
         raise CryptoError(f"{where}: {reason}; this round is now locked at this site")
     out = np.concatenate((data, [float(np.mean(weights))]))

@@ -1,6 +1,7 @@
 """A site's HE ledger: what it contributed to and decrypted in each round, persisted.
 
-It enforces one aggregate per (experiment, round) at the site and locks a round after a
+It enforces one aggregate per (experiment id, round) at the site, one contribution per
+(experiment name, round, global model) under any experiment id, and locks a round after a
 forged request (see ``docs/security.md``).
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.errors import CryptoError
-from fedhealth.privacy.he.binding import round_label
+from fedhealth.privacy.he.binding import HERuleError, round_label
 from fedhealth.privacy.he.keys import write_private_file
 
 __all__ = ["SiteLedger"]
@@ -31,6 +32,7 @@ class SiteLedger:
     contributed: dict[str, str] = field(default_factory=dict)
     decrypted: dict[str, str] = field(default_factory=dict)
     locked: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)  # (name, round, model) -> experiment id
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -46,6 +48,7 @@ class SiteLedger:
                 self.contributed = dict(d.get("contributed", {}))
                 self.decrypted = dict(d.get("decrypted", {}))
                 self.locked = dict(d.get("locked", {}))
+                self.models = dict(d.get("models", {}))
 
     @staticmethod
     def key(experiment_id: str, round_: int) -> str:
@@ -58,10 +61,24 @@ class SiteLedger:
                 "contributed": self.contributed,
                 "decrypted": self.decrypted,
                 "locked": self.locked,
+                "models": self.models,
             }
             write_private_file(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
 
-    def check_contribution(self, experiment_id: str, round_: int, token: str) -> None:
+    @staticmethod
+    def model_key(experiment: str, round_: int, global_model: str) -> str:
+        """Ledger key of one (experiment name, round, global model hash)."""
+        return json.dumps([experiment, int(round_), global_model])
+
+    def check_contribution(
+        self,
+        experiment_id: str,
+        round_: int,
+        token: str,
+        *,
+        experiment: str | None = None,
+        global_model: str = "",
+    ) -> None:
         """Refuse contributing to a round under another (nonce, cohort) token once this site
         decrypted an aggregate of that round (or locked it).
 
@@ -70,10 +87,30 @@ class SiteLedger:
         bound to its *current* token, so the superseded ciphertexts can never be decrypted,
         and one decryption per round still holds. After a decryption, a re-run could pair
         two different sums of the same round (a differencing attack), so it is refused.
-        Under cohort binding the new cohort must also keep every site of the old one: the
-        sites that decrypted the old sum are among them and refuse, so no re-run cohort
-        that could be differenced against the old sum can ever be completed.
+        Under cohort binding a re-announced round may only drop sites (a drop-out, see
+        ``EncryptedAggregation.reannounce``): a site that decrypted the old sum refuses it, so
+        a re-run cohort holding such a site never completes.
+
+        Across experiment ids (rule ``he-one-contribution-per-model``): once this site
+        contributed to round ``round_`` of experiment ``experiment`` from the global model
+        ``global_model``, it refuses to do so again under any other experiment id (another run,
+        or the same run re-announced under a new id), whether or not it decrypted: a new run
+        from the same model would give the coordinator a second sum of nearly the same updates.
+        The re-run above keeps its experiment id, so a resumed run is not affected.
         """
+        if global_model:
+            name = experiment if experiment is not None else experiment_id.split(":", 1)[0]
+            first = self.models.get(self.model_key(name, round_, global_model))
+            if first is not None and first != experiment_id:
+                raise HERuleError(
+                    f"refusing to contribute to {round_label(experiment_id, round_)}: this site "
+                    f"already contributed to round {round_} of experiment {name!r} from the same "
+                    f"global model under experiment id {first!r}; a second run from the same "
+                    "model would let the coordinator difference two sums of nearly the same "
+                    "updates. Resume that run (same experiment id) or start from another model "
+                    "(another experiment name or seed)",
+                    rule="he-one-contribution-per-model",
+                )
         k = self.key(experiment_id, round_)
         prev = self.contributed.get(k)
         if prev is None or prev == token:
@@ -86,23 +123,52 @@ class SiteLedger:
                 "attacks; the round cannot be re-run - start a new run"
             )
         old_cohort, new_cohort = json.loads(prev)[1], json.loads(token)[1]
-        if old_cohort is not None and not set(old_cohort) <= set(new_cohort or ()):
-            dropped = sorted(set(old_cohort) - set(new_cohort or ()))
-            raise CryptoError(
-                f"refusing to contribute again to {round_label(experiment_id, round_)} under a "
-                f"cohort without {dropped}: a re-run round keeps every site of its first "
-                "cohort (cohort binding blocks differencing attacks); restart those sites or "
-                "start a new run"
+        if (old_cohort is None) != (new_cohort is None) or not set(new_cohort or ()) <= set(
+            old_cohort or ()
+        ):
+            added = sorted(set(new_cohort or ()) - set(old_cohort or ()))
+            raise HERuleError(
+                f"refusing to contribute again to {round_label(experiment_id, round_)} under "
+                f"the cohort {new_cohort} (first announced: {old_cohort}; added: {added}): a "
+                "round is only re-announced after a drop-out, with fewer sites",
+                rule="he-rerun-cohort",
             )
 
-    def record_contribution(self, experiment_id: str, round_: int, token: str) -> None:
-        """Remember the (nonce, cohort) token a site contributes under (see
-        :meth:`check_contribution` for when a new one replaces it)."""
-        self.check_contribution(experiment_id, round_, token)
+    def record_contribution(
+        self,
+        experiment_id: str,
+        round_: int,
+        token: str,
+        *,
+        experiment: str | None = None,
+        global_model: str = "",
+    ) -> None:
+        """Remember the (nonce, cohort, announcement) token a site contributes under (see
+        :meth:`check_contribution` for when a new one replaces it) and the global model."""
+        self.check_contribution(
+            experiment_id, round_, token, experiment=experiment, global_model=global_model
+        )
         k = self.key(experiment_id, round_)
-        if self.contributed.get(k) != token:
-            self.contributed[k] = token
+        changed = self.contributed.get(k) != token
+        self.contributed[k] = token
+        if global_model:
+            name = experiment if experiment is not None else experiment_id.split(":", 1)[0]
+            mk = self.model_key(name, round_, global_model)
+            changed = changed or self.models.get(mk) != experiment_id
+            self.models[mk] = experiment_id
+        if changed:
             self._save()
+
+    def announcement(self, experiment_id: str, round_: int, nonce: str) -> str | None:
+        """The announcement digest this site signed for the round under ``nonce``, or
+        ``None`` if it did not contribute to it under that nonce."""
+        token = self.contributed.get(self.key(experiment_id, round_))
+        if token is None:
+            return None
+        entry = json.loads(token)
+        if entry[0] != nonce:
+            return None
+        return str(entry[2]) if len(entry) > 2 else ""
 
     def check_decryption(self, experiment_id: str, round_: int, fingerprint: str) -> None:
         """Refuse a request if the round is locked or another request was answered."""

@@ -21,7 +21,7 @@ from fedhealth.privacy.he.keys import b64d, b64e, verify
 if TYPE_CHECKING:
     from fedhealth.privacy.he.ceremony import Registry
 
-PROTOCOL = b"fedhealth/he-contribution/v1"
+PROTOCOL = b"fedhealth/he-contribution/v2"
 _REQUEST = b"fedhealth/he-decryption-request/v1"
 
 __all__ = [
@@ -60,6 +60,13 @@ class Contribution:
         Ed25519 signature over :meth:`signed_bytes` (empty = unsigned).
     cohort
         Optional sorted list of the sites announced for the round (cohort binding).
+    announcement
+        :meth:`~fedhealth.privacy.he.binding.Announcement.digest` of what the site was shown
+        (spec, global model, weight scale and key, ``min_sites``, cohort).
+    weight
+        The site's aggregation weight ``w = n / weight_scale`` (its plaintext
+        ``weighted_by_key`` metric, already in the reply, divided by the scale): a decrypting
+        site caps any one site's share of the total weight with it.
     """
 
     site: str
@@ -71,6 +78,8 @@ class Contribution:
     digest: str
     signature: bytes = b""
     cohort: tuple[str, ...] | None = None
+    announcement: str = ""
+    weight: float = 0.0
 
     def signed_bytes(self) -> bytes:
         """Canonical bytes covered by the signature."""
@@ -84,6 +93,8 @@ class Contribution:
             self.n_chunks,
             self.n_values,
             cohort,
+            self.announcement,
+            repr(float(self.weight)),
             self.digest,
         )
 
@@ -99,6 +110,8 @@ class Contribution:
             "digest": self.digest,
             "signature": b64e(self.signature),
             "cohort": None if self.cohort is None else list(self.cohort),
+            "announcement": self.announcement,
+            "weight": float(self.weight),
         }
 
     @classmethod
@@ -115,6 +128,8 @@ class Contribution:
                 digest=str(d["digest"]),
                 signature=b64d(d.get("signature") or "", what="contribution signature"),
                 cohort=None if d.get("cohort") is None else tuple(d["cohort"]),
+                announcement=str(d.get("announcement") or ""),
+                weight=float(d.get("weight") or 0.0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CryptoError(f"malformed contribution record ({exc})") from exc

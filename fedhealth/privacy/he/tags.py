@@ -32,10 +32,20 @@ class TagSchedule:
         The round binding.
     params
         Consortium parameters (slots, lanes, ``hidden_tags``).
+    announcement
+        The announcement digest the site signs (``binding.Announcement.digest``): sites shown
+        different announcements draw unrelated tags, so their contributions never sum to a
+        sum that passes the tag check.
     """
 
     def __init__(
-        self, tag_key: bytes, experiment_id: str, round_: int, nonce: str, params: HEParams
+        self,
+        tag_key: bytes,
+        experiment_id: str,
+        round_: int,
+        nonce: str,
+        params: HEParams,
+        announcement: str = "",
     ) -> None:
         if len(tag_key) != 32:
             raise CryptoError("the consortium tag key must be 32 bytes; re-run the key ceremony")
@@ -43,8 +53,8 @@ class TagSchedule:
         self._key = HKDF(
             algorithm=hashes.SHA256(),
             length=32,
-            salt=b"fedhealth/he-tags/v1",
-            info=length_prefixed(experiment_id, round_, nonce),
+            salt=b"fedhealth/he-tags/v2",
+            info=length_prefixed(experiment_id, round_, nonce, announcement),
         ).derive(tag_key)
         self._positions: dict[int, np.ndarray] = {}
         self.layout = SlotLayout(params.lanes, params.reserved_lanes, self.positions)
