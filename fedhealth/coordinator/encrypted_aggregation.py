@@ -318,7 +318,7 @@ class EncryptedAggregation:
         again = [m for m in msgs if m.metadata.dst_node_id in nodes]
         if not again:
             return None
-        config = ConfigRecord(dict(again[0].content[Record.CONFIG]))
+        config = ConfigRecord(dict(cast(ConfigRecord, again[0].content[Record.CONFIG])))
         refused = self._costs.get("refused", 0)
         self.announce(round_, arrays, config)
         self._costs["refused"] = refused

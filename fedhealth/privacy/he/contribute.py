@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def make_contribution(
     ).digest()
     token = json.dumps([nonce, cohort_t, shown])
     ledger = site_keys.ledger
-    binding = {"experiment": experiment, "global_model": global_model}
+    binding: dict[str, Any] = {"experiment": experiment, "global_model": global_model}
     ledger.check_contribution(experiment_id, round, token, **binding)
 
     w = float(n_examples) / float(weight_scale)
