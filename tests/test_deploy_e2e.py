@@ -157,7 +157,7 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     dep = deployment
     name = "deploy-e2e"
     exp = write_experiment(
-        dep.root, name, SITES, rounds=2, round_timeout=30, extra=privacy_sections(dep.root)
+        dep.root, name, SITES, rounds=2, round_timeout=60, extra=privacy_sections(dep.root)
     )
     dep.spawn("run", "run", str(exp), "--federation", "test")
 
@@ -168,7 +168,7 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     run_id = wait_for(lambda: _mlflow_run(dep, name), 30, "the MLflow run")
     # ... and the round completes with the other two within round_timeout (the quorum
     # decrypts their sum): they evaluate.
-    wait_for(lambda: _received(dep, witness, "evaluate", 1), 120, "round 1 to complete")
+    wait_for(lambda: _received(dep, witness, "evaluate", 1), 240, "round 1 to complete")
     assert ("sent", "train", 1) not in _events(dep, victim)
 
     # The coordinator dies mid-round 2, after a site sent its encrypted update.

@@ -42,6 +42,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from fedhealth.config.experiment import load_experiment_with_sites
 from fedhealth.coordinator.federation import Federation
 from fedhealth.deploy.coordinator import CoordinatorSettings, RestartBudget, mlflow_argv
+from fedhealth.deploy.mlflow_auth import Credentials, ensure_admin, server_env
 from fedhealth.deploy.processes import (
     _alive,
     child_env,
@@ -70,11 +71,17 @@ VERSION_TAGS = {
 
 @dataclass
 class MlflowServer:
-    """``mlflow server`` as the coordinator runs it, with its store under ``root``."""
+    """``mlflow server`` as the coordinator runs it (basic auth on: every call needs an
+    account), with its store and its admin account under ``root``."""
 
     root: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+
+    @property
+    def admin(self) -> Credentials:
+        """The server's admin account (created on first use, as the coordinator does)."""
+        return ensure_admin(self.root / "mlflow" / "admin.json")[0]
 
     @property
     def uri(self) -> str:
@@ -88,7 +95,7 @@ class MlflowServer:
         with open(self.root / "mlflow.log", "ab") as log:
             self.proc = subprocess.Popen(
                 mlflow_argv(s), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=child_env(),
+                env=child_env(server_env(self.root / "mlflow", self.admin)),
             )  # fmt: skip
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -121,10 +128,15 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The server; this process and the ``fedhealth run`` it starts use its admin account
+    (MLflow's client reads it from the environment)."""
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    srv.start()
-    yield srv
-    srv.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in srv.admin.env().items():
+            mp.setenv(key, value)
+        srv.start()
+        yield srv
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -542,14 +554,12 @@ def _children(pid: int) -> dict[str, int]:
     return out
 
 
-@pytest.mark.slow
 def _admin(ws: Path) -> dict[str, str]:
     """The MLflow admin account of an ``--insecure`` coordinator (the server needs one)."""
-    from fedhealth.deploy.mlflow_auth import Credentials
-
     return Credentials.load(ws / "mlflow" / "admin.json").env()
 
 
+@pytest.mark.slow
 def test_coordinator_restarts_its_mlflow_server(tmp_path, monkeypatch) -> None:
     """Kill the coordinator's MLflow server (first only its main process, which leaves its
     uvicorn worker holding the port; then the whole tree): each time the coordinator prints
