@@ -150,7 +150,7 @@ def _round_key(ledger: dict, part: str, round_: int) -> str | None:
 
 
 @pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:

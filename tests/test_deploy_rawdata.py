@@ -67,7 +67,7 @@ registered_model = "rawdata-imaging"
 
 
 pytestmark = pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 

@@ -451,7 +451,7 @@ def _run_until_round(
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 def test_run_survives_mlflow_server_restart_mid_run(project, server) -> None:
@@ -479,7 +479,7 @@ def test_run_survives_mlflow_server_restart_mid_run(project, server) -> None:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 def test_run_survives_mlflow_server_down_at_registration(project, server) -> None:
@@ -504,7 +504,7 @@ def test_run_survives_mlflow_server_down_at_registration(project, server) -> Non
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 def test_server_down_past_the_deadline_fails_clearly_and_resumes(project, server) -> None:
@@ -573,7 +573,7 @@ def _admin(ws: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not re-run after this stop's sovereignty changes (site executor, MLflow auth, DP metric releases); see the closing note",
+    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
     strict=False,
 )
 def test_coordinator_restarts_its_mlflow_server(tmp_path, monkeypatch) -> None:
