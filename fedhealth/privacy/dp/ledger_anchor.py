@@ -40,6 +40,7 @@ from typing import Any
 
 from fedhealth import jsonlines
 from fedhealth.errors import FedHealthError
+from fedhealth.privacy.dp.randomness import create_key_file
 
 KEY_BYTES = 32
 #: The site's audit log beside the ledger (``fedhealth.site.audit.AUDIT_FILE``; privacy does
@@ -139,14 +140,7 @@ def load_key(files: LedgerFiles, create: bool) -> bytes:
     """
     path = files.key
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, os.urandom(KEY_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        create_key_file(path, KEY_BYTES)
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:

@@ -40,6 +40,26 @@ from fedhealth.errors import FedHealthError
 KEY_BYTES = 32
 
 
+def create_key_file(path: Path, n_bytes: int) -> None:
+    """Write ``n_bytes`` random bytes to ``path`` (mode 0600) unless it already exists.
+
+    Parameters
+    ----------
+    path : Path
+        The key file; its folder is created. An existing file is left as it is.
+    n_bytes : int
+        Length of the key.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(n_bytes))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def load_or_create_key(path: Path) -> bytes:
     """Read the site's secret noise key, creating it (mode 0600) on first use.
 
@@ -59,14 +79,7 @@ def load_or_create_key(path: Path) -> bytes:
         If the file exists but is not a key.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    create_key_file(path, KEY_BYTES)
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
         raise FedHealthError(
