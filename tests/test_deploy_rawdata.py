@@ -66,12 +66,6 @@ registered_model = "rawdata-imaging"
 """
 
 
-pytestmark = pytest.mark.xfail(
-    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
-    strict=False,
-)
-
-
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """Run both experiments through the recording proxy; yield what was recorded."""

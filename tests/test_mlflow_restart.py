@@ -572,10 +572,6 @@ def _admin(ws: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="not re-run after the sovereignty changes of this stop (see its closing note)",
-    strict=False,
-)
 def test_coordinator_restarts_its_mlflow_server(tmp_path, monkeypatch) -> None:
     """Kill the coordinator's MLflow server (first only its main process, which leaves its
     uvicorn worker holding the port; then the whole tree): each time the coordinator prints
