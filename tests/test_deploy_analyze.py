@@ -27,7 +27,9 @@ min_sites = 2
 
 [columns]
 mean_radius = {{ type = "numeric", lower = 5, upper = 30 }}
-diagnosis = {{ type = "categorical", categories = {{ benign = "benign", malignant = "malignant" }} }}
+[columns.diagnosis]
+type = "categorical"
+categories = {{ benign = "benign", malignant = "malignant" }}
 
 [[queries]]
 kind = "count"
@@ -61,9 +63,7 @@ def test_analysis_over_a_real_federation_is_charged_at_every_site(tmp_path_facto
         dep.start_coordinator()
         dep.start_sites(SITES)
         path = root / "feasibility.analysis.toml"
-        path.write_text(
-            ANALYSIS.format(sites=", ".join(f'"sites/{s}.toml"' for s in SITES))
-        )
+        path.write_text(ANALYSIS.format(sites=", ".join(f'"sites/{s}.toml"' for s in SITES)))
         res = dep.cli(
             "analyze", str(path), "--federation", "test", "--tracking-uri", dep.tracking_uri,
             timeout=600,
