@@ -757,6 +757,11 @@ class RoundConfig:
         )
 
 
+#: The rule a site names when its policy does not share per-feature sums
+#: (``privacy.share_statistics = false``).
+SHARE_STATISTICS_RULE = "share_statistics"
+
+
 @dataclass
 class Refusal:
     """A site's refusal (policy, data, malformed request) or failure in one round.

@@ -189,3 +189,30 @@ def test_a_second_run_with_the_same_seed_is_not_a_replay(project):
     # second run of the same config is a new draw, never a bit-identical replay that would let
     # a coordinator difference two releases of the same round.
     assert not all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+
+
+def test_default_policies_keep_statistics_and_say_what_the_run_releases(project):
+    """Sites with the default policy (no shared sums, DP-noised metrics): a site-normalised
+    run is not a refusal of the study. The run says why its registered model holds no
+    statistics, and that the sites' ε grows with each metric release though DP-SGD is off."""
+    sites = project / "sites"
+    for name in ("st-olav", "karolinska", "charite"):
+        text = (sites / f"{name}.toml").read_text()
+        for line in ("share_statistics = true", 'release_metrics = "exact"'):
+            assert line in text, (name, line)
+            text = text.replace(line, "")
+        (sites / f"default-{name}.toml").write_text(text)
+    exp = edit(
+        project / "experiments" / "quickstart.toml",
+        **{
+            "rounds = 5": "rounds = 1",
+            'normalisation = "consortium"': 'normalisation = "site"',
+            "../sites/st-olav.toml": "../sites/default-st-olav.toml",
+            "../sites/karolinska.toml": "../sites/default-karolinska.toml",
+            "../sites/charite.toml": "../sites/default-charite.toml",
+        },
+    )
+    out = " ".join(run_cli("run", str(exp)).split())
+    assert "refused (share_statistics)" not in out
+    assert "charite, karolinska, st-olav do not share per-feature sums" in out
+    assert "release loss and accuracy with Gaussian noise charged to their ledgers" in out

@@ -105,6 +105,8 @@ class LiveRun:
             )
             if self.plain:
                 self._line(self.notes[-1])
+        elif event.kind == "statistics-declined":
+            self.progress.update(self.task, description="sites keep their statistics")
         elif event.kind == "statistics":
             self.progress.update(self.task, description="consortium statistics done")
         if not self.plain:

@@ -16,6 +16,7 @@ from fedhealth.config.site import SiteProfile
 from fedhealth.coordinator.federation import RunSummary
 from fedhealth.coordinator.privacy_report import format_epsilon
 from fedhealth.errors import ConfigError, FederationError, FedHealthError
+from fedhealth.privacy.dp.policy import PrivacyPolicy
 from fedhealth.protocol import Metric
 from fedhealth.registry.store import default_tracking_uri
 
@@ -43,7 +44,12 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteProfile]) -> dict[str, int]
     return checked.sizes
 
 
-def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePrivacyOutlook]):
+def _print_outlook(
+    console: Console,
+    cfg: ExperimentConfig,
+    outlook: list[SitePrivacyOutlook],
+    sites: list[SiteProfile],
+) -> None:
     dp = cfg.privacy.dp
     if dp.enabled:
         mode = "record-level DP-SGD" if dp.mode == "record" else "site-level DP"
@@ -61,7 +67,19 @@ def _print_outlook(console: Console, cfg: ExperimentConfig, outlook: list[SitePr
                 highlight=False,
             )
     else:
-        console.print("  privacy: differential privacy off", highlight=False)
+        console.print("  privacy: no DP-SGD in training (`\\[privacy.dp]` off)", highlight=False)
+    noisy = [
+        s.name
+        for s in sites
+        if PrivacyPolicy.from_mapping(s.privacy).metrics_release(cfg.task.dataset) == "dp"
+    ]
+    if noisy:
+        console.print(
+            f"  metrics: {', '.join(noisy)} release loss and accuracy with Gaussian noise "
+            "charged to their ledgers (`privacy.release_metrics`), so their ε grows each round",
+            highlight=False,
+            soft_wrap=True,
+        )
     for o in outlook:
         if o.refusal:
             console.print(f"  [yellow]will refuse:[/] {escape(o.refusal)}", highlight=False)
@@ -93,7 +111,7 @@ def run_experiments(
             highlight=False,
             soft_wrap=True,  # one line when redirected (80 columns), as a terminal shows it
         )
-        _print_outlook(console, cfg, checked.outlook)
+        _print_outlook(console, cfg, checked.outlook, checked.sites)
         console.print(f"  {checked.he_line}", highlight=False, soft_wrap=True)
         if resume:
             console.print(f"  resuming MLflow run {resume} from its last checkpoint")
@@ -180,6 +198,15 @@ def print_summary(console: Console, s: RunSummary) -> None:
                 highlight=False,
             )
     _print_refusals(console, s.refusals)
+    if s.statistics_declined:
+        console.print(
+            f"Statistics: {', '.join(map(escape, s.statistics_declined))} do not share "
+            "per-feature sums (`privacy.share_statistics = false`, the default), so the "
+            "registered model holds no standardisation statistics: its consumer passes them "
+            "(`fedhealth models show` says how).",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"MLflow store: [cyan]{s.tracking_uri}[/]  run {s.run_id}  ({s.seconds:.0f} s)",
         soft_wrap=True,

@@ -47,6 +47,7 @@ from fedhealth.coordinator.strategies import (
 from fedhealth.errors import FederationError, FedHealthError
 from fedhealth.models import build_model
 from fedhealth.protocol import (
+    SHARE_STATISTICS_RULE,
     Metric,
     NormStats,
     Record,
@@ -79,6 +80,9 @@ class RunSummary:
     seconds: float = 0.0
     privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyReport.summary()
     report: str | None = None  # URI of the run's HTML report artifact
+    # Sites that declined the optional statistics query of a site-normalised run (their
+    # policy does not share sums): not a refusal of the study, a note on the registered model.
+    statistics_declined: list[str] = field(default_factory=list)
 
 
 def input_dim(cfg: ExperimentConfig) -> int:
@@ -185,6 +189,8 @@ class Federation:
         self.strategy = build_strategy(cfg)
         self.recorder = RunRecorder(cfg, tracking_uri)
         self.refusals: list[Refusal] = []
+        self.statistics_declined: list[str] = []
+        self._statistics_optional = False
         self.norm_stats: dict[str, Any] | None = None
         # Per site: ε, δ and σ of its DP release of the consortium statistics.
         self.statistics_dp: dict[str, dict[str, Any]] = {}
@@ -219,6 +225,10 @@ class Federation:
             if msg.has_error():
                 ref = _refusal(msg)
                 ref.round = round_
+                if self._statistics_optional and ref.rule == SHARE_STATISTICS_RULE:
+                    self.statistics_declined.append(ref.site)
+                    self._notify("statistics-declined", round_, site=ref.site)
+                    continue
                 self.refusals.append(ref)
                 self._notify(
                     "site-refused", round_, site=ref.site, rule=ref.rule, message=ref.message
@@ -367,10 +377,13 @@ class Federation:
         normalisation) and sites evaluate with them. If too few sites share, the model is
         registered without statistics and its pyfunc asks the consumer for them.
         """
+        self._statistics_optional = True
         try:
             self.consortium_statistics(grid)
         except FederationError:
             self.norm_stats = None
+        finally:
+            self._statistics_optional = False
 
     def train_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> ArrayRecord:
         """One round of training and aggregation; returns the new global arrays."""
@@ -495,6 +508,7 @@ class Federation:
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
             report=report,
+            statistics_declined=sorted(set(self.statistics_declined)),
         )
         self._notify("run-finished", cfg.experiment.rounds)
         return summary

@@ -54,7 +54,7 @@ from fedhealth.privacy.dp.randomness import (
     round_binding,
 )
 from fedhealth.privacy.dp.site_level import add_noise_share, clip_update
-from fedhealth.protocol import DPSection, Metric, TaskSpec
+from fedhealth.protocol import SHARE_STATISTICS_RULE, DPSection, Metric, TaskSpec
 from fedhealth.site.trainer import Wrap
 
 #: Calibrated noise multipliers remembered across the per-message processes of a site.
@@ -158,7 +158,7 @@ class PrivacyGuard:
                 f"{self.experiment!r}: its policy does not share per-feature sums "
                 '(`privacy.share_statistics = false`). Use `task.normalisation = "site"` or '
                 '"none", or ask the site operator to allow it.',
-                rule="share_statistics",
+                rule=SHARE_STATISTICS_RULE,
                 site=self.site,
                 cap=False,
                 value=True,
