@@ -261,6 +261,16 @@ def test_config_errors_name_the_file_and_the_key(project):
         assert "e.analysis.toml: key `" in str(err.value)
 
 
+def test_site_list_errors_name_the_profile_like_an_experiment(project):
+    head = HEART_HEAD.format(name="x", eps=1.0) + '[[queries]]\nkind = "count"\n'
+    twice = head.replace('"../sites/va.toml"', '"../sites/cleveland.toml"')
+    with pytest.raises(ConfigError, match=r"`analysis.sites`: site profile \S*cleveland\.toml is"):
+        load_analysis(write_analysis(project, twice, "e.analysis.toml"))
+    quorum = head.replace("min_sites = 2", "min_sites = 5")
+    with pytest.raises(ConfigError, match="min_sites is 5 but only 4 sites are listed; lower"):
+        load_analysis(write_analysis(project, quorum, "e.analysis.toml"))
+
+
 def test_analysis_reference_doc_is_current():
     from fedhealth.config.reference import render_analysis_reference
 

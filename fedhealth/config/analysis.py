@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedhealth.config.federation import check_min_sites, check_study_name, resolve_site_profiles
 from fedhealth.config.loader import load_model
 from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
 from fedhealth.errors import ConfigError
@@ -310,25 +311,16 @@ class AnalysisSection(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SITE_NAME.match(v):
-            raise ValueError("use lower-case letters, digits, '-' or '_' (max 63)")
-        return v
+        return check_study_name(v)
 
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        base = (info.context or {}).get("base_dir")
-        out = [(Path(base) / p).resolve() if base and not p.is_absolute() else p for p in v]
-        if len(set(out)) != len(out):
-            raise ValueError("a site profile is listed twice; list each site once")
-        return out
+        return resolve_site_profiles(v, info)
 
     @model_validator(mode="after")
     def _min_sites(self) -> AnalysisSection:
-        if self.min_sites > len(self.sites):
-            raise ValueError(
-                f"min_sites is {self.min_sites} but only {len(self.sites)} sites are listed"
-            )
+        check_min_sites(self.min_sites, self.sites)
         return self
 
 

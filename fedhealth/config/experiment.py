@@ -23,8 +23,9 @@ from pydantic import (
 
 from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.encryption import HESection, check_he_fits
+from fedhealth.config.federation import check_min_sites, check_study_name, resolve_site_profiles
 from fedhealth.config.loader import load_model
-from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
+from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.errors import ConfigError
 
 # The sections a site receives are wire types: defined once, in the protocol.
@@ -88,29 +89,16 @@ class ExperimentSection(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SITE_NAME.match(v):
-            raise ValueError("use lower-case letters, digits, '-' or '_' (max 63)")
-        return v
+        return check_study_name(v)
 
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        base = (info.context or {}).get("base_dir")
-        out = [(Path(base) / p).resolve() if base and not p.is_absolute() else p for p in v]
-        seen: set[Path] = set()
-        for p in out:
-            if p in seen:
-                raise ValueError(f"site profile {p} is listed twice; list each site once")
-            seen.add(p)
-        return out
+        return resolve_site_profiles(v, info)
 
     @model_validator(mode="after")
     def _min_sites(self) -> ExperimentSection:
-        if self.min_sites > len(self.sites):
-            raise ValueError(
-                f"min_sites is {self.min_sites} but only {len(self.sites)} sites are listed; "
-                "lower min_sites or add sites"
-            )
+        check_min_sites(self.min_sites, self.sites)
         return self
 
 
