@@ -25,12 +25,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from fedhealth.config.federation import check_min_sites, check_study_name, resolve_site_profiles
+from fedhealth.config.federation import SiteProfiles, StudyName, check_min_sites
 from fedhealth.config.loader import load_model
 from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
 from fedhealth.errors import ConfigError
@@ -300,23 +299,15 @@ class AnalysisPrivacySection(_Strict):
 class AnalysisSection(_Strict):
     """Identity and shape of the analysis."""
 
-    name: str = Field(description="Analysis name; the ledger charges it as 'analysis:<name>'.")
+    name: StudyName = Field(
+        description="Analysis name; the ledger charges it as 'analysis:<name>'."
+    )
     description: str = Field("", description="Free text shown in MLflow.")
-    sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
+    sites: SiteProfiles = Field(min_length=1, description="Site profiles, relative to this file.")
     dataset: str = Field(description="Name of the dataset every site registers.")
     min_sites: int = Field(
         2, ge=1, description="Fewest sites whose releases a consortium answer needs."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_study_name(v)
-
-    @field_validator("sites")
-    @classmethod
-    def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        return resolve_site_profiles(v, info)
 
     @model_validator(mode="after")
     def _min_sites(self) -> AnalysisSection:

@@ -23,7 +23,7 @@ from pydantic import (
 
 from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.encryption import HESection, check_he_fits
-from fedhealth.config.federation import check_min_sites, check_study_name, resolve_site_profiles
+from fedhealth.config.federation import SiteProfiles, StudyName, check_min_sites
 from fedhealth.config.loader import load_model
 from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.errors import ConfigError
@@ -61,9 +61,9 @@ class _Strict(BaseModel):
 class ExperimentSection(_Strict):
     """Identity and federation shape of the experiment."""
 
-    name: str = Field(description="Experiment name; also the MLflow experiment.")
+    name: StudyName = Field(description="Experiment name; also the MLflow experiment.")
     description: str = Field("", description="Free text shown in MLflow.")
-    sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
+    sites: SiteProfiles = Field(min_length=1, description="Site profiles, relative to this file.")
     rounds: int = Field(gt=0, le=10_000, description="Number of federated rounds.")
     min_sites: int = Field(
         2,
@@ -85,16 +85,6 @@ class ExperimentSection(_Strict):
         "not yet approved the study (`fedhealth site approve`); 0 = do not wait: go on with "
         "the approved sites if min_sites hold, else stop naming the pending ones.",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_study_name(v)
-
-    @field_validator("sites")
-    @classmethod
-    def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        return resolve_site_profiles(v, info)
 
     @model_validator(mode="after")
     def _min_sites(self) -> ExperimentSection:

@@ -1,14 +1,16 @@
 """Checks of a study's federation shape, shared by experiment and analysis configs.
 
-Both name a study, list site profiles relative to the config file and set a quorum
-(``min_sites``); these validators keep the two schemas' rules and messages the same.
+Both name a study (:data:`StudyName`), list site profiles relative to the config file
+(:data:`SiteProfiles`) and set a quorum (:func:`check_min_sites`); sharing these keeps the
+two schemas' rules and messages the same.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import ValidationInfo
+from pydantic import AfterValidator, ValidationInfo
 
 from fedhealth.config.site import SITE_NAME
 
@@ -70,3 +72,9 @@ def check_min_sites(min_sites: int, sites: list[Path]) -> None:
             f"min_sites is {min_sites} but only {len(sites)} sites are listed; "
             "lower min_sites or add sites"
         )
+
+
+#: A study's name: validated like a site name.
+StudyName = Annotated[str, AfterValidator(check_study_name)]
+#: The ``sites`` list: resolved against the config's folder, each profile once.
+SiteProfiles = Annotated[list[Path], AfterValidator(resolve_site_profiles)]
