@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ import pytest
 from fedhealth.analytics.local import run_analysis_local
 from fedhealth.analytics.site_queries import AnalysisRefused, answer_analysis
 from fedhealth.config.analysis import load_analysis, load_analysis_with_sites
-from fedhealth.data.tcga_brca import write_tcga_brca_centres
 from fedhealth.errors import ConfigError
 from fedhealth.privacy.dp.ledger import PrivacyLedger
-from tests.conftest import ROOT, shared_data
+from tests.conftest import ROOT, analysis_project, shared_data
 
 HEART = "heart-disease-feasibility.analysis.toml"
 TCGA = "tcga-brca-survival.analysis.toml"
@@ -34,17 +32,7 @@ COLS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "ex
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The reference analyses and site profiles in a fresh folder, reading the shared data."""
-    data = shared_data()
-    if not (data / "uci-heart-disease").is_dir() or not (data / "tcga-brca-flamby").is_dir():
-        pytest.skip(f"shared data not found at {data} (set FEDHEALTH_SHARED_DATA)")
-    for folder in ("experiments", "sites"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    for p in (tmp_path / "sites").glob("*.toml"):
-        p.write_text(p.read_text().replace("../../shared/data", str(data.resolve())))
-    write_tcga_brca_centres(
-        data / "tcga-brca-flamby", tmp_path / "workspace" / "demo-data" / "tcga-brca"
-    )
-    return tmp_path
+    return analysis_project(tmp_path)
 
 
 def heart_frame() -> pd.DataFrame:
@@ -259,6 +247,16 @@ def test_config_errors_name_the_file_and_the_key(project):
         with pytest.raises(ConfigError, match=message) as err:
             load_analysis(write_analysis(project, head + body, "e.analysis.toml"))
         assert "e.analysis.toml: key `" in str(err.value)
+
+
+def test_site_list_errors_name_the_profile_like_an_experiment(project):
+    head = HEART_HEAD.format(name="x", eps=1.0) + '[[queries]]\nkind = "count"\n'
+    twice = head.replace('"../sites/va.toml"', '"../sites/cleveland.toml"')
+    with pytest.raises(ConfigError, match=r"`analysis.sites`: site profile \S*cleveland\.toml is"):
+        load_analysis(write_analysis(project, twice, "e.analysis.toml"))
+    quorum = head.replace("min_sites = 2", "min_sites = 5")
+    with pytest.raises(ConfigError, match="min_sites is 5 but only 4 sites are listed; lower"):
+        load_analysis(write_analysis(project, quorum, "e.analysis.toml"))
 
 
 def test_analysis_reference_doc_is_current():

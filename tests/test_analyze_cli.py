@@ -8,7 +8,6 @@ These run real Flower simulations (Ray) and a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -20,13 +19,12 @@ from fedhealth.cli.main import app
 from fedhealth.cli.studies_view import study_lines
 from fedhealth.config.analysis import load_analysis
 from fedhealth.config.site import load_site
-from fedhealth.data.tcga_brca import write_tcga_brca_centres
 from fedhealth.privacy.dp.ledger import PrivacyLedger
 from fedhealth.protocol import AnalysisKey, MessageKind, ProtocolError, Record
 from fedhealth.site.approvals import admit_analysis, decide, list_studies
 from fedhealth.site.request import AnalysisRequest
 from fedhealth.study import analysis_study_hash
-from tests.conftest import ROOT, shared_data
+from tests.conftest import analysis_project
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -38,17 +36,7 @@ HEART_SITES = ("cleveland", "hungarian", "switzerland", "va")
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The reference analyses and site profiles in a fresh folder, reading the shared data."""
-    data = shared_data()
-    if not (data / "uci-heart-disease").is_dir() or not (data / "tcga-brca-flamby").is_dir():
-        pytest.skip(f"shared data not found at {data} (set FEDHEALTH_SHARED_DATA)")
-    for folder in ("experiments", "sites"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    for p in (tmp_path / "sites").glob("*.toml"):
-        p.write_text(p.read_text().replace("../../shared/data", str(data.resolve())))
-    write_tcga_brca_centres(
-        data / "tcga-brca-flamby", tmp_path / "workspace" / "demo-data" / "tcga-brca"
-    )
-    return tmp_path
+    return analysis_project(tmp_path)
 
 
 def analyze(project: Path, name: str, *extra: str) -> tuple[int, str, str]:

@@ -7,6 +7,7 @@ server is unreachable.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 
 from fedhealth.config.ehr_sources import OmopSource
 from fedhealth.config.site import load_site
+from fedhealth.data.ehr_rules import apply_rule
 from fedhealth.data.fhir import read_fhir
 from fedhealth.data.heart_sources import CENTRES, write_fhir_centre, write_omop_centre
 from fedhealth.data.omop import read_omop
@@ -95,6 +97,16 @@ def test_omop_in_postgresql_equals_the_csv_and_is_read_only(heart_dir, pg_schema
 
     with connect(omop) as conn, pytest.raises(sa.exc.InternalError, match="read-only"):
         conn.execute(sa.text(f'DELETE FROM "{schema}".person'))
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [("mean", 4.0), ("max", 7.0), ("min", 1.0), ("latest", 7), ("first", 5)],
+)
+def test_a_features_values_reduce_by_its_rule_undated_before_dated(rule, expected):
+    values = [(dt.date(2020, 3, 1), 7), (None, 5), (dt.date(2019, 1, 1), 1), (None, 3)]
+    got = apply_rule(rule, values)
+    assert got == expected and type(got) is type(expected)
 
 
 def test_sqlite_source_is_opened_read_only(heart_dir, tmp_path):

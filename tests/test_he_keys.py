@@ -24,12 +24,14 @@ from fedhealth.privacy.he.contribute import make_contribution
 from fedhealth.privacy.he.decrypt import verify_and_decrypt
 from fedhealth.privacy.he.encrypted_sum import EncryptedSum
 from fedhealth.privacy.he.keys import (
+    ed25519_public,
     generate_identity,
     load_private,
     sign,
     unwrap_secret,
     verify,
     wrap_secret,
+    x25519_public,
 )
 
 INFO = b"fedhealth/test|site=alpha"
@@ -125,6 +127,23 @@ def test_public_bundle_is_base64_of_raw_keys() -> None:
     assert len(base64.b64decode(b["ed25519"])) == 32
     assert len(base64.b64decode(b["x25519"])) == 32
     assert len(b["fingerprint"]) == 16
+
+
+@pytest.mark.parametrize(("coerce", "bundle_key", "what"), [
+    (ed25519_public, "ed25519", "Ed25519"),
+    (x25519_public, "x25519", "X25519"),
+])  # fmt: skip
+def test_public_keys_coerce_from_base64_raw_or_key_and_name_a_bad_one(
+    coerce, bundle_key: str, what: str
+) -> None:
+    text = generate_identity("alpha").public_bundle()[bundle_key]
+    key = coerce(text)
+    assert coerce(key) is key
+    assert coerce(base64.b64decode(text)).public_bytes_raw() == key.public_bytes_raw()
+    with pytest.raises(CryptoError, match=f"malformed {what} public key"):
+        coerce(b"short")
+    with pytest.raises(CryptoError, match=f"{what} public key is not valid base64"):
+        coerce("not base64!")
 
 
 # ------------------------------------------------------------------ signatures

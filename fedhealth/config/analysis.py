@@ -25,11 +25,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from fedhealth.config.federation import SiteProfiles, StudyName, check_min_sites
 from fedhealth.config.loader import load_model
 from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
 from fedhealth.errors import ConfigError
@@ -299,36 +299,19 @@ class AnalysisPrivacySection(_Strict):
 class AnalysisSection(_Strict):
     """Identity and shape of the analysis."""
 
-    name: str = Field(description="Analysis name; the ledger charges it as 'analysis:<name>'.")
+    name: StudyName = Field(
+        description="Analysis name; the ledger charges it as 'analysis:<name>'."
+    )
     description: str = Field("", description="Free text shown in MLflow.")
-    sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
+    sites: SiteProfiles = Field(min_length=1, description="Site profiles, relative to this file.")
     dataset: str = Field(description="Name of the dataset every site registers.")
     min_sites: int = Field(
         2, ge=1, description="Fewest sites whose releases a consortium answer needs."
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not SITE_NAME.match(v):
-            raise ValueError("use lower-case letters, digits, '-' or '_' (max 63)")
-        return v
-
-    @field_validator("sites")
-    @classmethod
-    def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        base = (info.context or {}).get("base_dir")
-        out = [(Path(base) / p).resolve() if base and not p.is_absolute() else p for p in v]
-        if len(set(out)) != len(out):
-            raise ValueError("a site profile is listed twice; list each site once")
-        return out
-
     @model_validator(mode="after")
     def _min_sites(self) -> AnalysisSection:
-        if self.min_sites > len(self.sites):
-            raise ValueError(
-                f"min_sites is {self.min_sites} but only {len(self.sites)} sites are listed"
-            )
+        check_min_sites(self.min_sites, self.sites)
         return self
 
 

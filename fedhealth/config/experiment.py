@@ -23,8 +23,9 @@ from pydantic import (
 
 from fedhealth.catalogue import MODELS, READERS, STRATEGIES, WEIGHTED_MEAN
 from fedhealth.config.encryption import HESection, check_he_fits
+from fedhealth.config.federation import SiteProfiles, StudyName, check_min_sites
 from fedhealth.config.loader import load_model
-from fedhealth.config.site import SITE_NAME, SiteProfile, load_site
+from fedhealth.config.site import SiteProfile, load_site
 from fedhealth.errors import ConfigError
 
 # The sections a site receives are wire types: defined once, in the protocol.
@@ -60,9 +61,9 @@ class _Strict(BaseModel):
 class ExperimentSection(_Strict):
     """Identity and federation shape of the experiment."""
 
-    name: str = Field(description="Experiment name; also the MLflow experiment.")
+    name: StudyName = Field(description="Experiment name; also the MLflow experiment.")
     description: str = Field("", description="Free text shown in MLflow.")
-    sites: list[Path] = Field(min_length=1, description="Site profiles, relative to this file.")
+    sites: SiteProfiles = Field(min_length=1, description="Site profiles, relative to this file.")
     rounds: int = Field(gt=0, le=10_000, description="Number of federated rounds.")
     min_sites: int = Field(
         2,
@@ -85,32 +86,9 @@ class ExperimentSection(_Strict):
         "the approved sites if min_sites hold, else stop naming the pending ones.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not SITE_NAME.match(v):
-            raise ValueError("use lower-case letters, digits, '-' or '_' (max 63)")
-        return v
-
-    @field_validator("sites")
-    @classmethod
-    def _sites(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        base = (info.context or {}).get("base_dir")
-        out = [(Path(base) / p).resolve() if base and not p.is_absolute() else p for p in v]
-        seen: set[Path] = set()
-        for p in out:
-            if p in seen:
-                raise ValueError(f"site profile {p} is listed twice; list each site once")
-            seen.add(p)
-        return out
-
     @model_validator(mode="after")
     def _min_sites(self) -> ExperimentSection:
-        if self.min_sites > len(self.sites):
-            raise ValueError(
-                f"min_sites is {self.min_sites} but only {len(self.sites)} sites are listed; "
-                "lower min_sites or add sites"
-            )
+        check_min_sites(self.min_sites, self.sites)
         return self
 
 

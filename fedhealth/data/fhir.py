@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fedhealth.config.ehr_sources import FhirFeature, FhirSource
+from fedhealth.data.ehr_rules import apply_rule
 from fedhealth.data.tabular import TabularData, TabularSchema, encode_frame
 from fedhealth.errors import DataError
 
@@ -355,7 +355,7 @@ def _feature(
             values.append((r.date, v))
     if not values:
         return None
-    return _apply_rule(feat.rule, values)
+    return apply_rule(feat.rule, values)
 
 
 def _in_window(feat: FhirFeature, rec: _Record, index: dt.date | None) -> bool:
@@ -415,14 +415,3 @@ def _mapped(feat: FhirFeature, raw: Any, col: str, where: str, folder: Path) -> 
             f"(known: {sorted(table)}). Add it to values in the site profile."
         )
     return table[raw]
-
-
-def _apply_rule(rule: str, values: list[tuple[dt.date | None, Any]]) -> Any:
-    if rule == "mean":
-        return float(np.mean([float(v) for _, v in values]))
-    if rule in ("max", "min"):
-        nums = [float(v) for _, v in values]
-        return max(nums) if rule == "max" else min(nums)
-    # Undated values sort first: a dated value is preferred as "latest".
-    ordered = sorted(values, key=lambda dv: (dv[0] is not None, dv[0] or dt.date.min))
-    return ordered[-1][1] if rule == "latest" else ordered[0][1]

@@ -23,13 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import pandas as pd
 from sqlalchemy import column, func, select, table
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedhealth.config.ehr_sources import OmopFeature, OmopSource, read_password
+from fedhealth.data.ehr_rules import apply_rule
 from fedhealth.data.tabular import TabularData, TabularSchema, encode_frame
 from fedhealth.errors import DataError
 
@@ -251,7 +251,7 @@ def _feature(
         if feat.kind == "present":
             out.append(1.0 if found.get(pid) else 0.0)
         else:
-            out.append(_apply_rule(feat.rule, values) if values else None)
+            out.append(apply_rule(feat.rule, values) if values else None)
     return out
 
 
@@ -331,16 +331,6 @@ def _as_date(value: Any) -> dt.date | None:
     if isinstance(value, dt.date):
         return value
     return dt.date.fromisoformat(str(value)[:10])
-
-
-def _apply_rule(rule: str, values: list[tuple[dt.date | None, Any]]) -> Any:
-    if rule == "mean":
-        return float(np.mean([float(v) for _, v in values]))
-    if rule in ("max", "min"):
-        nums = [float(v) for _, v in values]
-        return max(nums) if rule == "max" else min(nums)
-    ordered = sorted(values, key=lambda dv: (dv[0] is not None, dv[0] or dt.date.min))
-    return ordered[-1][1] if rule == "latest" else ordered[0][1]
 
 
 def _reason(exc: BaseException, source: OmopSource) -> str:

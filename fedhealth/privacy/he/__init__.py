@@ -12,8 +12,10 @@ records). The protocol and its security argument are in ``docs/security.md``.
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
+
+from fedhealth._lazy import lazy_exports
 
 # Loaded on first use, so that importing this package does not load
 # TenSEAL: a deployed site starts a process per message.
@@ -40,15 +42,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# Annotated so mypy still sees a module __getattr__ (names resolve to Any).
+__getattr__: Callable[[str], Any]
+__dir__: Callable[[], list[str]]
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -20,8 +20,10 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -237,26 +239,29 @@ def write_public_file(path: str | Path, data: bytes) -> None:
     _write_file(Path(path), data, 0o644)
 
 
+_K = TypeVar("_K")
+
+
+def _parse_public(key: bytes | str, parse: Callable[[bytes], _K], what: str) -> _K:
+    raw = b64d(key, what=f"{what} public key") if isinstance(key, str) else key
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise CryptoError(f"malformed {what} public key ({exc})") from exc
+
+
 def ed25519_public(key: Ed25519PublicKey | bytes | str) -> Ed25519PublicKey:
     """Coerce raw bytes / base64 text / a key object into an Ed25519 public key."""
     if isinstance(key, Ed25519PublicKey):
         return key
-    raw = b64d(key, what="Ed25519 public key") if isinstance(key, str) else key
-    try:
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise CryptoError(f"malformed Ed25519 public key ({exc})") from exc
+    return _parse_public(key, Ed25519PublicKey.from_public_bytes, "Ed25519")
 
 
 def x25519_public(key: X25519PublicKey | bytes | str) -> X25519PublicKey:
     """Coerce raw bytes / base64 text / a key object into an X25519 public key."""
     if isinstance(key, X25519PublicKey):
         return key
-    raw = b64d(key, what="X25519 public key") if isinstance(key, str) else key
-    try:
-        return X25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise CryptoError(f"malformed X25519 public key ({exc})") from exc
+    return _parse_public(key, X25519PublicKey.from_public_bytes, "X25519")
 
 
 def _wrap_key(shared: bytes, eph_pub: bytes, recipient_pub: bytes, context_info: bytes) -> bytes:
