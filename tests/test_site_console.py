@@ -12,7 +12,6 @@ colleague without the right secret could: no token, no CSRF token, the read-only
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -100,28 +99,6 @@ def base(project, keys) -> str:
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through Selenium; skips only where Chromium is absent and CI unset."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
-        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", "--disable-gpu"):  # fmt: skip
-        options.add_argument(arg)
-    b = webdriver.Chrome(service=Service(driver), options=options)
-    b.implicitly_wait(5)
-    yield b
-    b.quit()
 
 
 def click(browser, element) -> None:

@@ -62,6 +62,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.registry.model_card import split_rule
 from fedhealth.registry.recorder import RunRecorder
+from fedhealth.registry.report import report_ui_url
 from fedhealth.study import study_hash
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ class RunSummary:
     seconds: float = 0.0
     privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyReport.summary()
     report: str | None = None  # URI of the run's HTML report artifact
+    report_url: str | None = None  # where a tracking server's web UI shows it
+    # AUROC {"value", "low", "high"} per site and "pooled", from the final histograms.
+    final_auroc: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def input_dim(cfg: ExperimentConfig) -> int:
@@ -512,6 +516,14 @@ class Federation:
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
             report=report,
+            report_url=report_ui_url(self.tracking_uri, str(self.recorder.experiment_id), run_id)
+            if report
+            else None,
+            final_auroc={
+                site: dict(m["auroc"]) for site, m in self.final_evaluation.metrics.items()
+            }
+            if self.final_evaluation
+            else {},
         )
         self._notify("run-finished", cfg.experiment.rounds)
         return summary

@@ -266,3 +266,12 @@ def flat_metrics(derived: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
             elif isinstance(v, (int, float)):
                 out[f"{site}/{metric}"] = float(v)
     return out
+
+
+def format_interval(m: Mapping[str, float]) -> str:
+    """``0.912 [0.850, 0.960]`` of a :func:`derive` figure; ``-`` when undefined."""
+    if m["value"] != m["value"]:  # NaN: e.g. a site without positives
+        return "-"
+    if m["low"] != m["low"]:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"

@@ -124,7 +124,7 @@ def render_html(
     title: str,
     summary: list[tuple[str, str]],
     plots: dict[str, bytes],
-    tables: list[tuple[str, list[str], list[list[str]]]] | None = None,
+    tables: list[tuple[str, str, list[str], list[list[str]]]] | None = None,
 ) -> str:
     """A self-contained HTML page: a summary table, more tables and the plots inline (PNG).
 
@@ -137,20 +137,20 @@ def render_html(
     plots : dict
         PNG bytes by title (the figure's caption and the image's ``alt``).
     tables : list, optional
-        ``(heading, column names, rows)`` of further tables, after the summary.
+        ``(heading, note, column names, rows)`` of further tables, after the summary.
     """
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
     )
     more = "".join(
-        f"<h2>{html.escape(heading)}</h2><table><thead><tr>"
+        f"<h2>{html.escape(heading)}</h2><p>{html.escape(note)}</p><table><thead><tr>"
         + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
         + "</tr></thead><tbody>"
         + "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
         )
         + "</tbody></table>"
-        for heading, columns, body in tables or []
+        for heading, note, columns, body in tables or []
     )
     figures = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,'
@@ -198,6 +198,14 @@ def build_run_report(client: MlflowClient, run_id: str) -> str:
     return f"{run.info.artifact_uri.rstrip('/')}/{REPORT_FILE}"
 
 
+def report_ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """Where an MLflow tracking server's web UI shows the run's report (None: no server)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT_FILE}"
+
+
 def final_evaluation(client: MlflowClient, run_id: str) -> FinalEvaluation | None:
     """The run's final-evaluation artifact (score histograms and figures), if it has one."""
     from fedhealth.evaluation.result import FINAL_ARTIFACT, FINAL_DIR, FinalEvaluation
@@ -209,19 +217,13 @@ def final_evaluation(client: MlflowClient, run_id: str) -> FinalEvaluation | Non
         return FinalEvaluation.from_json(Path(path).read_text(encoding="utf-8"))
 
 
-def _ci(m: dict[str, float]) -> str:
-    if m["value"] != m["value"]:  # NaN: undefined (e.g. a site without positives)
-        return "-"
-    if m["low"] != m["low"]:
-        return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-
-
 _FIGURES = ("auroc", "auprc", "brier", "calibration_intercept", "calibration_slope")
 
 
-def final_table(final: FinalEvaluation) -> tuple[str, list[str], list[list[str]]]:
+def final_table(final: FinalEvaluation) -> tuple[str, str, list[str], list[list[str]]]:
     """The report's table of the final round's discrimination and calibration, per site."""
+    from fedhealth.evaluation.metrics import format_interval
+
     columns = ["site", "test records", "AUROC", "AUPRC", "Brier score",
                "calibration intercept", "calibration slope", "release"]  # fmt: skip
     rows = []
@@ -235,14 +237,17 @@ def final_table(final: FinalEvaluation) -> tuple[str, list[str], list[list[str]]
             how = f"DP (noise std {std:.3g} per bin" + (f", ε={eps:.3g})" if eps else ")")
         else:
             how = "exact"
-        rows.append([site, str(int(m.get("n", 0))), *(_ci(m[k]) for k in _FIGURES), how])
+        rows.append(
+            [site, str(int(m.get("n", 0))), *(format_interval(m[k]) for k in _FIGURES), how]
+        )
     rows += [[site, "", "-", "-", "-", "-", "-", "withheld"] for site in final.withheld]
-    heading = (
-        f"Final round ({final.round}): discrimination and calibration from the score "
-        "histograms each site released (95 % intervals: "
-        f"{final.interval_method}; threshold {final.threshold:g})"
+    heading = f"Final round ({final.round}): discrimination and calibration"
+    note = (
+        "From the score histograms each site released (counts per bin and class, never a "
+        "score), as its policy releases metrics. Intervals: 95 %, "
+        f"{final.interval_method}. Threshold of the accuracy: {final.threshold:g}."
     )
-    return heading, columns, rows
+    return heading, note, columns, rows
 
 
 def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
