@@ -503,6 +503,13 @@ class Federation:
             raise
         finally:
             self.recorder.finish(status)
+        report_url = (
+            report_ui_url(self.tracking_uri, str(self.recorder.experiment_id), run_id)
+            if report
+            else None
+        )
+        final = self.final_evaluation
+        final_auroc = {s: dict(m["auroc"]) for s, m in final.metrics.items()} if final else {}
         summary = RunSummary(
             experiment=cfg.name,
             run_id=run_id,
@@ -516,14 +523,8 @@ class Federation:
             seconds=time.time() - t0,
             privacy=self.privacy.summary(),
             report=report,
-            report_url=report_ui_url(self.tracking_uri, str(self.recorder.experiment_id), run_id)
-            if report
-            else None,
-            final_auroc={
-                site: dict(m["auroc"]) for site, m in self.final_evaluation.metrics.items()
-            }
-            if self.final_evaluation
-            else {},
+            report_url=report_url,
+            final_auroc=final_auroc,
         )
         self._notify("run-finished", cfg.experiment.rounds)
         return summary

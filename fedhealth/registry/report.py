@@ -240,7 +240,9 @@ def final_table(final: FinalEvaluation) -> tuple[str, str, list[str], list[list[
         rows.append(
             [site, str(int(m.get("n", 0))), *(format_interval(m[k]) for k in _FIGURES), how]
         )
-    rows += [[site, "", "-", "-", "-", "-", "-", "withheld"] for site in final.withheld]
+    rows += [
+        [site, "", "-", "-", "-", "-", "-", "none (metrics withheld)"] for site in final.withheld
+    ]
     heading = f"Final round ({final.round}): discrimination and calibration"
     note = (
         "From the score histograms each site released (counts per bin and class, never a "
