@@ -103,6 +103,9 @@ class ConfigKey:
     HE_WEIGHT_KEY: Final = "he-weight-key"
     HE_MIN_SITES: Final = "he-min-sites"
     HE_COHORT: Final = "he-cohort"
+    #: bool, only in the final round's evaluation of a training run: release score
+    #: histograms per class (:class:`ValidationKey` ``release`` in the reply's ``"validation"``).
+    SCORE_HISTOGRAMS: Final = "score-histograms"
 
 
 class SiteKey:
@@ -129,7 +132,11 @@ class StudyKey:
 
 
 class ValidationKey:
-    """Keys of the ``"validation"`` record of a ``query.validate`` request and its reply."""
+    """Keys of the ``"validation"`` record of a ``query.validate`` request and its reply.
+
+    The reply of a training run's final evaluation carries the same record (its ``release``)
+    when the request asked for score histograms (:attr:`ConfigKey.SCORE_HISTOGRAMS`).
+    """
 
     SPLIT: Final = "split"  # request: "test" (the site's pinned test split) or "all"
     RELEASE: Final = "release"  # reply: JSON histograms (fedhealth.evaluation.histograms)
@@ -687,6 +694,9 @@ class RoundConfig:
         BalancedFedAvg's exponent of the aggregation weight ``n ** alpha``; 1 otherwise.
     he
         The encrypted-aggregation announcement, ``None`` for a plaintext round.
+    score_histograms
+        Only in the evaluation of a training run's last round: the site also releases score
+        histograms per class under its policy (ROC and calibration in the run report).
     """
 
     spec: TaskSpec
@@ -697,6 +707,7 @@ class RoundConfig:
     proximal_mu: float = 0.0
     weight_exponent: float = 1.0
     he: HERound | None = None
+    score_histograms: bool = False
 
     @property
     def experiment(self) -> str:
@@ -713,6 +724,8 @@ class RoundConfig:
             ConfigKey.MLFLOW_RUN_ID: self.mlflow_run_id,
             ConfigKey.REGISTERED_MODEL: self.registered_model,
         }
+        if self.score_histograms:
+            out[ConfigKey.SCORE_HISTOGRAMS] = True
         if self.he is not None:
             out.update(self.he.to_config())
         return out
@@ -745,6 +758,12 @@ class RoundConfig:
         mu = _number(config, ConfigKey.PROXIMAL_MU, 0.0)
         if mu < 0:
             raise ProtocolError("config key `proximal-mu` is negative", ConfigKey.PROXIMAL_MU)
+        histograms = config.get(ConfigKey.SCORE_HISTOGRAMS, False)
+        if not isinstance(histograms, bool):
+            raise ProtocolError(
+                f"config key `{ConfigKey.SCORE_HISTOGRAMS}`: {histograms!r} is not a boolean",
+                field=ConfigKey.SCORE_HISTOGRAMS,
+            )
         return cls(
             spec=spec,
             server_round=server_round,
@@ -754,6 +773,7 @@ class RoundConfig:
             proximal_mu=mu,
             weight_exponent=_number(config, ConfigKey.WEIGHT_EXPONENT, 1.0),
             he=HERound.from_config(config),
+            score_histograms=histograms,
         )
 
 

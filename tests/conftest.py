@@ -1,8 +1,10 @@
-"""Shared fixtures: paths of the project, the shared data sets, and small configs."""
+"""Shared fixtures: paths of the project, the shared data sets, small configs, a browser."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,15 @@ def heart_dir() -> Path:
     return d
 
 
+#: Where browser tests save their screenshots: the docs' images with FEDHEALTH_SCREENSHOTS=1
+#: (to refresh them on purpose), else a temporary folder, so a test run leaves the tree clean.
+SCREENSHOTS = (
+    ROOT / "docs" / "images"
+    if os.environ.get("FEDHEALTH_SCREENSHOTS")
+    else Path(tempfile.gettempdir()) / "fedhealth-screenshots"
+)
+
+
 def analysis_project(folder: Path) -> Path:
     """The reference analyses and site profiles copied into ``folder``, reading the shared
     data (Heart-Disease in place, TCGA-BRCA split into centres); skip if it is absent."""
@@ -49,3 +60,25 @@ def analysis_project(folder: Path) -> Path:
         data / "tcga-brca-flamby", folder / "workspace" / "demo-data" / "tcga-brca"
     )
     return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Selenium; skips only where Chromium is absent and CI unset."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
+        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,1000", "--disable-gpu"):  # fmt: skip
+        options.add_argument(arg)
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    b.implicitly_wait(5)
+    yield b
+    b.quit()

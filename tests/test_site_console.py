@@ -5,14 +5,14 @@ A quickstart consortium is written to a temporary folder with st-olav switched t
 ClientApp handler, ``dp_consortium.train_round``) leaves a pending study. Headless
 Chromium (Debian's ``chromium`` and ``chromium-driver``, through Selenium) logs in with the
 printed token, approves it (the next round trains and is charged), denies another (its
-round is refused ``study-declined``), and saves a screenshot of each page into
-``docs/images/console-*.png``. Plain HTTP requests then try what a browser page or a
-colleague without the right secret could: no token, no CSRF token, the read-only token.
+round is refused ``study-declined``), and saves a screenshot of each page (into
+``docs/images/console-*.png`` with FEDHEALTH_SCREENSHOTS=1, else a temporary folder). Plain
+HTTP requests then try what a browser page or a colleague without the right secret could:
+no token, no CSRF token, the read-only token.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -34,9 +34,10 @@ from fedhealth.site.approvals import list_studies, study_status
 from fedhealth.site.console.app import create_app
 from fedhealth.site.console.auth import Secrets, password_path, set_password
 from fedhealth.study import study_hash
+from tests.conftest import SCREENSHOTS
 
 SITES = ["st-olav", "karolinska", "charite"]
-IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
+IMAGES = SCREENSHOTS
 
 
 def _patch(path: Path, old: str, new: str) -> None:
@@ -100,28 +101,6 @@ def base(project, keys) -> str:
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through Selenium; skips only where Chromium is absent and CI unset."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
-        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", "--disable-gpu"):  # fmt: skip
-        options.add_argument(arg)
-    b = webdriver.Chrome(service=Service(driver), options=options)
-    b.implicitly_wait(5)
-    yield b
-    b.quit()
 
 
 def click(browser, element) -> None:

@@ -197,6 +197,15 @@ def print_summary(console: Console, s: RunSummary) -> None:
                 f"(δ={dp['delta']:g})",
                 highlight=False,
             )
+    if s.final_auroc:
+        from fedhealth.evaluation.metrics import format_interval
+
+        console.print(
+            "AUROC of the final model, from the score histograms the sites released: "
+            + ", ".join(f"{site} {format_interval(m)}" for site, m in s.final_auroc.items()),
+            highlight=False,
+            soft_wrap=True,
+        )
     _print_refusals(console, s.refusals)
     if s.statistics_declined:
         console.print(
@@ -213,6 +222,8 @@ def print_summary(console: Console, s: RunSummary) -> None:
     )
     if s.report:
         console.print(f"Run report: [cyan]{escape(s.report)}[/]", soft_wrap=True)
+    if s.report_url:
+        console.print(f"  in the MLflow UI: [cyan]{escape(s.report_url)}[/]", soft_wrap=True)
     if s.version:
         console.print(
             f"Registered model: [bold green]{s.registered_model}[/] version "

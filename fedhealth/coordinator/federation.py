@@ -37,6 +37,11 @@ from fedhealth.coordinator.checkpoint import (
 )
 from fedhealth.coordinator.encrypted_aggregation import EncryptedAggregation
 from fedhealth.coordinator.exchange import send_and_receive
+from fedhealth.coordinator.final_evaluation import (
+    FinalEvaluation,
+    record_final_evaluation,
+    wants_histograms,
+)
 from fedhealth.coordinator.privacy_report import PrivacyReport
 from fedhealth.coordinator.progress import Observer, notify
 from fedhealth.coordinator.strategies import (
@@ -58,6 +63,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.registry.model_card import split_rule
 from fedhealth.registry.recorder import RunRecorder
+from fedhealth.registry.report import report_ui_url
 from fedhealth.study import study_hash
 
 if TYPE_CHECKING:
@@ -83,6 +89,9 @@ class RunSummary:
     # Sites that declined the optional statistics query of a site-normalised run (their
     # policy does not share sums): not a refusal of the study, a note on the registered model.
     statistics_declined: list[str] = field(default_factory=list)
+    report_url: str | None = None  # where a tracking server's web UI shows it
+    # AUROC {"value", "low", "high"} per site and "pooled", from the final histograms.
+    final_auroc: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def input_dim(cfg: ExperimentConfig) -> int:
@@ -197,6 +206,8 @@ class Federation:
         self.run_tags: dict[str, str] = {}  # extra MLflow run tags (deployment: flwr run id)
         self.resume_from: str | None = None  # MLflow run id to continue (`run --resume`)
         self.privacy = PrivacyReport(cfg)  # per-site ε as reported; site-level ε accounted here
+        # ROC and calibration of the final model, from the sites' released histograms.
+        self.final_evaluation: FinalEvaluation | None = None
         # Encrypted aggregation (privacy.he): None when the experiment runs in plaintext.
         self.encryption = EncryptedAggregation.for_experiment(
             cfg, self.strategy, self.recorder, self._split
@@ -207,7 +218,7 @@ class Federation:
     def _notify(self, kind: str, round_: int = 0, **data: Any) -> None:
         notify(self.on_event, kind, round_, **data)
 
-    def _config(self, round_: int) -> ConfigRecord:
+    def _config(self, round_: int, score_histograms: bool = False) -> ConfigRecord:
         config = RoundConfig(
             spec=self.spec,
             server_round=round_,
@@ -216,6 +227,7 @@ class Federation:
             # version, its round contributed to (`fedhealth site audit`).
             mlflow_run_id=self.recorder.run_id or "",
             registered_model=self.cfg.registered_model or "",
+            score_histograms=score_histograms,
         )
         return ConfigRecord(config.to_record())
 
@@ -413,12 +425,21 @@ class Federation:
         return new_arrays
 
     def evaluate_round(self, grid: Grid, round_: int, arrays: ArrayRecord) -> tuple[dict, dict]:
-        """Sites evaluate the global model on their test splits."""
-        msgs = self.strategy.configure_evaluate(round_, arrays, self._config(round_), grid)
+        """Sites evaluate the global model on their test splits.
+
+        In the final round of a binary task they also release score histograms (as their
+        policy releases metrics): ROC and calibration per site and pooled for the run report
+        (:mod:`fedhealth.coordinator.final_evaluation`).
+        """
+        final = wants_histograms(self.cfg.task.num_classes, round_, self.cfg.experiment.rounds)
+        config = self._config(round_, score_histograms=final)
+        msgs = self.strategy.configure_evaluate(round_, arrays, config, grid)
         ok = self._split(round_, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
+        if final:
+            self.final_evaluation = record_final_evaluation(self.recorder, round_, ok)
         self._notify("evaluate-done", round_, sites=per_site, global_metrics=glob)
         return glob, per_site
 
@@ -495,6 +516,13 @@ class Federation:
             raise
         finally:
             self.recorder.finish(status)
+        report_url = (
+            report_ui_url(self.tracking_uri, str(self.recorder.experiment_id), run_id)
+            if report
+            else None
+        )
+        final = self.final_evaluation
+        final_auroc = {s: dict(m["auroc"]) for s, m in final.metrics.items()} if final else {}
         summary = RunSummary(
             experiment=cfg.name,
             run_id=run_id,
@@ -509,6 +537,8 @@ class Federation:
             privacy=self.privacy.summary(),
             report=report,
             statistics_declined=sorted(set(self.statistics_declined)),
+            report_url=report_url,
+            final_auroc=final_auroc,
         )
         self._notify("run-finished", cfg.experiment.rounds)
         return summary

@@ -97,3 +97,16 @@ def release(
         "neg": values[bins:].tolist(),
         "noise_std": std,
     }
+
+
+def coarsen(counts: np.ndarray, bins: int) -> np.ndarray:
+    """Sum adjacent bins of histograms (..., k·bins) into (..., bins).
+
+    Pools an exact release (:data:`BINS`) with DP ones (:data:`DP_BINS`) on the coarser
+    grid: every threshold of the coarse grid is one of the fine grid.
+    """
+    a = np.asarray(counts, dtype=np.float64)
+    fine = a.shape[-1]
+    if bins < 1 or fine % bins:
+        raise FedHealthError(f"{fine} histogram bins cannot be merged into {bins}")
+    return a.reshape(*a.shape[:-1], bins, fine // bins).sum(-1)

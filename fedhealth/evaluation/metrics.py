@@ -22,12 +22,14 @@ Noisy counts are clipped at 0 (post-processing of a DP release costs no privacy)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fedhealth.errors import FedHealthError
+from fedhealth.evaluation.histograms import coarsen
 
 REPLICATES = 1000
 INTERVAL_METHOD = (
@@ -161,6 +163,26 @@ def _summary(point: dict[str, np.ndarray], boot: dict[str, np.ndarray]) -> dict[
     return out
 
 
+def pooled_bins(releases: Mapping[str, Mapping[str, Any]]) -> int:
+    """The grid the sites' histograms are pooled on: the largest that divides every site's."""
+    try:
+        sizes = {int(r["bins"]) for r in releases.values()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FedHealthError(f"a validation release lacks or garbles {exc}") from None
+    if not sizes or min(sizes) < 1:
+        raise FedHealthError("a validation release has no histogram bins")
+    return math.gcd(*sizes)
+
+
+def pooled_histograms(releases: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The sum of the sites' released histograms on their common grid (:func:`pooled_bins`)."""
+    bins = pooled_bins(releases)
+    pos, neg = (
+        np.sum([coarsen(_arrays(r)[i], bins) for r in releases.values()], axis=0) for i in (0, 1)
+    )
+    return {"bins": bins, "pos": pos.tolist(), "neg": neg.tolist()}
+
+
 def derive(
     releases: Mapping[str, Mapping[str, Any]],
     threshold: float = 0.5,
@@ -184,11 +206,13 @@ def derive(
     -------
     dict
         ``{site: {"n", "positives", "noise_std", metric: {"value", "low", "high"}}}`` and
-        the same under ``"pooled"`` (the sum of every site's histograms).
+        the same under ``"pooled"`` (the sum of every site's histograms, on the grid of
+        :func:`pooled_bins` when the sites released on different ones).
     """
     if not releases:
         raise FedHealthError("no site released validation statistics")
     rng = np.random.default_rng(seed)
+    bins_common = pooled_bins(releases)
     out: dict[str, dict[str, Any]] = {}
     sums: list[np.ndarray] = []
     boots: list[tuple[np.ndarray, ...]] = []
@@ -206,12 +230,13 @@ def derive(
         }
         sums.append(np.stack([pos, neg]))
         boots.append(rep)
-        variance += std**2
-    if len({s.shape for s in sums}) != 1:
-        raise FedHealthError("the sites released histograms with different numbers of bins")
-    total = np.sum(sums, axis=0)
+        variance += std**2 * pos.size / bins_common
+    # Sites may release on different grids (exact: 100 bins, DP: 20); pool on the coarsest
+    # grid common to all, where a coarse bin's noise is the sum of its fine bins' noise.
+    bins = bins_common
+    total = np.sum([coarsen(s, bins) for s in sums], axis=0)
     pooled_pos, pooled_neg = total[0], total[1]
-    rep_total = tuple(np.sum([b[i] for b in boots], axis=0) for i in range(2))
+    rep_total = tuple(np.sum([coarsen(b[i], bins) for b in boots], axis=0) for i in range(2))
     out["pooled"] = {
         "n": sum(int(releases[s].get("n", 0)) for s in releases),
         "positives": float(np.clip(total[0], 0, None).sum()),
@@ -222,3 +247,31 @@ def derive(
         ),
     }
     return out
+
+
+def flat_metrics(derived: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """:func:`derive`'s result as flat MLflow metrics: ``<site>/<metric>[_low|_high]``.
+
+    Counts (``n``, ``positives``, ``noise_std``) keep their name; undefined figures (NaN)
+    are left out.
+    """
+    out: dict[str, float] = {}
+    for site, m in derived.items():
+        for metric, v in m.items():
+            if isinstance(v, Mapping):
+                for part in ("value", "low", "high"):
+                    suffix = "" if part == "value" else f"_{part}"
+                    if v[part] == v[part]:  # not NaN
+                        out[f"{site}/{metric}{suffix}"] = float(v[part])
+            elif isinstance(v, (int, float)):
+                out[f"{site}/{metric}"] = float(v)
+    return out
+
+
+def format_interval(m: Mapping[str, float]) -> str:
+    """``0.912 [0.850, 0.960]`` of a :func:`derive` figure; ``-`` when undefined."""
+    if m["value"] != m["value"]:  # NaN: e.g. a site without positives
+        return "-"
+    if m["low"] != m["low"]:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"

@@ -3,10 +3,13 @@
 :func:`build_run_report` reads a training run's metric histories back from MLflow
 (``global/*`` and ``site/<name>/*`` per round), draws accuracy and loss per round, ε per
 site over rounds and the encrypted-aggregation bytes and seconds per round (matplotlib,
-Agg backend), logs each plot under ``plots/`` and a ``report.html`` with the images
-embedded as base64 (no CDN, no script: it opens from the MLflow UI's artifact view or a
-file). :func:`validation_plots` draws ROC and calibration curves of a validation from the
-released histograms.
+Agg backend); from the score histograms the sites released in the final round (the artifact
+``evaluation/score_histograms.json``, :mod:`fedhealth.coordinator.final_evaluation`) it draws
+ROC and calibration curves per site and pooled and tabulates AUROC, AUPRC, Brier score and
+calibration with their intervals. Each plot is logged under ``plots/`` and a ``report.html``
+with the images embedded as base64 (no CDN, no script: it opens from the MLflow UI's artifact
+view or a file). :func:`validation_plots` draws the same ROC and calibration curves for an
+evaluation-only study.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import numpy as np
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from fedhealth.evaluation.result import ValidationResult
+    from fedhealth.evaluation.result import FinalEvaluation, ValidationResult
 
 REPORT_FILE = "report.html"
+ROC_TITLE = "ROC per site (final round, from released score histograms)"
+CALIBRATION_TITLE = "calibration per site (final round, from released score histograms)"
 _SITE_KEY = re.compile(r"^site/(?P<site>[^/]+)/(?P<metric>.+)$")
 
 
@@ -42,11 +47,18 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _series(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+def _series(
+    client: MlflowClient, run_id: str, key: str, cumulative: bool = False
+) -> tuple[list[int], list[float]]:
     points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     steps: dict[int, float] = {}
     for p in points:
-        steps.setdefault(p.step, p.value)  # the first value of a step (a resume keeps it)
+        if cumulative and p.step in steps:
+            # ε of a round is reported after training and again after the round's metric
+            # releases (evaluation, final histograms): the round ends at the largest.
+            steps[p.step] = max(steps[p.step], p.value)
+        else:
+            steps.setdefault(p.step, p.value)  # the first value of a step (a resume keeps it)
     return list(steps), list(steps.values())
 
 
@@ -67,7 +79,9 @@ def run_plots(client: MlflowClient, run_id: str) -> dict[str, bytes]:
             plots[f"{label} per round"] = _lines(client, run_id, lines, label)
     eps = {f"site {s}": k for s, k in sorted(per_site.get("epsilon", {}).items())}
     if eps:
-        plots["ε per site over rounds"] = _lines(client, run_id, eps, "ε (cumulative)")
+        plots["ε per site over rounds"] = _lines(
+            client, run_id, eps, "ε (cumulative)", cumulative=True
+        )
     he_bytes = {k.removeprefix("he/"): k for k in keys if k == "he/bytes_per_site"}
     if he_bytes:
         plots["encrypted aggregation: bytes per site per round"] = _lines(
@@ -85,10 +99,16 @@ def run_plots(client: MlflowClient, run_id: str) -> dict[str, bytes]:
     return plots
 
 
-def _lines(client: MlflowClient, run_id: str, lines: dict[str, str], ylabel: str) -> bytes:
+def _lines(
+    client: MlflowClient,
+    run_id: str,
+    lines: dict[str, str],
+    ylabel: str,
+    cumulative: bool = False,
+) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for label, key in lines.items():
-        x, y = _series(client, run_id, key)
+        x, y = _series(client, run_id, key, cumulative)
         style: dict[str, Any] = (
             {"linewidth": 2.5, "color": "black"} if label.startswith("global") else {}
         )
@@ -100,10 +120,37 @@ def _lines(client: MlflowClient, run_id: str, lines: dict[str, str], ylabel: str
     return _png(fig)
 
 
-def render_html(title: str, summary: list[tuple[str, str]], plots: dict[str, bytes]) -> str:
-    """A self-contained HTML page: a summary table and the plots inline (base64 PNG)."""
+def render_html(
+    title: str,
+    summary: list[tuple[str, str]],
+    plots: dict[str, bytes],
+    tables: list[tuple[str, str, list[str], list[list[str]]]] | None = None,
+) -> str:
+    """A self-contained HTML page: a summary table, more tables and the plots inline (PNG).
+
+    Parameters
+    ----------
+    title : str
+        The page's title and heading.
+    summary : list of (str, str)
+        Rows of the summary table.
+    plots : dict
+        PNG bytes by title (the figure's caption and the image's ``alt``).
+    tables : list, optional
+        ``(heading, note, column names, rows)`` of further tables, after the summary.
+    """
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
+    )
+    more = "".join(
+        f"<h2>{html.escape(heading)}</h2><p>{html.escape(note)}</p><table><thead><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        + "</tr></thead><tbody>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
+        )
+        + "</tbody></table>"
+        for heading, note, columns, body in tables or []
     )
     figures = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,'
@@ -114,10 +161,10 @@ def render_html(title: str, summary: list[tuple[str, str]], plots: dict[str, byt
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
-        "max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}th,td{{text-align:"
-        "left;padding:.2em .8em;border-bottom:1px solid #ddd}}figure{{display:inline-block;"
-        "margin:1em}}img{{max-width:100%}}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><table>{rows}</table>{figures}</body></html>"
+        "max-width:60em;margin:2em auto}table{border-collapse:collapse}th,td{text-align:"
+        "left;padding:.2em .8em;border-bottom:1px solid #ddd}figure{display:inline-block;"
+        "margin:1em}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table>{rows}</table>{more}{figures}</body></html>"
     )
 
 
@@ -133,7 +180,13 @@ def build_run_report(client: MlflowClient, run_id: str) -> str:
     summary += [
         (k, f"{v:.4g}") for k, v in sorted(run.data.metrics.items()) if k.startswith("global/")
     ]
-    page = render_html(f"fedhealth run {run.info.run_name or run_id}", summary, plots)
+    tables = []
+    final = final_evaluation(client, run_id)
+    if final is not None:
+        pngs = roc_calibration_plots(final.releases, final.metrics)
+        plots[ROC_TITLE], plots[CALIBRATION_TITLE] = pngs["roc"], pngs["calibration"]
+        tables.append(final_table(final))
+    page = render_html(f"fedhealth run {run.info.run_name or run_id}", summary, plots, tables)
     with tempfile.TemporaryDirectory() as tmp:
         for title, png in plots.items():
             path = Path(tmp) / (re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png")
@@ -143,6 +196,60 @@ def build_run_report(client: MlflowClient, run_id: str) -> str:
         report.write_text(page, encoding="utf-8")
         client.log_artifact(run_id, str(report))
     return f"{run.info.artifact_uri.rstrip('/')}/{REPORT_FILE}"
+
+
+def report_ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """Where an MLflow tracking server's web UI shows the run's report (None: no server)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT_FILE}"
+
+
+def final_evaluation(client: MlflowClient, run_id: str) -> FinalEvaluation | None:
+    """The run's final-evaluation artifact (score histograms and figures), if it has one."""
+    from fedhealth.evaluation.result import FINAL_ARTIFACT, FINAL_DIR, FinalEvaluation
+
+    if not any(a.path == FINAL_ARTIFACT for a in client.list_artifacts(run_id, FINAL_DIR)):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, FINAL_ARTIFACT, tmp)
+        return FinalEvaluation.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+_FIGURES = ("auroc", "auprc", "brier", "calibration_intercept", "calibration_slope")
+
+
+def final_table(final: FinalEvaluation) -> tuple[str, str, list[str], list[list[str]]]:
+    """The report's table of the final round's discrimination and calibration, per site."""
+    from fedhealth.evaluation.metrics import format_interval
+
+    columns = ["site", "test records", "AUROC", "AUPRC", "Brier score",
+               "calibration intercept", "calibration slope", "release"]  # fmt: skip
+    rows = []
+    for site in [*sorted(final.releases), "pooled"]:
+        m = final.metrics[site]
+        std = float(m.get("noise_std", 0.0))
+        if site == "pooled":
+            how = "sum of the sites' histograms"
+        elif std > 0:
+            eps = final.epsilon.get(site)
+            how = f"DP (noise std {std:.3g} per bin" + (f", ε={eps:.3g})" if eps else ")")
+        else:
+            how = "exact"
+        rows.append(
+            [site, str(int(m.get("n", 0))), *(format_interval(m[k]) for k in _FIGURES), how]
+        )
+    rows += [
+        [site, "", "-", "-", "-", "-", "-", "none (metrics withheld)"] for site in final.withheld
+    ]
+    heading = f"Final round ({final.round}): discrimination and calibration"
+    note = (
+        "From the score histograms each site released (counts per bin and class, never a "
+        "score), as its policy releases metrics. Intervals: 95 %, "
+        f"{final.interval_method}. Threshold of the accuracy: {final.threshold:g}."
+    )
+    return heading, note, columns, rows
 
 
 def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -163,32 +270,53 @@ def _calibration_points(r: dict[str, Any], groups: int = 10) -> tuple[np.ndarray
     return s[keep] / (p + n)[keep], p[keep] / (p + n)[keep]
 
 
-def validation_plots(result: ValidationResult, folder: Path) -> list[Path]:
-    """ROC and calibration curves per site and pooled, from the released histograms."""
-    pooled = {
-        k: np.sum([np.asarray(r[k], float) for r in result.releases.values()], axis=0)
-        for k in ("pos", "neg")
-    }
-    same_bins = len({int(r["bins"]) for r in result.releases.values()}) == 1
-    curves = dict(sorted(result.releases.items()))
-    if same_bins:
-        curves["pooled"] = pooled
-    out = []
-    for name, draw, xl, yl in (
-        ("roc.png", _roc_points, "1 - specificity", "sensitivity"),
-        ("calibration.png", _calibration_points, "mean predicted probability", "observed"),
+def roc_calibration_plots(
+    releases: dict[str, dict[str, Any]], metrics: dict[str, dict[str, Any]]
+) -> dict[str, bytes]:
+    """ROC and calibration curves per site and pooled, from released score histograms.
+
+    Parameters
+    ----------
+    releases : dict
+        Site -> its released histograms (:func:`fedhealth.evaluation.histograms.release`).
+    metrics : dict
+        :func:`fedhealth.evaluation.metrics.derive` of them (the AUROC in the legend).
+
+    Returns
+    -------
+    dict
+        PNG bytes under ``"roc"`` and ``"calibration"``. The pooled curve sums the sites'
+        histograms on their common grid (:func:`~fedhealth.evaluation.metrics.pooled_bins`).
+    """
+    from fedhealth.evaluation.metrics import pooled_histograms
+
+    curves: dict[str, dict[str, Any]] = dict(sorted(releases.items()))
+    curves["pooled"] = pooled_histograms(releases)
+    out = {}
+    for kind, draw, xl, yl in (
+        ("roc", _roc_points, "1 - specificity", "sensitivity"),
+        ("calibration", _calibration_points, "mean predicted probability", "observed"),
     ):
         fig, ax = plt.subplots(figsize=(4.8, 4.8))
         ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
         for site, r in curves.items():
             x, y = draw(r)
-            auc = result.metrics[site]["auroc"]["value"]
-            label = f"{site} (AUROC {auc:.3f})" if name == "roc.png" else site
-            ax.plot(x, y, marker="." if name != "roc.png" else None, label=label)
+            auc = metrics[site]["auroc"]["value"]
+            label = f"{site} (AUROC {auc:.3f})" if kind == "roc" else site
+            style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if site == "pooled" else {}
+            ax.plot(x, y, marker="." if kind != "roc" else None, label=label, **style)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.legend(fontsize=8)
-        path = folder / name
-        path.write_bytes(_png(fig))
+        out[kind] = _png(fig)
+    return out
+
+
+def validation_plots(result: ValidationResult, folder: Path) -> list[Path]:
+    """ROC and calibration curves per site and pooled, from the released histograms."""
+    out = []
+    for kind, png in roc_calibration_plots(result.releases, result.metrics).items():
+        path = folder / f"{kind}.png"
+        path.write_bytes(png)
         out.append(path)
     return out

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedhealth.evaluation.metrics import flat_metrics
 from fedhealth.registry.model_card import append_validation, render_validation
 from fedhealth.registry.store import ensure_experiment, use_store
 
@@ -62,15 +63,8 @@ def record_validation(tracking_uri: str, result: ValidationResult) -> str:
         "interval_method": result.interval_method[:500],
     }.items():
         client.log_param(run_id, key, value)
-    for site, m in result.metrics.items():
-        for metric, v in m.items():
-            if isinstance(v, dict):
-                for part in ("value", "low", "high"):
-                    suffix = "" if part == "value" else f"_{part}"
-                    if v[part] == v[part]:  # not NaN
-                        client.log_metric(run_id, f"{site}/{metric}{suffix}", float(v[part]))
-            elif isinstance(v, (int, float)):
-                client.log_metric(run_id, f"{site}/{metric}", float(v))
+    for key, value in flat_metrics(result.metrics).items():
+        client.log_metric(run_id, key, value)
     refused = {r.site: r.rule for r in result.refusals}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "validation.json"

@@ -229,7 +229,12 @@ def train(msg: Message, context: Context, request: SiteRequest) -> Message:
 @app.evaluate()
 @audited(_audit_site, SiteRequest.from_message, _refuse)
 def evaluate(msg: Message, context: Context, request: SiteRequest) -> Message:
-    """Evaluate the global model on the site's test split; reply with metrics only."""
+    """Evaluate the global model on the site's test split; reply with metrics only.
+
+    In a run's final round the coordinator also asks for score histograms per class
+    (``score-histograms``): counts only, exact or noised and charged as the site's policy
+    releases metrics (``fedhealth.site.validation.final_histograms``), never a score.
+    """
     profile, _ = site_profile(context)
     try:
         _admit(profile, request, training=False)
@@ -240,12 +245,21 @@ def evaluate(msg: Message, context: Context, request: SiteRequest) -> Message:
         global_arrays = _arrays(msg)
         check_global_model(profile, global_arrays, request.round)
         metrics = runtime.evaluate(global_arrays)
+        released = None
+        if request.score_histograms:
+            from fedhealth.site.validation import final_histograms
+
+            released = final_histograms(runtime, global_arrays, metrics)
     except (FedHealthError, ProtocolError) as exc:
         return _refuse(msg, profile.name, exc, request.round)
     with phase("serialise"):
-        content = RecordDict(
-            {Record.METRICS: MetricRecord(metrics), Record.SITE: _site_record(profile)}
-        )
+        records: dict[str, Any] = {
+            Record.METRICS: MetricRecord(metrics),
+            Record.SITE: _site_record(profile),
+        }
+        if released is not None:
+            records[Record.VALIDATION] = ConfigRecord({ValidationKey.RELEASE: json.dumps(released)})
+        content = RecordDict(records)
     return Message(content, reply_to=msg)
 
 

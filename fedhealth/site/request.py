@@ -99,6 +99,11 @@ class SiteRequest:
         return self.config.he.nonce if self.config.he is not None else ""
 
     @property
+    def score_histograms(self) -> bool:
+        """Whether the coordinator asks for score histograms (a run's final evaluation)."""
+        return self.config.score_histograms
+
+    @property
     def dp_enabled(self) -> bool:
         """Whether the experiment trains with differential privacy."""
         return self.config.spec.dp.enabled
@@ -113,6 +118,7 @@ class SiteRequest:
             # The MLflow run, and through it the model version, this round contributes to.
             "mlflow_run": self.config.mlflow_run_id or None,
             "registered_model": self.config.registered_model or None,
+            "score_histograms": True if self.config.score_histograms else None,
         }
         return {k: v for k, v in info.items() if v is not None}
 

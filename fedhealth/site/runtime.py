@@ -182,6 +182,17 @@ class SiteRuntime:
         out = model(torch.as_tensor(x, dtype=torch.float32))
         return torch.nn.functional.cross_entropy(out, torch.as_tensor(y), reduction="none").numpy()
 
+    def test_inputs(self) -> np.ndarray:
+        """The test split as the registered model sees it (what evaluations score)."""
+        # Under ``site`` normalisation the site trains on its own z-scores, but the registered
+        # model standardises with the pooled statistics the coordinator sends (a consumer has
+        # no site); evaluating with those reports the accuracy the registered model gives.
+        pooled = self.request.norm_stats if self.task.normalisation == "site" else None
+        if pooled:
+            with phase("load"):
+                return Standardizer.from_dict(pooled).transform(self.data.x_test)
+        return self._x(self.data.x_test)
+
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """Evaluate the global weights on the site's test split, released as the policy says.
 
@@ -195,15 +206,7 @@ class SiteRuntime:
         if release == "withheld":
             return {Metric.NUM_EXAMPLES: n, Metric.WITHHELD: 1.0}
         guard.check_split_size("test", n)
-        # Under ``site`` normalisation the site trains on its own z-scores, but the registered
-        # model standardises with the pooled statistics the coordinator sends (a consumer has
-        # no site); evaluating with those reports the accuracy the registered model gives.
-        pooled = self.request.norm_stats if self.task.normalisation == "site" else None
-        if pooled:
-            with phase("load"):
-                x = Standardizer.from_dict(pooled).transform(self.data.x_test)
-        else:
-            x = self._x(self.data.x_test)
+        x = self.test_inputs()
         with phase("evaluate"):
             model = self.build_model(arrays)
             if release == "exact":
