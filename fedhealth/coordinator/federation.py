@@ -12,6 +12,7 @@ model is registered as a new model version with its provenance.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedhealth import __version__
@@ -286,7 +287,7 @@ class Federation:
         weighted mean (``grid`` and the round's global ``arrays`` are then required).
         """
         if self.encryption is None:
-            return replies
+            return _common_metric_keys(replies)
         if grid is None or arrays is None:
             raise FederationError(f"round {round_}: encrypted aggregation needs the grid")
         return self.encryption.aggregate(grid, round_, arrays, replies)
@@ -620,6 +621,31 @@ class Federation:
             f"(clamped to the schema's bounds, Gaussian noise, δ={delta:g}), charged to each "
             f"site's ledger: {per_site}"
         )
+
+
+def _common_metric_keys(replies: list[Message]) -> list[Message]:
+    """The replies with each metric record cut to the keys every reply carries.
+
+    Sites release metrics under their own policy (exact, DP-noised with a noise-std key,
+    withheld), so their key sets differ; Flower's strategies refuse to aggregate replies whose
+    metric records differ (``InconsistentMessageReplies``), and one site could stop every
+    round that way. Per-site metrics are logged from the original replies before this.
+    """
+    records = [m.content[Record.METRICS] for m in replies if Record.METRICS in m.content]
+    if len(records) != len(replies):
+        return replies  # the strategy names the reply without metrics
+    common = set.intersection(*(set(r.keys()) for r in records)) if records else set()
+    if all(set(r.keys()) == common for r in records):
+        return replies
+    out = []
+    for m in replies:
+        content = RecordDict({k: v for k, v in m.content.items() if k != Record.METRICS})
+        metrics = m.content.metric_records[Record.METRICS]
+        content[Record.METRICS] = MetricRecord({k: metrics[k] for k in metrics if k in common})
+        # Flower's overloads omit `metadata`; a reply keeps its own.
+        reply = Message(content=content, metadata=copy.deepcopy(m.metadata))  # type: ignore[call-overload]
+        out.append(reply)
+    return out
 
 
 #: Noisy sums can make a feature's variance tiny or negative; its std is kept at least this
