@@ -129,21 +129,6 @@ def test_sites_that_withhold_their_metrics_release_no_histograms(tmp_path):
     assert ROC_TITLE not in page
 
 
-def test_sites_with_different_metric_policies_train_together(tmp_path):
-    """Exact, DP-noised and withheld metrics give replies with different metric keys; the
-    round aggregates all three (Flower's strategies refuse replies whose keys differ)."""
-    policies = {
-        "h1": {"release_metrics": "exact"},
-        "h2": {"release_metrics": "dp"},
-        "h3": {"release_metrics": "withheld"},
-    }
-    summary, _, _ = _run(tmp_path, policies, rounds=2)
-    assert summary.version is not None and not summary.refusals
-    assert set(summary.site_metrics) == {"h1", "h2", "h3"}
-    assert "loss-noise-std" in summary.site_metrics["h2"]
-    assert "accuracy" not in summary.site_metrics["h3"]
-
-
 # -- the site: only in the final round, never a score ----------------------------------------
 
 

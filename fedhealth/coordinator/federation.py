@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -251,6 +252,29 @@ class Federation:
         # Sorting by site makes aggregation order, and so the float sums, reproducible.
         return sorted(ok, key=_site)
 
+    def _well_formed_updates(
+        self, round_: int, replies: list[Message], arrays: ArrayRecord
+    ) -> list[Message]:
+        """The plaintext replies that carry a usable update; each other one is a refusal
+        (rule ``malformed-reply``) naming the site and what is wrong, so one site's bad reply
+        cannot stop the round for the others."""
+        weight_key = str(getattr(self.strategy, "weighted_by_key", Metric.NUM_EXAMPLES))
+        shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+        ok = []
+        for msg in replies:
+            problem = _update_problem(msg, weight_key, shapes)
+            if problem is None:
+                ok.append(msg)
+                continue
+            try:
+                site = _site(msg)
+            except (KeyError, TypeError):
+                site = f"node {msg.metadata.src_node_id}"
+            ref = Refusal(site=site, rule="malformed-reply", message=problem, round=round_)
+            self.refusals.append(ref)
+            self._notify("site-refused", round_, site=site, rule=ref.rule, message=problem)
+        return ok
+
     def _require(self, round_: int, ok: list[Message], what: str) -> None:
         need = self.cfg.experiment.min_sites
         if len(ok) < need:
@@ -411,6 +435,8 @@ class Federation:
             again = self.encryption.reannounce(round_, arrays, msgs)
             if again:
                 ok = self._split(round_, self.receive(grid, round_, again))
+        if self.encryption is None:
+            ok = self._well_formed_updates(round_, ok, arrays)
         self._require(round_, ok, "training")
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
         new_arrays, _ = self.strategy.aggregate_train(
@@ -621,6 +647,29 @@ class Federation:
             f"(clamped to the schema's bounds, Gaussian noise, δ={delta:g}), charged to each "
             f"site's ledger: {per_site}"
         )
+
+
+def _update_problem(msg: Message, weight_key: str, shapes: dict[str, tuple]) -> str | None:
+    """What makes a plaintext training reply unusable, or None if it is well formed."""
+    content = msg.content
+    if Record.SITE not in content.config_records or SiteKey.NAME not in content[Record.SITE]:
+        return f"the reply has no `{Record.SITE}` record naming the site"
+    if Record.METRICS not in content.metric_records:
+        return f"the reply has no `{Record.METRICS}` record"
+    weight = content.metric_records[Record.METRICS].get(weight_key)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        return f"metric `{weight_key}` is {weight!r}, not a positive finite number"
+    if Record.ARRAYS not in content.array_records:
+        return f"the reply has no `{Record.ARRAYS}` record (the model update)"
+    update = content.array_records[Record.ARRAYS]
+    got = {k: tuple(a.shape) for k, a in update.items()}
+    if got != shapes:
+        wrong = sorted(set(got) ^ set(shapes)) or sorted(k for k in got if got[k] != shapes[k])
+        return f"the update's arrays differ from the global model's: {', '.join(wrong[:5])}"
+    for k, a in update.items():
+        if not np.isfinite(a.numpy()).all():
+            return f"the update's array {k!r} holds NaN or infinity"
+    return None
 
 
 def _common_metric_keys(replies: list[Message]) -> list[Message]:
