@@ -116,6 +116,10 @@ def test_a_dp_site_charges_its_ledger_for_the_histograms(tmp_path):
         acc.compose(dp_accounting.GaussianDpEvent(e.noise_multiplier), int(e.steps))
     # ε the site reported after the histograms = an independent accountant over its ledger.
     assert final.epsilon["h1"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
+    # The run's summary (closing table, model card, tags) counts every release too: DP-SGD is
+    # off, yet the noisy metrics and histograms were charged.
+    assert summary.privacy["sites"]["h1"]["epsilon"] == pytest.approx(final.epsilon["h1"])
+    assert "noisy releases" in summary.privacy["description"]
     page = _artifact(client, summary.run_id, REPORT_FILE, tmp_path)
     assert ROC_TITLE in page and f"DP (noise std 5 per bin, ε={final.epsilon['h1']:.3g})" in page
 

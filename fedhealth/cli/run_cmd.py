@@ -144,7 +144,7 @@ def _simulate(
 def print_summary(console: Console, s: RunSummary) -> None:
     """The closing table: global and per-site metrics, each site's ε, the registered version."""
     dp = s.privacy or {"mode": "off", "sites": {}}
-    eps_col = dp["mode"] != "off"
+    eps_col = dp["mode"] != "off" or bool(dp["sites"])
     table = Table(title=f"{s.experiment}: final round ({s.rounds}) on each site's test split")
     cols = ["site", "test examples", "accuracy", "loss"] + (["ε"] if eps_col else [])
     for col in cols:

@@ -384,6 +384,7 @@ class Federation:
             for n in node_ids
         ]
         ok = self._split(0, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
+        self.privacy.observe_charges(ok)
         self._require(0, ok, "consortium statistics")
         count, s, ss = 0, None, None
         for msg in ok:
@@ -463,6 +464,7 @@ class Federation:
         msgs = self.strategy.configure_evaluate(round_, arrays, config, grid)
         ok = self._split(round_, send_and_receive(grid, msgs, self.cfg.experiment.round_timeout))
         per_site = {_site(m): dict(m.content[Record.METRICS]) for m in ok}
+        self.privacy.observe_charges(ok)
         glob = aggregate_site_metrics(per_site)
         self.recorder.log_round(round_, glob, per_site)
         if final:

@@ -53,6 +53,9 @@ class PrivacyReport:
         self.sites: dict[str, dict[str, Any]] = {}
         self.site_level_history: list[tuple[float, float, int]] = []
         self.site_level_epsilon: float | None = None
+        # The largest cumulative ε each site reported in any reply (training, evaluation,
+        # statistics, final histograms): what its ledger charged this experiment in all.
+        self.charged: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +66,21 @@ class PrivacyReport:
     def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         """A reply's metrics without the privacy ones (those are logged on their own)."""
         return {k: v for k, v in metrics.items() if k not in REPLY_METRICS}
+
+    def observe_charges(self, replies: Iterable[Message]) -> None:
+        """Record the cumulative ε each reply reports (any message kind).
+
+        A site reports its experiment's ε after every charged release, so the largest value
+        seen is everything its ledger charged for this experiment: DP-SGD, noisy metrics,
+        statistics and score histograms.
+        """
+        for msg in replies:
+            if Record.METRICS not in msg.content.metric_records:
+                continue
+            eps = msg.content.metric_records[Record.METRICS].get(Metric.EPSILON)
+            if isinstance(eps, (int, float)) and eps == eps:  # not NaN
+                site = str(msg.content[Record.SITE][SiteKey.NAME])
+                self.charged[site] = max(self.charged.get(site, 0.0), float(eps))
 
     def observe(self, round_: int, replies: Iterable[Message]) -> dict[str, float]:
         """Record one round's training replies; return the MLflow metrics to log.
@@ -83,6 +101,8 @@ class PrivacyReport:
             ``global/site_level_epsilon``.
         """
         out: dict[str, float] = {}
+        replies = list(replies)
+        self.observe_charges(replies)
         if not self.enabled:
             return out
         reporting = 0
@@ -121,6 +141,7 @@ class PrivacyReport:
         return {
             "sites": {k: dict(v) for k, v in self.sites.items()},
             "site_level_history": [list(h) for h in self.site_level_history],
+            "charged": dict(self.charged),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -131,6 +152,7 @@ class PrivacyReport:
         that were released, not a stored number.
         """
         self.sites = {k: dict(v) for k, v in state.get("sites", {}).items()}
+        self.charged = {k: float(v) for k, v in state.get("charged", {}).items()}
         self.site_level_history = [
             (float(s), float(q), int(n)) for s, q, n in state.get("site_level_history", [])
         ]
@@ -145,6 +167,11 @@ class PrivacyReport:
     def describe(self) -> str:
         """One line for model cards and summaries."""
         if not self.enabled:
+            if self.charged:
+                return (
+                    "no DP-SGD in training; the sites' noisy releases (metrics, statistics, "
+                    "score histograms) were charged to their ledgers"
+                )
             return "differential privacy off"
         d = self.dp
         if d["mode"] == "record":
@@ -179,15 +206,24 @@ class PrivacyReport:
             ``delta``, ``sites`` (name -> epsilon, noise-multiplier, sample-rate,
             dp-steps, rounds, dp-path) and ``site_level_epsilon`` (site mode).
         """
+        sites: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sorted(self.sites.items())}
+        for site, eps in self.charged.items():
+            entry = sites.setdefault(site, {})
+            entry[Metric.EPSILON] = max(float(entry.get(Metric.EPSILON, 0.0)), eps)
         if not self.enabled:
-            return {"mode": "off", "description": self.describe(), "sites": {}}
+            return {
+                "mode": "off",
+                "description": self.describe(),
+                "sites": dict(sorted(sites.items())),
+                "delta": float(self.dp["delta"]),
+            }
         return {
             "mode": self.dp["mode"],
             "description": self.describe(),
             "accountant": self.dp["accountant"],
             "delta": float(self.dp["delta"]),
             "max_grad_norm": self.dp["max_grad_norm"] if self.dp["mode"] == "record" else None,
-            "sites": {k: dict(v) for k, v in sorted(self.sites.items())},
+            "sites": dict(sorted(sites.items())),
             "site_level_epsilon": self.site_level_epsilon,
         }
 
@@ -200,7 +236,8 @@ class PrivacyReport:
         """Registered-model-version tags: DP mode, accountant, δ, noise, each site's ε."""
         s = self.summary()
         if s["mode"] == "off":
-            return {"dp": "off"}
+            charged = {f"epsilon/{k}": f"{v['epsilon']:.4g}" for k, v in s["sites"].items()}
+            return {"dp": "off", **charged}
         tags = {
             "dp": s["mode"],
             "dp_accountant": s["accountant"],

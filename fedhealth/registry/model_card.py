@@ -105,9 +105,14 @@ def _eps(x: float | None) -> str:
 
 
 def _privacy_section(dp: dict[str, Any]) -> list[str]:
-    """The model card's differential-privacy section (empty when DP was off)."""
+    """The model card's differential-privacy section (empty when nothing was charged)."""
     if dp.get("mode", "off") == "off":
-        return []
+        if not dp.get("sites"):
+            return []
+        lines = ["## Differential privacy", "", f"{dp['description']}.", ""]
+        lines += ["| site | ε (cumulative, this experiment) |", "|---|---|"]
+        lines += [f"| {k} | {_eps(v.get('epsilon'))} |" for k, v in sorted(dp["sites"].items())]
+        return [*lines, "", _COUNTED, ""]
     lines = [
         "## Differential privacy",
         "",
@@ -141,12 +146,22 @@ def _privacy_section(dp: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Each site's ε counts {counted}, composed over every run of this experiment at that "
-        "site, and was charged to the site's privacy ledger before its update left the site. "
-        "Not covered: the evaluation metrics sites report on their held-out split, counts, and "
-        "any shared normalisation statistics.",
+        "site, and was charged to the site's privacy ledger before its update left the site.",
+        "",
+        _COUNTED,
         "",
     ]
     return lines
+
+
+#: What every site's ε in the model card includes, and what it leaves out.
+_COUNTED = (
+    "The ε per site is the largest the site reported after any release of this experiment, "
+    "so it includes every noisy release it charged to its ledger: DP-SGD steps, evaluation "
+    'metrics under `release_metrics = "dp"`, consortium statistics and score histograms. '
+    'Not covered: what a site\'s policy released exactly (`release_metrics = "exact"`) and '
+    "the number of records in each site's splits."
+)
 
 
 def _encryption_section(p: dict[str, Any]) -> list[str]:
