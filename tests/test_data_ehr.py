@@ -285,3 +285,44 @@ def test_wrong_password_names_the_url_and_never_the_password(scram_server, monke
     assert f"postgresql+psycopg://reader@127.0.0.1:{scram_server}/postgres" in msg
     assert "password authentication failed" in msg
     assert "wrong-Secret-42" not in msg
+
+
+@pytest.mark.parametrize("centre", ["cleveland", "va"])
+def test_an_analysis_reads_fhir_and_omop_sites_as_it_reads_the_csv(heart_dir, tmp_path, centre):
+    """Analytics runs on every data source training reads: the same counts, histograms,
+    quantiles and missingness from a centre's CSV, its FHIR Bundles and its OMOP tables."""
+    from fedhealth.analytics.site_queries import answer_analysis, exact_statistics, read_columns
+    from fedhealth.config.analysis import load_analysis_with_sites
+
+    cfg, _ = load_analysis_with_sites(
+        ROOT / "experiments" / "heart-disease-feasibility.analysis.toml"
+    )
+    spec = cfg.spec()
+    csv_profile = load_site(ROOT / "sites" / "cleveland.toml")
+    csv = csv_profile.datasets["heart-disease"].model_copy(
+        update={"path": heart_dir / f"processed.{centre}.data"}
+    )
+    db = tmp_path / "cdm.sqlite"
+    write_omop_centre(heart_dir, centre, f"sqlite:///{db}")
+    sources = {
+        "csv": csv,
+        "fhir": source("hungarian-fhir.toml", path=write_fhir_centre(heart_dir, centre, tmp_path)),
+        "omop": source("switzerland-omop.toml", path=db),
+    }
+    profiles = {
+        kind: csv_profile.model_copy(
+            update={
+                "datasets": {"heart-disease": src},
+                "site": csv_profile.site.model_copy(update={"workspace": tmp_path / kind}),
+            }
+        )
+        for kind, src in sources.items()
+    }
+    stats = {k: exact_statistics(spec, read_columns(p, spec)) for k, p in profiles.items()}
+    for kind in ("fhir", "omop"):
+        assert len(stats[kind]) == len(stats["csv"])
+        for got, ref in zip(stats[kind], stats["csv"], strict=True):
+            np.testing.assert_array_equal(got.values, ref.values, err_msg=kind)
+    # And the whole site side answers (policy, charge, noise) from an EHR source.
+    release = answer_analysis(profiles["fhir"], spec, rng=np.random.default_rng(0))
+    assert release["epsilon"] > 0 and release["queries"]

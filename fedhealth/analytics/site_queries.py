@@ -48,7 +48,9 @@ from fedhealth.config.analysis import (
     CategoricalColumn,
     NumericColumn,
 )
+from fedhealth.config.ehr_sources import FhirSource, OmopSource
 from fedhealth.config.site import SiteProfile
+from fedhealth.data.ehr import read_ehr_frame
 from fedhealth.data.imaging import DicomSource, ImageFolderSource, NpzSource
 from fedhealth.data.tabular import TabularSource, normalise_value, read_raw_table
 from fedhealth.errors import FedHealthError, PolicyError
@@ -118,12 +120,22 @@ def read_columns(profile: SiteProfile, spec: AnalysisSpec) -> dict[str, np.ndarr
     elif isinstance(source, DicomSource | ImageFolderSource | NpzSource):
         frame = pd.DataFrame({"label": _image_labels(source)})
         na = set()
+    elif isinstance(source, FhirSource | OmopSource):
+        unmapped = [c for c in spec.columns if c not in source.features]
+        if unmapped:
+            raise AnalysisRefused(
+                site,
+                "data",
+                f"dataset {spec.dataset!r} maps no {source.kind.upper()} feature to the "
+                f"declared column(s) {', '.join(map(repr, unmapped))}",
+            )
+        frame = read_ehr_frame(source, list(spec.columns))
+        na = set()
     else:
         raise AnalysisRefused(
             site,
             "dataset",
-            f"dataset {spec.dataset!r} is a {source.kind!r} source; analytics reads tables "
-            "(CSV/Parquet) and image labels",
+            f"dataset {spec.dataset!r} is a {source.kind!r} source, which analytics does not read",
         )
     absent = [c for c in spec.columns if c not in frame.columns]
     if absent:

@@ -29,6 +29,30 @@ def read_ehr(
     return read_omop(source, schema).data, []
 
 
+def read_ehr_frame(source: FhirSource | OmopSource, columns: list[str]) -> Any:
+    """The raw values of ``columns`` from a FHIR export or an OMOP cohort, before encoding.
+
+    Parameters
+    ----------
+    source : FhirSource or OmopSource
+        The site's dataset.
+    columns : list of str
+        Columns to read; each must be mapped in the source's ``features``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per patient of the cohort; ``None`` where a value is missing.
+    """
+    if isinstance(source, FhirSource):
+        from fedhealth.data.fhir import fhir_frame
+
+        return fhir_frame(source, columns)[0]
+    from fedhealth.data.omop import omop_frame
+
+    return omop_frame(source, columns)[0]
+
+
 def check_ehr(source: FhirSource | OmopSource) -> str:
     """Pre-flight of a source without an experiment: folder readable / database and concepts.
 

@@ -91,9 +91,40 @@ def read_fhir(source: FhirSource, schema: TabularSchema) -> FhirTable:
         ``bad_files = "fail"``, all listed), a quantity is in another unit, a code
         is not in a ``values`` table, or a schema column has no mapping.
     """
-    folder = Path(source.path)
     needed = [*schema.numeric, *schema.categorical, schema.label]
-    unmapped = [c for c in needed if c not in source.features]
+    frame, ids, skipped = fhir_frame(source, needed)
+    data = encode_frame(frame, schema, str(source.path), row_names=[f"Patient/{p}" for p in ids])
+    return FhirTable(data=data, patients=ids, skipped=skipped)
+
+
+def fhir_frame(
+    source: FhirSource, columns: list[str]
+) -> tuple[pd.DataFrame, list[str], list[tuple[str, str]]]:
+    """The raw values of ``columns``, one row per patient of the cohort, before encoding.
+
+    What training encodes (:func:`read_fhir`) and what an analysis reads
+    (``fedhealth.analytics``) are the same values.
+
+    Parameters
+    ----------
+    source : FhirSource
+        The folder, the bad-files policy, the index event and the column mapping.
+    columns : list of str
+        Schema columns to read; each must be mapped in ``source.features``.
+
+    Returns
+    -------
+    tuple
+        The frame (``None`` where a patient has no value), the patient ids in row order,
+        and the skipped (file/resource, reason) pairs.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_fhir`.
+    """
+    folder = Path(source.path)
+    unmapped = [c for c in columns if c not in source.features]
     if unmapped:
         raise DataError(
             f"{folder}: the FHIR source maps no resource to column(s) "
@@ -112,6 +143,7 @@ def read_fhir(source: FhirSource, schema: TabularSchema) -> FhirTable:
     if not export.patients:
         raise DataError(f"{folder}: no valid Patient resources in the export")
 
+    read = [c for c in source.features if c in columns]
     rows: list[dict[str, Any]] = []
     ids: list[str] = []
     for pid in sorted(export.patients):
@@ -122,9 +154,8 @@ def read_fhir(source: FhirSource, schema: TabularSchema) -> FhirTable:
         patient = export.patients[pid]
         rows.append(
             {
-                col: _feature(col, feat, patient, records, index, folder)
-                for col, feat in source.features.items()
-                if col in needed
+                col: _feature(col, source.features[col], patient, records, index, folder)
+                for col in read
             }
         )
         ids.append(pid)
@@ -134,9 +165,7 @@ def read_fhir(source: FhirSource, schema: TabularSchema) -> FhirTable:
             f"{folder}: no patient has the index event {source.index.resource} "
             f"{source.index.codes}; check the [index] codes"
         )
-    frame = pd.DataFrame(rows, columns=[c for c in source.features if c in needed])
-    data = encode_frame(frame, schema, str(folder), row_names=[f"Patient/{p}" for p in ids])
-    return FhirTable(data=data, patients=ids, skipped=list(export.invalid))
+    return pd.DataFrame(rows, columns=read), ids, list(export.invalid)
 
 
 def load_export(folder: Path) -> _Export:

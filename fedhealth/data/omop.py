@@ -125,9 +125,39 @@ def read_omop(source: OmopSource, schema: TabularSchema) -> OmopTable:
         concept id matches no record, a unit differs from the declared one, a value
         concept is not in ``values``, or the cohort is empty.
     """
-    where = safe_url(source)
     needed = [*schema.numeric, *schema.categorical, schema.label]
-    unmapped = [c for c in needed if c not in source.features]
+    frame, persons = omop_frame(source, needed)
+    data = encode_frame(
+        frame, schema, safe_url(source), row_names=[f"person_id {p}" for p in persons]
+    )
+    return OmopTable(data=data, persons=persons)
+
+
+def omop_frame(source: OmopSource, columns: list[str]) -> tuple[pd.DataFrame, list[int]]:
+    """The raw values of ``columns``, one row per person of the cohort, before encoding.
+
+    What training encodes (:func:`read_omop`) and what an analysis reads
+    (``fedhealth.analytics``) are the same values.
+
+    Parameters
+    ----------
+    source : OmopSource
+        Database, schema, cohort and column mapping.
+    columns : list of str
+        Schema columns to read; each must be mapped in ``source.features``.
+
+    Returns
+    -------
+    tuple
+        The frame (``None`` where a person has no value) and the person ids in row order.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_omop`.
+    """
+    where = safe_url(source)
+    unmapped = [c for c in columns if c not in source.features]
     if unmapped:
         raise DataError(
             f"{where}: the OMOP source maps no concept to column(s) "
@@ -138,11 +168,9 @@ def read_omop(source: OmopSource, schema: TabularSchema) -> OmopTable:
         index = _cohort(conn, source)
         persons = sorted(index)
         frame = pd.DataFrame(index=persons)
-        for col in [c for c in source.features if c in needed]:
+        for col in [c for c in source.features if c in columns]:
             frame[col] = _feature(conn, source, col, source.features[col], index, persons)
-    frame = frame.astype(object).where(frame.notna(), None)
-    data = encode_frame(frame, schema, where, row_names=[f"person_id {p}" for p in persons])
-    return OmopTable(data=data, persons=persons)
+    return frame.astype(object).where(frame.notna(), None), persons
 
 
 def check_source(source: OmopSource) -> str:
