@@ -6,6 +6,7 @@ real ledger); the registry write-back runs against a real MLflow SQLite store.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -286,3 +287,20 @@ def test_calibration_is_undefined_when_the_classes_are_separated():
     assert f["calibration_slope"] == pytest.approx(b, rel=1e-4)
     assert f["calibration_intercept"] == pytest.approx(a, rel=1e-4, abs=1e-4)
 
+
+def test_several_studies_curves_share_a_figure_without_a_pooled_curve():
+    """Leave-one-centre-out draws each fold's held-out centre in one ROC and one calibration
+    figure: different models, so no pooled curve (and no ``pooled`` metrics needed)."""
+    from PIL import Image
+
+    from fedhealth.registry.report import roc_calibration_plots
+
+    results = {c: _result([c], seed) for seed, c in enumerate(("cleveland", "va"), start=3)}
+    releases = {c: r.releases[c] for c, r in results.items()}
+    metrics = {c: r.metrics[c] for c, r in results.items()}
+    pngs = roc_calibration_plots(
+        releases, metrics, pooled=False, labels={"va": "va held out"}, titles={"roc": "LOCO"}
+    )
+    assert set(pngs) == {"roc", "calibration"}
+    for png in pngs.values():
+        assert Image.open(io.BytesIO(png)).format == "PNG"
