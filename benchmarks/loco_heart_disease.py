@@ -20,7 +20,7 @@ temporary folder), or the figures to ``docs/images/`` with ``--write-docs``.
 
 Usage::
 
-    python benchmarks/loco_heart_disease.py                  # ~4-6 min on 2 shared cores
+    python benchmarks/loco_heart_disease.py                  # 7-14 min on 2 loaded cores
     python benchmarks/loco_heart_disease.py --write-docs     # refresh docs/images/loco-*
     python benchmarks/loco_heart_disease.py --rounds 5 --centres va
 
