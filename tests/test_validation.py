@@ -6,6 +6,7 @@ real ledger); the registry write-back runs against a real MLflow SQLite store.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -223,3 +224,83 @@ def test_two_validations_are_both_listed_in_the_card_and_models_show(registered)
     assert "external validations" in out.output
     assert first in out.output and second in out.output
     assert "Validation 1: va" in out.output and "Validation 2: hungarian" in out.output
+
+
+def _binned(scores: np.ndarray, labels: np.ndarray, bins: int = 100):
+    k = np.minimum((scores * bins).astype(int), bins - 1)
+    pos = np.bincount(k[labels == 1], minlength=bins).astype(np.float64)
+    neg = np.bincount(k[labels == 0], minlength=bins).astype(np.float64)
+    return pos, neg
+
+
+def _reference_calibration(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """scikit-learn's unpenalised logistic regression of the label on the bins' logits."""
+    from sklearn.linear_model import LogisticRegression
+
+    centre = (np.arange(pos.size) + 0.5) / pos.size
+    x = np.log(centre / (1 - centre))
+    keep = np.concatenate([pos, neg]) > 0
+    fit = LogisticRegression(C=np.inf, solver="newton-cholesky", tol=1e-12, max_iter=1000).fit(
+        np.concatenate([x, x])[keep, None],
+        np.concatenate([np.ones(pos.size), np.zeros(neg.size)])[keep],
+        sample_weight=np.concatenate([pos, neg])[keep],
+    )
+    return float(fit.intercept_[0]), float(fit.coef_[0, 0])
+
+
+def test_calibration_fit_matches_scikit_learn_on_extreme_scores():
+    """Overconfident, shifted scores (a held-out centre's): plain Newton from the identity
+    overshot and returned NaN on most of these draws; the step-halving fit agrees with
+    scikit-learn on every one."""
+    from fedhealth.evaluation.metrics import figures
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    while checked < 25:
+        n, prevalence = int(rng.integers(30, 300)), rng.uniform(0.05, 0.95)
+        y = (rng.random(n) < prevalence).astype(int)
+        z = rng.normal(rng.uniform(0.3, 3), 1, n) * (2 * y - 1) * rng.uniform(0.5, 4)
+        pos, neg = _binned(1 / (1 + np.exp(-(z + rng.normal(0, rng.uniform(0, 3))))), y)
+        ip, ineg = np.flatnonzero(pos), np.flatnonzero(neg)
+        if not ip.size or not ineg.size or ineg.max() <= ip.min() or ip.max() <= ineg.min():
+            continue  # separated: no finite fit (the next test)
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            f = figures(pos, neg)
+        a, b = _reference_calibration(pos, neg)
+        assert f["calibration_intercept"] == pytest.approx(a, rel=1e-4, abs=1e-4)
+        assert f["calibration_slope"] == pytest.approx(b, rel=1e-4, abs=1e-4)
+        checked += 1
+
+
+def test_calibration_is_undefined_when_the_classes_are_separated():
+    from fedhealth.evaluation.metrics import figures
+
+    pos, neg = np.zeros(100), np.zeros(100)
+    pos[[60, 80, 95]], neg[[10, 60]] = [5, 20, 20], [30, 1]  # quasi-complete: bin 60 shared
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        f = figures(pos, neg)
+    assert np.isnan(f["calibration_slope"]) and np.isnan(f["calibration_intercept"])
+    assert f["auroc"] > 0.99  # the other figures stay defined
+    neg[61] = 1  # one negative above a positive: the fit exists again
+    a, b = _reference_calibration(pos, neg)
+    f = figures(pos, neg)
+    assert f["calibration_slope"] == pytest.approx(b, rel=1e-4)
+    assert f["calibration_intercept"] == pytest.approx(a, rel=1e-4, abs=1e-4)
+
+
+def test_several_studies_curves_share_a_figure_without_a_pooled_curve():
+    """Leave-one-centre-out draws each fold's held-out centre in one ROC and one calibration
+    figure: different models, so no pooled curve (and no ``pooled`` metrics needed)."""
+    from PIL import Image
+
+    from fedhealth.registry.report import roc_calibration_plots
+
+    results = {c: _result([c], seed) for seed, c in enumerate(("cleveland", "va"), start=3)}
+    releases = {c: r.releases[c] for c, r in results.items()}
+    metrics = {c: r.metrics[c] for c, r in results.items()}
+    pngs = roc_calibration_plots(
+        releases, metrics, pooled=False, labels={"va": "va held out"}, titles={"roc": "LOCO"}
+    )
+    assert set(pngs) == {"roc", "calibration"}
+    for png in pngs.values():
+        assert Image.open(io.BytesIO(png)).format == "PNG"

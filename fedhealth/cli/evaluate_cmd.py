@@ -79,6 +79,8 @@ def evaluate_model(
 
 def print_result(console: Console, metrics: dict, refusals: list | None = None) -> None:
     """One row per site and the pooled row: every metric with its 95 % interval."""
+    from fedhealth.evaluation.metrics import format_interval
+
     table = Table(title="external validation (95 % intervals)")
     table.add_column("site")
     table.add_column("n", justify="right")
@@ -86,7 +88,7 @@ def print_result(console: Console, metrics: dict, refusals: list | None = None) 
         table.add_column(label, justify="right")
     for site in [*sorted(s for s in metrics if s != "pooled"), "pooled"]:
         m = metrics[site]
-        cells = [f"{m[k]['value']:.3f} [{m[k]['low']:.3f}, {m[k]['high']:.3f}]" for k, _ in _SHOWN]
+        cells = [format_interval(m[k]) for k, _ in _SHOWN]  # "-" where undefined
         dp = " (DP)" if m.get("noise_std") else ""
         table.add_row(escape(site) + dp, str(m["n"]), *cells)
     console.print(table)

@@ -10,7 +10,8 @@ Every figure is a function of the per-bin counts of positives and negatives
 - Brier score: each record's score taken as its bin's centre (error at most a quarter
   of the squared bin width, 0.0025 with 100 bins);
 - calibration intercept and slope: a logistic regression of the label on the logit of the
-  bin's centre, fitted by Newton's method on the binned data (weights = counts).
+  bin's centre, fitted by Newton's method with step halving on the binned data (weights =
+  counts); undefined (NaN) where one class lies entirely above the other (separation).
 
 **Intervals** (:data:`INTERVAL_METHOD`): a parametric bootstrap over the released
 histograms. Each site's class histograms are resampled (multinomial with the released
@@ -61,26 +62,77 @@ def _arrays(r: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for any finite x
+
+
+def _log_likelihood(
+    a: np.ndarray, b: np.ndarray, x: np.ndarray, pos: np.ndarray, neg: np.ndarray
+) -> np.ndarray:
+    """Binned Bernoulli log-likelihood of ``logit P(y=1) = a + b x`` (overflow-free)."""
+    eta = a[..., None] + b[..., None] * x
+    return -(pos * np.logaddexp(0.0, -eta) + neg * np.logaddexp(0.0, eta)).sum(-1)
+
+
+#: Newton iterations of the calibration fit, and step halvings per iteration at most.
+_NEWTON_ITERATIONS = 100
+_HALVINGS = 50
 
 
 def _calibration(pos: np.ndarray, neg: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Intercept and slope of ``logit P(y=1) = a + b · logit(score)`` on binned data."""
+    """Intercept and slope of ``logit P(y=1) = a + b · logit(score)`` on binned data.
+
+    The maximum-likelihood fit of a logistic regression with the bins as covariate values
+    and the counts as weights, by Newton's method with step halving: a step is shortened
+    until the log-likelihood rises (Armijo's rule), so the iteration converges from any
+    start on this concave problem instead of overshooting into overflow. The estimate
+    exists only when neither class lies entirely on one side of the other (no complete or
+    quasi-complete separation: the slope would be infinite) and both classes are present;
+    there, and where the iteration did not converge, the result is NaN (undefined; the
+    bootstrap interval is taken over the replicates where it is defined).
+    """
     x = np.log(np.clip(mean, 1e-4, 1 - 1e-4) / (1 - np.clip(mean, 1e-4, 1 - 1e-4)))
+    x = np.broadcast_to(x, pos.shape)
     w = pos + neg
-    a = np.zeros(pos.shape[:-1])
-    b = np.ones(pos.shape[:-1])
-    for _ in range(50):
+    inf = np.inf
+    pos_lo = np.where(pos > 0, x, inf).min(-1)
+    pos_hi = np.where(pos > 0, x, -inf).max(-1)
+    neg_lo = np.where(neg > 0, x, inf).min(-1)
+    neg_hi = np.where(neg > 0, x, -inf).max(-1)
+    # Also true when a class is absent (its bounds are +-inf) or all records share one bin.
+    undefined = (neg_hi <= pos_lo) | (pos_hi <= neg_lo)
+    total_pos, total = pos.sum(-1), np.clip(w.sum(-1), 1e-300, None)
+    prevalence = np.clip(total_pos / total, 1e-6, 1 - 1e-6)
+    a = np.log(prevalence / (1 - prevalence))  # the null model: a finite likelihood
+    b = np.zeros_like(a)
+    decrement = np.full(a.shape, np.inf)
+    for _ in range(_NEWTON_ITERATIONS):
         p = _sigmoid(a[..., None] + b[..., None] * x)
         r = pos - w * p
-        v = w * p * (1 - p) + 1e-12
+        v = w * p * (1 - p)
         g0, g1 = r.sum(-1), (r * x).sum(-1)
         h00, h01, h11 = v.sum(-1), (v * x).sum(-1), (v * x * x).sum(-1)
-        det = h00 * h11 - h01**2
-        det = np.where(np.abs(det) < 1e-12, np.nan, det)
-        a = a + (h11 * g0 - h01 * g1) / det
-        b = b + (h00 * g1 - h01 * g0) / det
-    return a, b
+        ridge = 1e-12 * (h00 + h11) + 1e-300  # keeps a near-singular system solvable
+        det = (h00 + ridge) * (h11 + ridge) - h01**2
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            da = ((h11 + ridge) * g0 - h01 * g1) / det
+            db = ((h00 + ridge) * g1 - h01 * g0) / det
+            decrement = g0 * da + g1 * db  # Newton decrement squared: >= 0, 0 at the optimum
+        active = ~undefined & np.isfinite(decrement) & (decrement > 1e-20)
+        if not active.any():
+            break
+        da, db = np.where(active, da, 0.0), np.where(active, db, 0.0)
+        start = _log_likelihood(a, b, x, pos, neg)
+        slack = 1e-13 * (np.abs(start) + 1.0)  # rounding of the likelihood near the optimum
+        t = np.ones_like(a)
+        for _ in range(_HALVINGS):
+            gain = _log_likelihood(a + t * da, b + t * db, x, pos, neg) - start
+            short = active & ~(gain >= 1e-4 * t * decrement - slack)
+            if not short.any():
+                break
+            t = np.where(short, 0.5 * t, t)
+        a, b = a + t * da, b + t * db
+    converged = ~undefined & np.isfinite(a) & np.isfinite(b) & (decrement < 1e-8)
+    return np.where(converged, a, np.nan), np.where(converged, b, np.nan)
 
 
 def figures(pos: np.ndarray, neg: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:

@@ -215,7 +215,9 @@ _SHOWN = (
 
 
 def _ci(m: dict[str, float]) -> str:
-    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    from fedhealth.evaluation.metrics import format_interval
+
+    return format_interval(m)  # "-" where undefined (e.g. calibration under separation)
 
 
 def render_validation(index: int, v: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import io
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,7 +253,7 @@ def final_table(final: FinalEvaluation) -> tuple[str, str, list[str], list[list[
     return heading, note, columns, rows
 
 
-def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _roc_points(r: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     pos = np.clip(np.asarray(r["pos"], float), 0, None)
     neg = np.clip(np.asarray(r["neg"], float), 0, None)
     tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
@@ -260,7 +261,7 @@ def _roc_points(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return fp / max(neg.sum(), 1e-9), tp / max(pos.sum(), 1e-9)
 
 
-def _calibration_points(r: dict[str, Any], groups: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_points(r: Mapping[str, Any], groups: int = 10) -> tuple[np.ndarray, np.ndarray]:
     pos = np.clip(np.asarray(r["pos"], float), 0, None)
     neg = np.clip(np.asarray(r["neg"], float), 0, None)
     centre = (np.arange(pos.size) + 0.5) / pos.size
@@ -271,16 +272,31 @@ def _calibration_points(r: dict[str, Any], groups: int = 10) -> tuple[np.ndarray
 
 
 def roc_calibration_plots(
-    releases: dict[str, dict[str, Any]], metrics: dict[str, dict[str, Any]]
+    releases: Mapping[str, Mapping[str, Any]],
+    metrics: Mapping[str, Mapping[str, Any]],
+    *,
+    pooled: bool = True,
+    labels: Mapping[str, str] | None = None,
+    titles: Mapping[str, str] | None = None,
 ) -> dict[str, bytes]:
     """ROC and calibration curves per site and pooled, from released score histograms.
 
     Parameters
     ----------
-    releases : dict
+    releases : mapping
         Site -> its released histograms (:func:`fedhealth.evaluation.histograms.release`).
-    metrics : dict
-        :func:`fedhealth.evaluation.metrics.derive` of them (the AUROC in the legend).
+        The curves of several studies can share a figure: pass each study's site under
+        its own key (e.g. the held-out centre of each leave-one-centre-out fold).
+    metrics : mapping
+        :func:`fedhealth.evaluation.metrics.derive` of them, by the same keys (the AUROC in
+        the ROC legend; ``"pooled"`` only when ``pooled``).
+    pooled : bool
+        Also draw the curve of the sites' summed histograms (thick, black). Leave it out
+        when the curves belong to different models, where a pooled curve means nothing.
+    labels : mapping, optional
+        Legend label by key (default: the key); the ROC legend adds the AUROC.
+    titles : mapping, optional
+        Figure title under ``"roc"`` and/or ``"calibration"`` (default: none).
 
     Returns
     -------
@@ -290,8 +306,10 @@ def roc_calibration_plots(
     """
     from fedhealth.evaluation.metrics import pooled_histograms
 
-    curves: dict[str, dict[str, Any]] = dict(sorted(releases.items()))
-    curves["pooled"] = pooled_histograms(releases)
+    curves: dict[str, Mapping[str, Any]] = dict(sorted(releases.items()))
+    if pooled:
+        curves["pooled"] = pooled_histograms(releases)
+    names = dict(labels or {})
     out = {}
     for kind, draw, xl, yl in (
         ("roc", _roc_points, "1 - specificity", "sensitivity"),
@@ -301,12 +319,15 @@ def roc_calibration_plots(
         ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
         for site, r in curves.items():
             x, y = draw(r)
-            auc = metrics[site]["auroc"]["value"]
-            label = f"{site} (AUROC {auc:.3f})" if kind == "roc" else site
+            label = names.get(site, site)
+            if kind == "roc":
+                label += f" (AUROC {metrics[site]['auroc']['value']:.3f})"
             style: dict[str, Any] = {"linewidth": 2.5, "color": "black"} if site == "pooled" else {}
             ax.plot(x, y, marker="." if kind != "roc" else None, label=label, **style)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
+        if titles and kind in titles:
+            ax.set_title(titles[kind], fontsize=9)
         ax.legend(fontsize=8)
         out[kind] = _png(fig)
     return out

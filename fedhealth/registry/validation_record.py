@@ -30,7 +30,9 @@ VERSION_TAG = "fedhealth.validated_version"
 
 
 def _ci(m: dict[str, float]) -> str:
-    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    from fedhealth.evaluation.metrics import format_interval
+
+    return format_interval(m)  # "-" where undefined (e.g. calibration under separation)
 
 
 def record_validation(tracking_uri: str, result: ValidationResult) -> str:
