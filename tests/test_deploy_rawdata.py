@@ -7,7 +7,9 @@ recorder sees the plaintext stream (Flower 1.41's Fleet API: protobuf over HTTP/
 byte the site sends upstream is recorded, and each request body is also decoded (chunked,
 compressed) so that framing cannot hide a pattern.
 
-One round of a tabular experiment and one round of a DICOM imaging experiment run; then:
+One round of a tabular experiment and one round of a DICOM imaging experiment run, then an
+evaluation-only study of the registered tabular model (``fedhealth evaluate --federation``,
+issue 12); then:
 
 * none of the site's raw values occurs in what it sent: CSV text of its rows, float32 and
   float64 little-endian encodings of distinctive feature values and of whole rows, the
@@ -73,7 +75,7 @@ def recorded(tmp_path_factory):
     data = root / "data"
     write_demo_data(data, [SITE], seed=3, images_per_site=20)
     dep = Deployment(root, tls=False)
-    proxy = RecordingProxy(dep.link_port, lifetime=420)
+    proxy = RecordingProxy(dep.link_port, lifetime=900)
     proxy.start()
     dicom = f'[datasets.phantoms]\nkind = "dicom"\npath = "{data / SITE / "dicom"}"\n'
     # 20 phantoms split 15/5: below the default smallest split (50) the site would refuse.
@@ -94,9 +96,16 @@ def recorded(tmp_path_factory):
         for exp in (tabular, imaging):
             dep.spawn(f"run-{exp.stem}", "run", str(exp), "--federation", "test")
         for exp in (tabular, imaging):
-            code = dep.procs[f"run-{exp.stem}"].wait(timeout=150)
+            code = dep.procs[f"run-{exp.stem}"].wait(timeout=300)
             assert code == 0, dep.output(f"run-{exp.stem}")[-3000:]
             globals_[exp.stem] = _final_globals(dep, exp.stem)
+        sent_before = sum(len(b) for b in proxy.upstream())
+        res = dep.cli(
+            "evaluate", "models:/rawdata-tabular/1", "--federation", "test", "--split", "all",
+            "--tracking-uri", dep.tracking_uri, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        validation = res.stdout
     finally:
         dep.teardown()
         proxy.stop()
@@ -104,7 +113,8 @@ def recorded(tmp_path_factory):
     upstream = proxy.upstream()
     messages = [m for stream in upstream for m in http_bodies(stream)]
     yield {"root": root, "data": data / SITE, "raw": upstream, "messages": messages,
-           "globals": globals_}  # fmt: skip
+           "globals": globals_, "validation": validation,
+           "sent_before_validation": sent_before}  # fmt: skip
 
 
 def _final_globals(dep: Deployment, experiment: str) -> dict[str, np.ndarray]:
@@ -192,3 +202,10 @@ def test_site_names_its_own_path_only_in_the_audit(recorded) -> None:
     # The site's data file paths are not sent either (only the coordinator-given config).
     path = str(Path(recorded["data"]) / "breast-cancer.csv").encode()
     assert not _occurs(path, recorded)
+
+
+def test_an_evaluation_study_went_through_the_recorder(recorded) -> None:
+    """The evaluation-only study's traffic is in the recording the checks above search."""
+    assert "validated" in recorded["validation"], recorded["validation"][-2000:]
+    total = sum(len(b) for b in recorded["raw"])
+    assert total > recorded["sent_before_validation"]  # the site answered the study
