@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.grad
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from fedhealth.errors import FedHealthError
 
@@ -45,9 +46,10 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 #: Attribute marking a model that carries this module's hooks.
 HOOKS_ATTR = "_fedhealth_bk_hooks"
 
-# (norms², clipped-sum builder): the builder maps the clip factors c (B,) to one summed
-# gradient per parameter of the layer.
-LayerResult = tuple[torch.Tensor, Callable[[torch.Tensor], list[torch.Tensor]]]
+# (norms², clipped-sum builder): the builder maps the clip factors f (B,) and the noise drawn
+# for the layer's parameters (or None) to one noised, clipped sum per parameter.
+Noise = list[torch.Tensor] | None
+LayerResult = tuple[torch.Tensor, Callable[[torch.Tensor, Noise], list[torch.Tensor]]]
 
 
 def supports(model: nn.Module) -> str | None:
@@ -88,15 +90,33 @@ def _names() -> str:
 
 
 # -- per-layer maths ------------------------------------------------------------------------
+#
+# Every builder returns one tensor per trainable parameter of its layer, in the layer's
+# parameter order: ``sum_i f_i grad_i`` plus that parameter's noise, where ``grad_i`` is
+# sample i's gradient *of the loss as computed* (the engine folds the loss's scale, the clip
+# factors and the final division into ``f``). Matrix products take the noise as their
+# additive term (``addmm``/``addmv``), so adding it costs no separate pass.
+
+
+def _row_sum(rows: torch.Tensor, f: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """``f @ rows`` (+ ``noise``) for per-sample rows (B, P), shaped like ``noise`` if given."""
+    if noise is None:
+        return torch.mv(rows.t(), f)
+    return torch.addmv(noise.reshape(-1), rows.t(), f).view(noise.shape)
 
 
 def _materialised(per_sample: list[torch.Tensor]) -> LayerResult:
     """Norms and clipped sums from per-sample gradients (B, *param shape)."""
     flat = [g.reshape(len(g), -1) for g in per_sample]
-    norms2 = cast(torch.Tensor, sum(f.pow(2).sum(1) for f in flat))  # never empty
+    norms2 = torch.linalg.vecdot(flat[0], flat[0])
+    for rows in flat[1:]:
+        norms2 = norms2 + torch.linalg.vecdot(rows, rows)
 
-    def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-        return [(c @ f).view(g.shape[1:]) for f, g in zip(flat, per_sample, strict=True)]
+    def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
+        return [
+            _row_sum(rows, f, noise[k] if noise else None).view(g.shape[1:])
+            for k, (rows, g) in enumerate(zip(flat, per_sample, strict=True))
+        ]
 
     return norms2, clipped
 
@@ -104,16 +124,22 @@ def _materialised(per_sample: list[torch.Tensor]) -> LayerResult:
 def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
     has_bias = module.bias is not None and module.bias.requires_grad
     has_weight = module.weight.requires_grad
-    if a.dim() == 2:  # ghost norm: |g_i a_i^T|_F = |g_i| |a_i|
-        g2 = g.pow(2).sum(1)
-        norms2 = g2 * a.pow(2).sum(1) if has_weight else torch.zeros_like(g2)
-        if has_bias:
-            norms2 = norms2 + g2
+    if a.dim() == 2:  # ghost norm: |g_i a_i^T|_F^2 = |g_i|^2 |a_i|^2
+        g2 = torch.linalg.vecdot(g, g)
+        if has_weight:
+            a2 = torch.linalg.vecdot(a, a)
+            norms2 = torch.addcmul(g2, g2, a2) if has_bias else g2 * a2
+        else:
+            norms2 = g2
 
-        def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-            cg = g * c.unsqueeze(1)
-            out = [cg.t() @ a] if has_weight else []
-            return [*out, cg.sum(0)] if has_bias else out
+        def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
+            out = []
+            if has_weight:
+                fg = g.t() * f  # (out, B)
+                out.append(torch.addmm(noise[0], fg, a) if noise else torch.mm(fg, a))
+            if has_bias:
+                out.append(_row_sum(g, f, noise[-1] if noise else None))
+            return out
 
         return norms2, clipped
     per_sample = []
@@ -131,14 +157,14 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
     has_weight = module.weight.requires_grad
     gf = g.reshape(n, out_ch, positions)
     k = module.weight[0].numel()  # in_channels x kernel area
-    norms2 = gf.sum(2).pow(2).sum(1) if has_bias else gf.new_zeros(n)
-    bias_sum = cast(torch.Tensor, gf.sum(2) if has_bias else None)  # used only if has_bias
+    bias_rows = gf.sum(2) if has_bias else None
+    norms2 = torch.linalg.vecdot(bias_rows, bias_rows) if bias_rows is not None else gf.new_zeros(n)
+
+    def bias_sum(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
+        return [] if bias_rows is None else [_row_sum(bias_rows, f, noise[-1] if noise else None)]
+
     if not has_weight:
-
-        def clipped_bias(c: torch.Tensor) -> list[torch.Tensor]:
-            return [c @ bias_sum]
-
-        return norms2, clipped_bias
+        return norms2, bias_sum
     padding = cast(tuple[int, ...], module.padding)  # numbers: the supported layers' padding
     cols = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
     # Ghost norm <A A^T, G G^T> costs positions^2 (k + out); materialising costs positions k out.
@@ -147,21 +173,22 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
         gg = torch.bmm(gf.transpose(1, 2), gf)
         norms2 = norms2 + (aa * gg).sum((1, 2))
 
-        def clipped(c: torch.Tensor) -> list[torch.Tensor]:
-            cg = g * c.view(-1, 1, 1, 1)
+        def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
+            fg = g * f.view(-1, 1, 1, 1)
             w = torch.nn.grad.conv2d_weight(
-                a, module.weight.shape, cg, module.stride, module.padding, module.dilation
+                a, module.weight.shape, fg, module.stride, module.padding, module.dilation
             )
-            return [w, c @ bias_sum] if has_bias else [w]
+            if noise:
+                w.add_(noise[0])
+            return [w, *bias_sum(f, noise)]
 
         return norms2, clipped
-    per_sample = torch.bmm(gf, cols.transpose(1, 2)).view(n, *module.weight.shape)
-    norms2 = norms2 + per_sample.reshape(n, -1).pow(2).sum(1)
-    flat = per_sample.reshape(n, -1)
+    flat = torch.bmm(gf, cols.transpose(1, 2)).view(n, -1)  # per-sample weight gradients
+    norms2 = norms2 + torch.linalg.vecdot(flat, flat)
 
-    def clipped_m(c: torch.Tensor) -> list[torch.Tensor]:
-        w = (c @ flat).view(module.weight.shape)
-        return [w, c @ bias_sum] if has_bias else [w]
+    def clipped_m(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
+        w = _row_sum(flat, f, noise[0] if noise else None).view(module.weight.shape)
+        return [w, *bias_sum(f, noise)]
 
     return norms2, clipped_m
 
@@ -205,11 +232,27 @@ class BookKeeping:
         A model :func:`supports` accepts; hooks are attached to it (remove with :meth:`remove`).
     max_grad_norm : float
         C, the per-sample clipping norm.
+
+    Attributes
+    ----------
+    noise_std : float
+        Standard deviation of the noise added to each coordinate of the clipped sum *before*
+        the final division (σC; 0 for none). Set by :class:`BKOptimizer`.
+    divisor : float
+        What the noisy sum is divided by: the expected batch size for a "mean" loss, else 1.
+    generator : torch.Generator or None
+        Source of the noise (None: torch's global generator).
+    summed : list of torch.Tensor or None
+        The last backward pass's result, one gradient per parameter (:attr:`params` order),
+        consumed by the optimiser step.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
+        self.noise_std = 0.0
+        self.divisor = 1.0
+        self.generator: torch.Generator | None = None
         self.layers: list[tuple[nn.Module, list[nn.Parameter]]] = []
         handles = []
         for module in model.modules():
@@ -219,23 +262,16 @@ class BookKeeping:
                 handles.append(module.register_forward_hook(self._forward_hook))
         setattr(model, HOOKS_ATTR, handles)
         self.params = [p for _, ps in self.layers for p in ps]
-        self._taps: list[list[Any]] = []  # [module, input, output gradient] per forward call
-        self._outputs: list[torch.Tensor] = []  # the layers' outputs, to backpropagate to
-        self.summed: list[torch.Tensor] | None = None  # clipped sums of the last backward
+        # (module, input, gradient edge of the output) per forward call of a layer. The edge
+        # (not the output tensor) is what the backward pass differentiates with respect to:
+        # it names the layer's output as computed, even if a later in-place operation (e.g.
+        # MONAI ResNet's ``out += residual``) modifies the tensor.
+        self._taps: list[tuple[nn.Module, torch.Tensor, Any]] = []
+        self.summed: list[torch.Tensor] | None = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and module.training and output.requires_grad):
-            return
-        tap: list[Any] = [module, inputs[0].detach(), None]
-        self._taps.append(tap)
-        self._outputs.append(output)
-
-        # The hook must not reference ``output`` (a cycle would keep every graph alive
-        # until the garbage collector runs, and make it run often).
-        def keep(grad: torch.Tensor) -> None:
-            tap[2] = grad
-
-        output.register_hook(keep)
+        if output.requires_grad and module.training and torch.is_grad_enabled():
+            self._taps.append((module, inputs[0], get_gradient_edge(output)))
 
     def remove(self) -> None:
         """Detach every hook from the model."""
@@ -247,53 +283,83 @@ class BookKeeping:
 
     def reset(self) -> None:
         """Forget recorded activations and clipped sums (``zero_grad``)."""
-        self._taps, self._outputs, self.summed = [], [], None
+        self._taps, self.summed = [], None
+
+    def _noise(self) -> list[torch.Tensor] | None:
+        """One draw per parameter, in parameter order, as Opacus's optimiser step draws it.
+
+        Drawn with std σC / divisor (Opacus draws σC and divides the noisy sum afterwards:
+        the same numbers up to float rounding).
+        """
+        if self.noise_std <= 0:
+            return None
+        std = self.noise_std / self.divisor
+        gen = self.generator
+        return [torch.normal(0.0, std, p.shape, generator=gen, dtype=p.dtype) for p in self.params]
 
     def backward(self, loss: torch.Tensor, batch: int, scale: float) -> None:
-        """Clipped per-sample gradient sums of ``loss`` over a batch of ``batch`` records.
+        """Clipped, noised per-sample gradient sums of ``loss`` over ``batch`` records.
 
         Parameters
         ----------
         loss : torch.Tensor
             The batch loss (scalar).
         batch : int
-            Records in the batch (0: an empty Poisson batch, the sum is zero).
+            Records in the batch (0: an empty Poisson batch, the sum is noise only).
         scale : float
             Factor turning ``loss`` into a sum of per-sample losses (``batch`` for "mean").
         """
-        taps, outputs = self._taps, self._outputs
-        self._taps, self._outputs = [], []
+        taps = self._taps
+        self._taps = []
         if batch == 0:
-            self.summed = [torch.zeros_like(p) for p in self.params]
+            noise = self._noise()
+            self.summed = noise if noise is not None else [torch.zeros_like(p) for p in self.params]
             return
-        torch.autograd.grad(loss * scale if scale != 1 else loss, outputs, allow_unused=True)
-        del outputs
+        grads = torch.autograd.grad(loss, [edge for _, _, edge in taps], allow_unused=True)
         results = {}
-        norms2 = None
-        for module, a, g in taps:
-            if g is None or len(a) != batch:
+        norms2 = []
+        with torch.no_grad():
+            for (module, a, _), g in zip(taps, grads, strict=True):
+                if g is None or len(a) != batch:
+                    raise FedHealthError(
+                        f"DP-SGD: layer {type(module).__name__} saw a batch of {len(a)} records "
+                        f"(gradient {'missing' if g is None else 'present'}) in a step over "
+                        f"{batch}; run exactly one forward pass of pt.model per loss"
+                    )
+                if module in results:
+                    raise FedHealthError(
+                        f"DP-SGD: layer {type(module).__name__} ran twice in one forward pass; "
+                        "reused layers need grad_sample_mode='hooks'"
+                    )
+                n2, results[module] = _layer_result(module, a, g)
+                norms2.append(n2)
+            if len(results) != len(self.layers):
+                missing = [type(m).__name__ for m, _ in self.layers if m not in results]
                 raise FedHealthError(
-                    f"DP-SGD: layer {type(module).__name__} saw a batch of {len(a)} records "
-                    f"(gradient {'missing' if g is None else 'present'}) in a step over "
-                    f"{batch}; run exactly one forward pass of pt.model per loss"
+                    f"DP-SGD: layers {missing} took no part in the forward pass; their "
+                    "parameters would get noise without a gradient. Freeze them "
+                    "(requires_grad=False)."
                 )
-            if module in results:
-                raise FedHealthError(
-                    f"DP-SGD: layer {type(module).__name__} ran twice in one forward pass; "
-                    "reused layers need grad_sample_mode='hooks'"
-                )
-            n2, clipped = _layer_result(module, a, g)
-            results[module] = clipped
-            norms2 = n2 if norms2 is None else norms2 + n2
-        if len(results) != len(self.layers):
-            missing = [type(m).__name__ for m, _ in self.layers if m not in results]
-            raise FedHealthError(
-                f"DP-SGD: layers {missing} took no part in the forward pass; their parameters "
-                "would get noise without a gradient. Freeze them (requires_grad=False)."
-            )
-        assert norms2 is not None  # every layer took part
-        factor = (self.max_grad_norm / (norms2.sqrt() + 1e-6)).clamp(max=1.0)
-        self.summed = [s for module, _ in self.layers for s in results[module](factor)]
+            self.summed = self._clipped_sums(results, norms2, scale)
+
+    def _clipped_sums(self, results: dict, norms2: list[torch.Tensor], scale: float) -> list:
+        """Noise + sum_i f_i grad_i per parameter, with every scalar folded into ``f``.
+
+        Opacus's step is ``(sum_i c_i G_i + N(0, σ²C²)) / d`` with ``G_i = scale * grad_i``
+        (the per-sample gradient of the per-sample loss), ``c_i = min(1, C / (|G_i| + 1e-6))``
+        and ``d`` the divisor. So ``f_i = c_i scale / d = min(scale, C / (|grad_i| + 1e-6 /
+        scale)) / d``; the noise is drawn with std σC / d.
+        """
+        total = norms2[0].sqrt() if len(norms2) == 1 else torch.stack(norms2).sum(0).sqrt_()
+        # 1 / max(|grad_i| + 1e-6 / scale, C / scale) * C / d
+        f = total.add_(1e-6 / scale).clamp_(min=self.max_grad_norm / scale).reciprocal_()
+        f.mul_(self.max_grad_norm / self.divisor)
+        noise = self._noise()
+        summed: list[torch.Tensor] = []
+        for module, params in self.layers:
+            start = len(summed)
+            summed += results[module](f, noise[start : start + len(params)] if noise else None)
+        return summed
 
 
 class BKLoss:
@@ -307,7 +373,7 @@ class BKLoss:
         self.loss, self.engine, self.batch, self.scale = loss, engine, batch, scale
 
     def backward(self) -> None:
-        """One backward pass to the layer outputs, then per-sample clipping."""
+        """One backward pass to the layer outputs, then per-sample clipping and noise."""
         self.engine.backward(self.loss, self.batch, self.scale)
 
     def detach(self) -> torch.Tensor:
@@ -341,13 +407,18 @@ class BKCriterion:
 class BKOptimizer:
     """Opacus's ``DPOptimizer`` step on book-keeping sums: noise, scaling, the inner step.
 
+    The noise is drawn in the backward pass (:meth:`BookKeeping.backward`), from the same
+    generator and in the same order as Opacus's step draws it, so that it enters the
+    clipped sums' matrix products as their additive term; the step only hands the sums to
+    the inner optimiser.
+
     Parameters
     ----------
     optimizer : torch.optim.Optimizer
         The original optimiser over the model's parameters.
     engine : BookKeeping
     noise_multiplier : float
-        σ; the noise std is σC per coordinate.
+        σ; the noise std is σC per coordinate (before the division by the batch size).
     expected_batch_size : int
         ``int(n * q)``; a "mean" loss divides the noisy sum by it.
     loss_reduction : {"mean", "sum"}
@@ -367,11 +438,18 @@ class BKOptimizer:
         self.original_optimizer = optimizer
         self.engine = engine
         self.noise_multiplier = float(noise_multiplier)
-        self.std = self.noise_multiplier * engine.max_grad_norm
         self.expected_batch_size = int(expected_batch_size)
         self.loss_reduction = loss_reduction
         self.generator = generator
         _check_same_params(optimizer, engine.params)
+        if loss_reduction == "mean" and self.expected_batch_size < 1:
+            raise FedHealthError(
+                "DP-SGD: the expected batch size int(n * q) is 0, so a mean loss would be "
+                "divided by zero; use a larger batch size"
+            )
+        engine.noise_std = self.noise_multiplier * engine.max_grad_norm
+        engine.divisor = float(self.expected_batch_size) if loss_reduction == "mean" else 1.0
+        engine.generator = generator
 
     @property
     def param_groups(self) -> list[dict]:
@@ -384,7 +462,7 @@ class BKOptimizer:
         self.original_optimizer.zero_grad(set_to_none)
 
     def step(self, closure: Any = None) -> Any:
-        """Add noise to the clipped sums, scale, and step the inner optimiser."""
+        """Hand the clipped, noised, scaled sums to the inner optimiser and step it."""
         summed = self.engine.summed
         if summed is None:
             raise FedHealthError(
@@ -394,13 +472,6 @@ class BKOptimizer:
                 "`pt.criterion(pt.model(x), y)` and call its backward()."
             )
         self.engine.summed = None
-        if self.std > 0:
-            for s in summed:
-                s.add_(
-                    torch.normal(0.0, self.std, s.shape, generator=self.generator, dtype=s.dtype)
-                )
-        if self.loss_reduction == "mean":
-            torch._foreach_div_(summed, float(self.expected_batch_size))
         for p, s in zip(self.engine.params, summed, strict=True):
             p.grad = s
         return self.original_optimizer.step(closure) if closure else self.original_optimizer.step()
