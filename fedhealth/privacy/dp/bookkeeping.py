@@ -46,12 +46,6 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 #: Attribute marking a model that carries this module's hooks.
 HOOKS_ATTR = "_fedhealth_bk_hooks"
 
-# (norms², clipped-sum builder): the builder maps the clip factors f (B,) and the noise drawn
-# for the layer's parameters (or None) to one noised, clipped sum per parameter.
-Noise = list[torch.Tensor] | None
-LayerResult = tuple[torch.Tensor, Callable[[torch.Tensor, Noise], list[torch.Tensor]]]
-
-
 def supports(model: nn.Module) -> str | None:
     """Why ``model`` cannot use book-keeping DP-SGD, or None if it can.
 
@@ -91,46 +85,59 @@ def _names() -> str:
 
 # -- per-layer maths ------------------------------------------------------------------------
 #
-# Every builder returns one tensor per trainable parameter of its layer, in the layer's
-# parameter order: ``sum_i f_i grad_i`` plus that parameter's noise, where ``grad_i`` is
-# sample i's gradient *of the loss as computed* (the engine folds the loss's scale, the clip
-# factors and the final division into ``f``). Matrix products take the noise as their
-# additive term (``addmm``/``addmv``), so adding it costs no separate pass.
+# A layer turns its input ``a`` and output gradient ``g`` into
+#
+# * per-sample norms (B,) whose squares sum to the squared per-sample gradient norm of the
+#   layer's parameters (a list: the engine takes one norm over all layers' entries), and
+# * a builder ``clipped(f, noise)`` returning one tensor per trainable parameter of the
+#   layer, in the layer's parameter order: ``sum_i f_i grad_i`` plus that parameter's noise
+#   (None: no noise), where ``grad_i`` is sample i's gradient *of the loss as computed* (the
+#   engine folds the loss's scale, the clip factors and the final division into ``f``).
+#
+# Matrix products take the noise as their additive term (``addmm``/``addmv``), so adding it
+# costs no separate pass. Builders never keep a reference to the norms (the engine changes
+# them in place).
+
+Noise = list[torch.Tensor] | None
+LayerResult = tuple[list[torch.Tensor], Callable[[torch.Tensor, Noise], list[torch.Tensor]]]
 
 
 def _row_sum(rows: torch.Tensor, f: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """``f @ rows`` (+ ``noise``) for per-sample rows (B, P), shaped like ``noise`` if given."""
+    """``f @ rows`` (+ ``noise``) for per-sample rows (B, P); shaped like ``noise`` if given."""
     if noise is None:
         return torch.mv(rows.t(), f)
+    if noise.dim() == 1:
+        return torch.addmv(noise, rows.t(), f)
     return torch.addmv(noise.reshape(-1), rows.t(), f).view(noise.shape)
+
+
+def _norm(rows: torch.Tensor) -> torch.Tensor:
+    """Per-sample Euclidean norms of rows (B, P)."""
+    return torch.linalg.vector_norm(rows, dim=1)
 
 
 def _materialised(per_sample: list[torch.Tensor]) -> LayerResult:
     """Norms and clipped sums from per-sample gradients (B, *param shape)."""
-    flat = [g.reshape(len(g), -1) for g in per_sample]
-    norms2 = torch.linalg.vecdot(flat[0], flat[0])
-    for rows in flat[1:]:
-        norms2 = norms2 + torch.linalg.vecdot(rows, rows)
+    flat = [g if g.dim() == 2 else g.reshape(len(g), -1) for g in per_sample]
 
     def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
-        return [
-            _row_sum(rows, f, noise[k] if noise else None).view(g.shape[1:])
-            for k, (rows, g) in enumerate(zip(flat, per_sample, strict=True))
-        ]
+        out = []
+        for k, (rows, g) in enumerate(zip(flat, per_sample, strict=True)):
+            s = _row_sum(rows, f, noise[k] if noise else None)
+            out.append(s if g.dim() == 2 else s.view(g.shape[1:]))
+        return out
 
-    return norms2, clipped
+    return [_norm(rows) for rows in flat], clipped
 
 
 def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
     has_bias = module.bias is not None and module.bias.requires_grad
     has_weight = module.weight.requires_grad
-    if a.dim() == 2:  # ghost norm: |g_i a_i^T|_F^2 = |g_i|^2 |a_i|^2
-        g2 = torch.linalg.vecdot(g, g)
-        if has_weight:
-            a2 = torch.linalg.vecdot(a, a)
-            norms2 = torch.addcmul(g2, g2, a2) if has_bias else g2 * a2
-        else:
-            norms2 = g2
+    if a.dim() == 2:  # ghost norm: |g_i a_i^T|_F = |g_i| |a_i|
+        gn = _norm(g)
+        norms = [gn * _norm(a)] if has_weight else []
+        if has_bias:
+            norms.append(gn)
 
         def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
             out = []
@@ -141,7 +148,7 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
                 out.append(_row_sum(g, f, noise[-1] if noise else None))
             return out
 
-        return norms2, clipped
+        return norms, clipped
     per_sample = []
     if has_weight:
         per_sample.append(torch.einsum("n...o,n...i->noi", g, a))
@@ -158,20 +165,20 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
     gf = g.reshape(n, out_ch, positions)
     k = module.weight[0].numel()  # in_channels x kernel area
     bias_rows = gf.sum(2) if has_bias else None
-    norms2 = torch.linalg.vecdot(bias_rows, bias_rows) if bias_rows is not None else gf.new_zeros(n)
+    norms = [_norm(bias_rows)] if bias_rows is not None else []
 
     def bias_sum(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
         return [] if bias_rows is None else [_row_sum(bias_rows, f, noise[-1] if noise else None)]
 
     if not has_weight:
-        return norms2, bias_sum
+        return norms, bias_sum
     padding = cast(tuple[int, ...], module.padding)  # numbers: the supported layers' padding
     cols = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
     # Ghost norm <A A^T, G G^T> costs positions^2 (k + out); materialising costs positions k out.
     if positions * (k + out_ch) < k * out_ch:
         aa = torch.bmm(cols.transpose(1, 2), cols)
         gg = torch.bmm(gf.transpose(1, 2), gf)
-        norms2 = norms2 + (aa * gg).sum((1, 2))
+        norms.append((aa * gg).sum((1, 2)).clamp_(min=0).sqrt_())
 
         def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
             fg = g * f.view(-1, 1, 1, 1)
@@ -182,26 +189,30 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
                 w.add_(noise[0])
             return [w, *bias_sum(f, noise)]
 
-        return norms2, clipped
+        return norms, clipped
     flat = torch.bmm(gf, cols.transpose(1, 2)).view(n, -1)  # per-sample weight gradients
-    norms2 = norms2 + torch.linalg.vecdot(flat, flat)
+    norms.append(_norm(flat))
 
     def clipped_m(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
         w = _row_sum(flat, f, noise[0] if noise else None).view(module.weight.shape)
         return [w, *bias_sum(f, noise)]
 
-    return norms2, clipped_m
+    return norms, clipped_m
 
 
 def _norm_layer(
-    module: nn.LayerNorm | nn.GroupNorm, a: torch.Tensor, g: torch.Tensor
+    module: nn.LayerNorm | nn.GroupNorm,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    unit: tuple[torch.Tensor, torch.Tensor],
 ) -> LayerResult:
-    n = len(a)
+    # x-hat, the normalised input; an affine map with weight 1 and bias 0 (``unit``) takes
+    # PyTorch's faster kernel than none.
     if isinstance(module, nn.GroupNorm):
-        xhat = torch.group_norm(a, module.num_groups, None, None, module.eps)
+        xhat = torch.group_norm(a, module.num_groups, *unit, module.eps)
         dims = tuple(range(2, a.dim()))  # sum over positions, one value per channel
     else:
-        xhat = torch.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        xhat = torch.layer_norm(a, module.normalized_shape, *unit, module.eps)
         dims = tuple(range(1, a.dim() - len(module.normalized_shape)))
     per_sample = []
     if module.weight is not None and module.weight.requires_grad:
@@ -209,15 +220,14 @@ def _norm_layer(
         per_sample.append(gw.sum(dims) if dims else gw)
     if module.bias is not None and module.bias.requires_grad:
         per_sample.append(g.sum(dims) if dims else g)
-    return _materialised([p.reshape(n, *p.shape[1:]) for p in per_sample])
+    return _materialised(per_sample)
 
 
-def _layer_result(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
-    if isinstance(module, nn.Linear):
-        return _linear(module, a, g)
-    if isinstance(module, nn.Conv2d):
-        return _conv2d(module, a, g)
-    return _norm_layer(cast("nn.LayerNorm | nn.GroupNorm", module), a, g)  # the last supported
+def _unit(module: nn.LayerNorm | nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight 1 and bias 0 of the shape of ``module``'s affine map."""
+    ref = module.weight if module.weight is not None else module.bias
+    assert ref is not None  # only layers with a trainable parameter are hooked
+    return torch.ones_like(ref, requires_grad=False), torch.zeros_like(ref, requires_grad=False)
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -237,7 +247,7 @@ class BookKeeping:
     ----------
     noise_std : float
         Standard deviation of the noise added to each coordinate of the clipped sum *before*
-        the final division (σC; 0 for none). Set by :class:`BKOptimizer`.
+        the final division (σC; 0 for none). Set by :meth:`set_noise`.
     divisor : float
         What the noisy sum is divided by: the expected batch size for a "mean" loss, else 1.
     generator : torch.Generator or None
@@ -250,16 +260,16 @@ class BookKeeping:
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
-        self.noise_std = 0.0
-        self.divisor = 1.0
-        self.generator: torch.Generator | None = None
         self.layers: list[tuple[nn.Module, list[nn.Parameter]]] = []
+        self._units: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = []
         for module in model.modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if own:
                 self.layers.append((module, own))
                 handles.append(module.register_forward_hook(self._forward_hook))
+                if isinstance(module, nn.LayerNorm | nn.GroupNorm):
+                    self._units[module] = _unit(module)
         setattr(model, HOOKS_ATTR, handles)
         self.params = [p for _, ps in self.layers for p in ps]
         # (module, input, gradient edge of the output) per forward call of a layer. The edge
@@ -268,6 +278,14 @@ class BookKeeping:
         # MONAI ResNet's ``out += residual``) modifies the tensor.
         self._taps: list[tuple[nn.Module, torch.Tensor, Any]] = []
         self.summed: list[torch.Tensor] | None = None
+        self.set_noise(0.0, 1.0, None)
+
+    def set_noise(self, std: float, divisor: float, generator: torch.Generator | None) -> None:
+        """Noise std σC, the divisor of the noisy sum and the noise generator."""
+        self.noise_std = float(std)
+        self.divisor = float(divisor)
+        self.generator = generator
+        self._c_over_d = torch.tensor(self.max_grad_norm / self.divisor)
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if output.requires_grad and module.training and torch.is_grad_enabled():
@@ -317,7 +335,7 @@ class BookKeeping:
             return
         grads = torch.autograd.grad(loss, [edge for _, _, edge in taps], allow_unused=True)
         results = {}
-        norms2 = []
+        norms: list[torch.Tensor] = []
         with torch.no_grad():
             for (module, a, _), g in zip(taps, grads, strict=True):
                 if g is None or len(a) != batch:
@@ -331,8 +349,14 @@ class BookKeeping:
                         f"DP-SGD: layer {type(module).__name__} ran twice in one forward pass; "
                         "reused layers need grad_sample_mode='hooks'"
                     )
-                n2, results[module] = _layer_result(module, a, g)
-                norms2.append(n2)
+                if isinstance(module, nn.Linear):
+                    layer_norms, results[module] = _linear(module, a, g)
+                elif isinstance(module, nn.Conv2d):
+                    layer_norms, results[module] = _conv2d(module, a, g)
+                else:  # the supported normalisation layers
+                    layer = cast("nn.LayerNorm | nn.GroupNorm", module)
+                    layer_norms, results[module] = _norm_layer(layer, a, g, self._units[module])
+                norms += layer_norms
             if len(results) != len(self.layers):
                 missing = [type(m).__name__ for m, _ in self.layers if m not in results]
                 raise FedHealthError(
@@ -340,20 +364,19 @@ class BookKeeping:
                     "parameters would get noise without a gradient. Freeze them "
                     "(requires_grad=False)."
                 )
-            self.summed = self._clipped_sums(results, norms2, scale)
+            self.summed = self._clipped_sums(results, norms, scale)
 
-    def _clipped_sums(self, results: dict, norms2: list[torch.Tensor], scale: float) -> list:
+    def _clipped_sums(self, results: dict, norms: list[torch.Tensor], scale: float) -> list:
         """Noise + sum_i f_i grad_i per parameter, with every scalar folded into ``f``.
 
         Opacus's step is ``(sum_i c_i G_i + N(0, σ²C²)) / d`` with ``G_i = scale * grad_i``
         (the per-sample gradient of the per-sample loss), ``c_i = min(1, C / (|G_i| + 1e-6))``
-        and ``d`` the divisor. So ``f_i = c_i scale / d = min(scale, C / (|grad_i| + 1e-6 /
-        scale)) / d``; the noise is drawn with std σC / d.
+        and ``d`` the divisor. So ``f_i = c_i scale / d = (C / d) / max(|grad_i| + 1e-6 /
+        scale, C / scale)``; the noise is drawn with std σC / d.
         """
-        total = norms2[0].sqrt() if len(norms2) == 1 else torch.stack(norms2).sum(0).sqrt_()
-        # 1 / max(|grad_i| + 1e-6 / scale, C / scale) * C / d
-        f = total.add_(1e-6 / scale).clamp_(min=self.max_grad_norm / scale).reciprocal_()
-        f.mul_(self.max_grad_norm / self.divisor)
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
+        denom = total.add_(1e-6 / scale).clamp_(min=self.max_grad_norm / scale)
+        f = torch.div(self._c_over_d, denom)
         noise = self._noise()
         summed: list[torch.Tensor] = []
         for module, params in self.layers:
@@ -447,9 +470,11 @@ class BKOptimizer:
                 "DP-SGD: the expected batch size int(n * q) is 0, so a mean loss would be "
                 "divided by zero; use a larger batch size"
             )
-        engine.noise_std = self.noise_multiplier * engine.max_grad_norm
-        engine.divisor = float(self.expected_batch_size) if loss_reduction == "mean" else 1.0
-        engine.generator = generator
+        engine.set_noise(
+            self.noise_multiplier * engine.max_grad_norm,
+            float(self.expected_batch_size) if loss_reduction == "mean" else 1.0,
+            generator,
+        )
 
     @property
     def param_groups(self) -> list[dict]:
