@@ -46,6 +46,7 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 #: Attribute marking a model that carries this module's hooks.
 HOOKS_ATTR = "_fedhealth_bk_hooks"
 
+
 def supports(model: nn.Module) -> str | None:
     """Why ``model`` cannot use book-keeping DP-SGD, or None if it can.
 
@@ -141,11 +142,13 @@ def _linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerResult:
 
         def clipped(f: torch.Tensor, noise: Noise) -> list[torch.Tensor]:
             out = []
+            gt = g.t()
             if has_weight:
-                fg = g.t() * f  # (out, B)
+                fg = gt * f  # (out, B)
                 out.append(torch.addmm(noise[0], fg, a) if noise else torch.mm(fg, a))
-            if has_bias:
-                out.append(_row_sum(g, f, noise[-1] if noise else None))
+            if has_bias:  # f @ g (+ noise)
+                nb = noise[-1] if noise else None
+                out.append(torch.mv(gt, f) if nb is None else torch.addmv(nb, gt, f))
             return out
 
         return norms, clipped
@@ -334,7 +337,7 @@ class BookKeeping:
             self.summed = noise if noise is not None else [torch.zeros_like(p) for p in self.params]
             return
         grads = torch.autograd.grad(loss, [edge for _, _, edge in taps], allow_unused=True)
-        results = {}
+        results: dict[nn.Module, Callable[[torch.Tensor, Noise], list[torch.Tensor]]] = {}
         norms: list[torch.Tensor] = []
         with torch.no_grad():
             for (module, a, _), g in zip(taps, grads, strict=True):
