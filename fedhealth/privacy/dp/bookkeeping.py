@@ -1,25 +1,30 @@
 """DP-SGD by book-keeping: per-sample clipping from one backward pass, without Opacus's wrappers.
 
 Book-keeping (BK; Bu et al., "Differentially private optimization on large model at small
-cost", ICML 2023) keeps, for every layer with trainable parameters, its input ``a`` (from a
-forward hook) and the gradient ``g`` of the loss with respect to its output (from a tensor
-hook). One backward pass computes only those output gradients -- no parameter gradients --
-and each layer then turns ``(a, g)`` into
+cost", ICML 2023) keeps, for every layer with trainable parameters, its input ``a`` and the
+gradient edge of its output (from a forward hook). One ``torch.autograd.grad`` call to those
+edges computes only the layers' output gradients ``g`` -- no parameter gradients -- and each
+layer then turns ``(a, g)`` into
 
-* the per-sample gradient norms, either from *ghost norms* (``|g_i|^2 |a_i|^2`` for a Linear
-  layer on 2-D input; ``<a_i a_i^T, g_i g_i^T>`` for a convolution, when its output has few
-  positions) or from materialised per-sample gradients (whichever costs fewer operations);
-* the sum of the clipped per-sample gradients ``sum_i c_i grad_i``, directly: for Linear one
-  matrix product ``(c * g)^T a``, for a convolution PyTorch's weight-gradient convolution on
-  ``c * g``, else a contraction of the materialised per-sample gradients.
+* per-sample gradient norms, either *ghost norms* (``|g_i| |a_i|`` for a Linear layer on 2-D
+  input; ``<a_i a_i^T, g_i g_i^T>`` for a convolution, when its output has few positions) or
+  norms of materialised per-sample gradients (whichever costs fewer operations); one
+  ``vector_norm`` over every layer's entries gives each sample's total norm;
+* the noised sum of the clipped per-sample gradients ``N + sum_i f_i grad_i``, directly: for
+  Linear one ``addmm(N, (f * g)^T, a)``, for a convolution PyTorch's weight-gradient
+  convolution on ``f * g``, else an ``addmv`` over the materialised per-sample gradients.
 
-Clipping, noise and scaling are Opacus's (``DPOptimizer``): ``c_i = min(1, C / (|grad_i| +
-1e-6))``, noise ``N(0, (σC)^2)`` drawn per parameter in parameter order from the noise
-generator, and with a "mean" loss the sum divided by the *expected* batch size
-``int(n * q)``. With the same generator the result equals Opacus's up to float rounding
-(``tests/test_dp_fast.py``). The work saved is Opacus's per-step Python bookkeeping
-(module wrapper, per-parameter ``grad_sample`` lists, hooks on every module) and, on tiny
-tabular models, most of the step: see ``benchmarks/dp_throughput.py``.
+Clipping, noise and scaling are Opacus's (``DPOptimizer``): ``c_i = min(1, C / (|G_i| +
+1e-6))`` for the per-sample gradient ``G_i`` of sample i's loss, noise ``N(0, (σC)^2)``
+drawn per parameter in parameter order from the noise generator, and with a "mean" loss the
+noisy sum divided by the *expected* batch size ``int(n * q)``. The loss's scale, ``c_i`` and
+the division are folded into one factor ``f_i`` per sample, and the noise is drawn (already
+divided) in the backward pass -- the same draws, in the same order, from the same generator
+as Opacus's optimiser step -- so that it enters the matrix products as their additive term.
+With the same generator the result equals Opacus's up to float rounding
+(``tests/test_dp_fast.py``). The work saved is Opacus's per-step Python bookkeeping (module
+wrapper, per-parameter ``grad_sample`` lists, hooks on every module) and, on tiny tabular
+models, most of the step: see ``benchmarks/dp_throughput.py``.
 
 Supported layers: ``Linear``, ``Conv2d`` (``groups=1``, zero padding), ``LayerNorm`` and
 ``GroupNorm`` -- every parametrised layer of the model zoo. :func:`supports` says whether a
