@@ -251,3 +251,31 @@ def test_release_removes_the_hooks():
         max_grad_norm=1.0,
     )
     assert again.grad_sample_mode == "bk"
+
+
+def test_bk_equals_opacus_with_a_sum_loss():
+    """A "sum" loss: no division by the batch size, the same clipped, noised update."""
+    base = build_model({"name": "mlp", "hidden": [16]}, 6, 2, seed=0)
+    ds = _data((6,))
+    out = {}
+    for mode in ("bk", "hooks"):
+        model = copy.deepcopy(base)
+        pt = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            DataLoader(ds, batch_size=8, generator=torch.Generator().manual_seed(5)),
+            noise_multiplier=1.0,
+            max_grad_norm=0.5,
+            grad_sample_mode=mode,
+            criterion=nn.CrossEntropyLoss(reduction="sum"),
+            noise_generator=torch.Generator().manual_seed(7),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for x, y in pt.data_loader:
+                pt.optimizer.zero_grad()
+                pt.criterion(pt.model(x), y).backward()
+                pt.optimizer.step()
+        pt.release()
+        out[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(out["bk"], out["hooks"], atol=1e-5, rtol=1e-5)
