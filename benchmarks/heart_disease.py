@@ -188,16 +188,29 @@ def federated(recipe: Recipe, seed: int, keys_root: Path) -> tuple[float, float]
     return summary.global_metrics["accuracy_site_mean"], max(eps, default=0.0)
 
 
+def _zscore_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased std per feature, as FLamby's ``HeartDiseaseRaw`` computes them."""
+    x = np.asarray(x, dtype=np.float64)
+    return x.mean(axis=0), x.std(axis=0, ddof=1)
+
+
+def _zscore(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """FLamby's z-score, ``(x - mean) / (std + 1e-9)``: a one-hot column constant in the
+    statistics' rows (a category a centre's training split lacks) scales by 1e9."""
+    mean, std = stats
+    return ((np.asarray(x, dtype=np.float64) - mean) / (std + 1e-9)).astype(np.float32)
+
+
 def pooled(norm: str, seed: int, epochs: int = 50) -> float:
     """Centralised training of the logistic regression on the pooled training splits.
 
     ``norm = "flamby"``: train rows z-scored with the pooled training statistics, each
-    centre's test rows with that centre's own (FLamby's ``fed_benchmark.py``);
-    ``"consortium"``: every row with the pooled training statistics. FLamby's pooled
-    training: Adam lr 0.001, batch 4, ``epochs`` epochs.
+    centre's test rows with that centre's own training statistics (FLamby's
+    ``fed_benchmark.py``), FLamby's z-score formula included; ``"consortium"``: every row
+    with the pooled training statistics. FLamby's pooled training: Adam lr 0.001, batch 4,
+    ``epochs`` epochs.
     """
     from fedhealth.config.experiment import load_experiment_with_sites
-    from fedhealth.data.normalisation import Standardizer, combine_moments
     from fedhealth.models import build_model
     from fedhealth.site.dataset import load_site_data
     from fedhealth.site.trainer import evaluate, train_local
@@ -209,8 +222,8 @@ def pooled(norm: str, seed: int, epochs: int = 50) -> float:
         cfg, sites = load_experiment_with_sites(experiment_file(recipe, out, seed, None))
     spec = cfg.task_spec()
     datas = [load_site_data(site, spec.task) for site in sites]
-    pooled_norm = Standardizer.from_moments(combine_moments([d.train_moments() for d in datas]))
-    x = np.concatenate([pooled_norm.transform(d.x_train) for d in datas]).astype(np.float32)
+    pooled_stats = _zscore_stats(np.concatenate([d.x_train for d in datas]))
+    x = np.concatenate([_zscore(d.x_train, pooled_stats) for d in datas])
     y = np.concatenate([d.y_train for d in datas])
     model = build_model(spec.model, x.shape[1], 2, seed)
     train_spec = spec.training.model_copy(
@@ -227,8 +240,8 @@ def pooled(norm: str, seed: int, epochs: int = 50) -> float:
     train_local(model, x, y, train_spec, seed=seed)
     accs = []
     for d in datas:
-        norm = Standardizer.from_moments(d.train_moments()) if norm == "flamby" else pooled_norm
-        accs.append(evaluate(model, norm.transform(d.x_test).astype(np.float32), d.y_test))
+        stats = _zscore_stats(d.x_train) if norm == "flamby" else pooled_stats
+        accs.append(evaluate(model, _zscore(d.x_test, stats), d.y_test))
     return float(np.mean([a["accuracy"] for a in accs]))
 
 
