@@ -195,8 +195,7 @@ def _zscore_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _zscore(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """FLamby's z-score, ``(x - mean) / (std + 1e-9)``: a one-hot column constant in the
-    statistics' rows (a category a centre's training split lacks) scales by 1e9."""
+    """FLamby's z-score, ``(x - mean) / (std + 1e-9)``."""
     mean, std = stats
     return ((np.asarray(x, dtype=np.float64) - mean) / (std + 1e-9)).astype(np.float32)
 
@@ -206,7 +205,7 @@ def pooled(norm: str, seed: int, epochs: int = 50) -> float:
 
     ``norm = "flamby"``: train rows z-scored with the pooled training statistics, each
     centre's test rows with that centre's own training statistics (FLamby's
-    ``fed_benchmark.py``), FLamby's z-score formula included; ``"consortium"``: every row
+    ``fed_benchmark.py``), with FLamby's z-score formula; ``"consortium"``: every row
     with the pooled training statistics. FLamby's pooled training: Adam lr 0.001, batch 4,
     ``epochs`` epochs.
     """
