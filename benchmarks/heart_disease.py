@@ -124,8 +124,10 @@ def shared_data() -> Path:
 
 
 def _deep_update(doc: dict[str, Any], edits: dict[str, Any]) -> None:
+    """Merge ``edits`` into ``doc`` table by table; an ``options`` table is replaced whole
+    (one strategy's options are no other's)."""
     for key, value in edits.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict) and value:
+        if isinstance(value, dict) and isinstance(doc.get(key), dict) and key != "options":
             _deep_update(doc[key], value)
         else:
             doc[key] = value
