@@ -36,7 +36,7 @@ def heart_run(tmp_path_factory, request):
         pytest.skip(f"shared data not found at {data} (set FEDHEALTH_SHARED_DATA)")
     root = Path(request.config.rootpath)
     work = tmp_path_factory.mktemp("heart")
-    for folder in ("experiments", "sites"):
+    for folder in ("experiments", "sites", "strategies"):
         shutil.copytree(root / folder, work / folder)
     for site in (work / "sites").glob("*.toml"):
         site.write_text(site.read_text().replace("../../shared/data", str(shared_data())))

@@ -33,7 +33,7 @@ def test_train_on_three_centres_validate_at_the_fourth(tmp_path, request):
     if not data.is_dir():
         pytest.skip(f"shared data not found at {data} (set FEDHEALTH_SHARED_DATA)")
     root = Path(request.config.rootpath)
-    for folder in ("experiments", "sites"):
+    for folder in ("experiments", "sites", "strategies"):
         shutil.copytree(root / folder, tmp_path / folder)
     for site in (tmp_path / "sites").glob("*.toml"):
         site.write_text(site.read_text().replace("../../shared/data", str(shared_data())))
