@@ -94,7 +94,7 @@ def test_registered_model_holds_no_pickle(heart_run) -> None:
     assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt", ".pickle"))], files
     assert "model_code_path" in (path / "MLmodel").read_text()
     spec = (path / "artifacts" / "preprocessing.json").read_text()
-    assert '"normalisation": "site"' in spec and '"statistics": {' in spec
+    assert '"normalisation": "consortium"' in spec and '"statistics": {' in spec
 
 
 def test_bad_raw_input_names_the_column(heart_run) -> None:
