@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -45,7 +46,12 @@ def _site_copy(profile: Path, out_dir: Path) -> Path:
     doc = tomllib.loads(profile.read_text())
     doc["site"]["workspace"] = str(out_dir / "sites")
     for ds in doc["datasets"].values():
-        ds["path"] = str((profile.parent / ds["path"]).resolve())
+        shared = os.environ.get("FEDHEALTH_SHARED_DATA")
+        ds["path"] = (
+            str(Path(shared) / "uci-heart-disease" / Path(ds["path"]).name)
+            if shared
+            else str((profile.parent / ds["path"]).resolve())
+        )
     path = out_dir / profile.name
     path.write_text(tomli_w.dumps(doc))
     return path
@@ -58,6 +64,9 @@ def variant(out_dir: Path, seed: int, epsilon: float | None) -> Path:
         str(_site_copy((BASE.parent / s).resolve(), out_dir)) for s in doc["experiment"]["sites"]
     ]
     doc["experiment"]["seed"] = seed
+    strategy = doc["strategy"]["name"]
+    if ":" in strategy:  # a strategy file named from the project root
+        doc["strategy"]["name"] = str(ROOT / strategy)
     if epsilon is None:
         doc["privacy"]["dp"]["enabled"] = False
     else:
@@ -86,8 +95,9 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="*", default=[0.5, 1.0, 3.0, 8.0])
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without DP")
     args = parser.parse_args()
-    if not (ROOT.parent / "shared" / "data" / "uci-heart-disease").is_dir():
-        sys.exit(f"shared data not found at {ROOT.parent / 'shared' / 'data'}")
+    shared = Path(os.environ.get("FEDHEALTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    if not (shared / "uci-heart-disease").is_dir():
+        sys.exit(f"shared data not found at {shared}")
     settings: list[float | None] = list(args.epsilons) + ([] if args.no_baseline else [None])
     rows = []
     t0 = time.time()

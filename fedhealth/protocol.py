@@ -369,6 +369,40 @@ class TrainingSection(_Wire):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
     max_steps: int | None = Field(None, ge=1, description="Cap on local steps per round.")
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Exactly this many optimiser steps per round at every site, cycling "
+        "through its training split as often as needed (instead of `local_epochs`; FLamby's "
+        "recipe). Under DP-SGD each step is a Poisson batch and the accountant counts every one.",
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSection:
+        if self.local_steps is not None and (self.local_epochs != 1 or self.max_steps is not None):
+            raise ValueError(
+                "`local_steps` fixes the steps per round: leave out `local_epochs` and `max_steps`"
+            )
+        return self
+
+    def steps_per_round(self, steps_per_epoch: int) -> int:
+        """Optimiser steps one round runs at a site whose epoch has ``steps_per_epoch`` batches.
+
+        Parameters
+        ----------
+        steps_per_epoch : int
+            Batches in one pass over the site's training split.
+
+        Returns
+        -------
+        int
+            ``local_steps`` if set, else ``local_epochs x steps_per_epoch`` capped by
+            ``max_steps``.
+        """
+        if self.local_steps is not None:
+            return self.local_steps
+        steps = self.local_epochs * steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
 
 
 class DPSection(_Wire):

@@ -62,6 +62,8 @@ SETTINGS = [
     # (dp section, training section, rounds)
     ({"noise_multiplier": 1.1, "accountant": "rdp"}, {"batch_size": 8, "local_epochs": 2}, 3),
     ({"target_epsilon": 2.0, "accountant": "rdp"}, {"batch_size": 16, "max_steps": 5}, 4),
+    # A fixed 13 steps a round: more than one pass over the Poisson loader, every step counted.
+    ({"target_epsilon": 2.0, "accountant": "rdp"}, {"batch_size": 16, "local_steps": 13}, 3),
     ({"noise_multiplier": 0.9, "accountant": "prv"}, {"batch_size": 32}, 2),
     # q = 1/112: a third of the Poisson batches are empty, and every one is a step.
     ({"noise_multiplier": 1.0, "grad_sample_mode": "hooks"}, {"batch_size": 1}, 1),
@@ -76,6 +78,7 @@ def test_reported_epsilon_matches_dp_accounting(tmp_path, dp, training, rounds):
     q = sample_rate(n, training["batch_size"])
     per_round = steps_per_epoch(n, training["batch_size"]) * training.get("local_epochs", 1)
     per_round = min(per_round, training.get("max_steps") or per_round)
+    per_round = training.get("local_steps") or per_round
     arrays, history = None, []
     for r in range(1, rounds + 1):
         reply, arrays = train_round(exp, 0, r, arrays)

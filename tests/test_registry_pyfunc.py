@@ -9,6 +9,7 @@ them: no one-hot encoding, no z-scores, the missing-value tokens as NaN.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,12 +36,12 @@ def heart_run(tmp_path_factory, request):
         pytest.skip(f"shared data not found at {data} (set FEDHEALTH_SHARED_DATA)")
     root = Path(request.config.rootpath)
     work = tmp_path_factory.mktemp("heart")
-    for folder in ("experiments", "sites"):
+    for folder in ("experiments", "sites", "strategies"):
         shutil.copytree(root / folder, work / folder)
     for site in (work / "sites").glob("*.toml"):
         site.write_text(site.read_text().replace("../../shared/data", str(shared_data())))
     exp = work / "experiments" / "heart-disease.toml"
-    exp.write_text(exp.read_text().replace("rounds = 20", "rounds = 5"))
+    exp.write_text(re.sub(r"(?m)^rounds = \d+", "rounds = 5", exp.read_text()))
     old = Path.cwd()
     os.chdir(work)
     try:
@@ -93,7 +94,7 @@ def test_registered_model_holds_no_pickle(heart_run) -> None:
     assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt", ".pickle"))], files
     assert "model_code_path" in (path / "MLmodel").read_text()
     spec = (path / "artifacts" / "preprocessing.json").read_text()
-    assert '"normalisation": "site"' in spec and '"statistics": {' in spec
+    assert '"normalisation": "consortium"' in spec and '"statistics": {' in spec
 
 
 def test_bad_raw_input_names_the_column(heart_run) -> None:

@@ -18,7 +18,7 @@ from dp_consortium import refusal, reply_metrics, train_round, write_experiment,
 from fedhealth.config.experiment import load_experiment
 from fedhealth.config.site import load_site
 from fedhealth.models import build_model
-from fedhealth.protocol import ConfigKey
+from fedhealth.protocol import ConfigKey, TrainingSection
 from fedhealth.site.audit import audit_path, read
 from fedhealth.site.limits import model_parameters
 
@@ -110,6 +110,11 @@ def test_a_sites_own_caps_refuse_steps_and_image_size(tmp_path):
     spec = load_experiment(exp).task_spec()
     check_local_steps(profile, spec.model_copy(update={"training": spec.training.model_copy(
         update={"max_steps": 3})}), 60)  # fmt: skip
+    # A fixed step count is checked as it is: 4 fixed steps exceed the cap, whatever n.
+    fixed = spec.model_copy(update={"training": TrainingSection(local_steps=4, batch_size=64)})
+    with pytest.raises(LimitExceeded) as err:
+        check_local_steps(profile, fixed, 10)
+    assert err.value.rule == "limits.max_local_steps"
 
 
 @pytest.mark.parametrize(

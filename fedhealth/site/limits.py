@@ -135,16 +135,15 @@ def check_global_model(profile: SiteProfile, arrays: Mapping[str, Any], round_: 
 def check_local_steps(profile: SiteProfile, spec: TaskSpec, n_train: int) -> None:
     """Refuse a round that would run more optimiser steps than the site's cap.
 
-    Steps are ``local_epochs x ceil(n_train / batch_size)``, capped by ``max_steps``.
+    Steps are ``local_epochs x ceil(n_train / batch_size)``, capped by ``max_steps``, or
+    ``local_steps`` when the experiment fixes them.
 
     Raises
     ------
     LimitExceeded
     """
     t = spec.training
-    steps = t.local_epochs * math.ceil(max(n_train, 1) / t.batch_size)
-    if t.max_steps is not None:
-        steps = min(steps, t.max_steps)
+    steps = t.steps_per_round(math.ceil(max(n_train, 1) / t.batch_size))
     cap = profile.limits.max_local_steps
     if steps > cap:
         raise _over(profile, "max_local_steps", "local steps per round", steps, cap)

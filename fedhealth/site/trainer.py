@@ -62,15 +62,24 @@ def make_optimizer(model: nn.Module, spec: TrainingSection) -> torch.optim.Optim
     return SGD(model.parameters(), lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
-def _batches(loader: DataLoader, epochs: int, max_steps: int | None):
-    """Every batch of ``epochs`` passes over ``loader``, stopping after ``max_steps``."""
-    steps = 0
-    for _ in range(epochs):
+def _batches(loader: DataLoader, spec: TrainingSection):
+    """The batches of one round: ``spec.local_steps`` of them, cycling over ``loader`` as
+    often as needed, else every batch of ``local_epochs`` passes, stopping after
+    ``max_steps``."""
+    epochs = spec.local_epochs if spec.local_steps is None else None
+    max_steps = spec.local_steps if spec.local_steps is not None else spec.max_steps
+    steps, epoch = 0, 0
+    while epochs is None or epoch < epochs:
+        epoch += 1
+        empty = True
         for batch in loader:
+            empty = False
             yield batch
             steps += 1
             if max_steps and steps >= max_steps:
                 return
+        if empty:  # a loader without batches: nothing to cycle over
+            return
 
 
 def train_local(
@@ -130,7 +139,7 @@ def train_local(
         with warnings.catch_warnings():
             # Opacus's ghost clipping backpropagates to module outputs; PyTorch warns each time.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for xb, yb in _batches(loader, spec.local_epochs, spec.max_steps):
+            for xb, yb in _batches(loader, spec):
                 optimizer.zero_grad()
                 loss = loss_fn(net(xb), yb)
                 if anchor is not None:

@@ -8,7 +8,8 @@ again before every round (a real site trusts nobody else's arithmetic).
 
 Record mode (DP-SGD)
     q = 1 / ceil(n / batch_size) and steps per round = min(local_epochs x
-    steps per epoch, max_steps), exactly as Opacus's Poisson loader runs them.
+    steps per epoch, max_steps), or ``local_steps`` when the experiment fixes them,
+    exactly as Opacus's Poisson loader runs them.
     With ``target_epsilon`` the site calibrates σ so that *all planned rounds*
     together spend at most that ε.
 
@@ -93,7 +94,8 @@ class DPPlan:
 
 
 def local_steps_per_round(training: dict[str, Any], n_records: int) -> int:
-    """DP-SGD steps one round runs at a site: every Poisson batch of every local epoch.
+    """DP-SGD steps one round runs at a site: every Poisson batch of every local epoch
+    (or exactly ``local_steps`` of them).
 
     Parameters
     ----------
@@ -106,6 +108,9 @@ def local_steps_per_round(training: dict[str, Any], n_records: int) -> int:
     -------
     int
     """
+    fixed = training.get("local_steps")
+    if fixed:
+        return int(fixed)
     steps = int(training["local_epochs"]) * steps_per_epoch(n_records, int(training["batch_size"]))
     cap = training.get("max_steps")
     return min(steps, int(cap)) if cap else steps
@@ -222,8 +227,8 @@ def plan_for_site(
             f"key `privacy.dp.target_epsilon` = {target:g} is unreachable at {where}: the "
             f"smallest feasible ε for this plan is about {floor:.3g} (at noise multiplier "
             f"{MAX_NOISE_MULTIPLIER:g}, beyond which nothing is learnt). Raise "
-            "`privacy.dp.target_epsilon`, or lower `experiment.rounds`, `training.local_epochs` "
-            f"or `training.max_steps`, or the batch size. ({exc})"
+            "`privacy.dp.target_epsilon`, or lower `experiment.rounds`, `training.local_epochs`, "
+            f"`training.max_steps` or `training.local_steps`, or the batch size. ({exc})"
         ) from None
     return DPPlan(
         site, "record", sigma, q, per_round, int(rounds), delta, accountant, n_records, True
