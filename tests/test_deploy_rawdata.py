@@ -79,10 +79,10 @@ def recorded(tmp_path_factory):
     proxy.start()
     dicom = f'[datasets.phantoms]\nkind = "dicom"\npath = "{data / SITE / "dicom"}"\n'
     # 20 phantoms split 15/5: below the default smallest split (50) the site would refuse.
-    small = "\n[privacy]\nmin_split_records = 5\n"
     write_site(
-        root, SITE, data, free_port(), f"127.0.0.1:{proxy.port}", tls=False, extra=dicom + small
-    )
+        root, SITE, data, free_port(), f"127.0.0.1:{proxy.port}", tls=False, extra=dicom,
+        min_split_records=5,
+    )  # fmt: skip
     tabular = write_experiment(root, "rawdata-tabular", [SITE], rounds=1, min_sites=1)
     imaging = root / "rawdata-imaging.toml"
     imaging.write_text(IMAGING_EXPERIMENT.format(site=SITE))

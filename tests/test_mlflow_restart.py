@@ -57,7 +57,14 @@ from fedhealth.registry.retry import (
     is_transient,
     retrying,
 )
-from tests.deploy_harness import FEDHEALTH, SITES, Deployment, wait_for, write_experiment
+from tests.deploy_harness import (
+    FEDHEALTH,
+    SITES,
+    Deployment,
+    demo_privacy,
+    wait_for,
+    write_experiment,
+)
 
 VERSION_TAGS = {
     "sites", "rounds", "strategy", "config_hash", "fedhealth_version", "experiment", "task",
@@ -141,8 +148,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """Demo breast-cancer tables for the three quickstart hospitals and plain site profiles
-    (no privacy policy) beside the experiments the tests write."""
+    """Demo breast-cancer tables for the three quickstart hospitals and site profiles with the
+    default privacy policy but the demo data's split minimum, beside the experiments the
+    tests write."""
     from fedhealth.data.demo import write_demo_data
 
     root = tmp_path_factory.mktemp("consortium")
@@ -153,7 +161,7 @@ def project(tmp_path_factory) -> Path:
         path.write_text(
             f'[site]\nname = "{site}"\nworkspace = "{root / "site-ws"}"\n\n'
             f'[datasets.breast-cancer]\nkind = "tabular"\n'
-            f'path = "{root / "data" / site / "breast-cancer.csv"}"\n'
+            f'path = "{root / "data" / site / "breast-cancer.csv"}"\n{demo_privacy()}'
         )
     return root
 
