@@ -387,8 +387,9 @@ def clientapp_imports(reps: int) -> None:
             out = _probe(mods, opt)
             seconds.setdefault(case, []).append(out["imports"] + out["optimiser"])
             loaded[case] = out["loaded"]
-    print(f"\n== A fresh process's imports per kind of message (after Flower's own), seconds, "
-          f"median of {reps} processes; a deployed site pays them once, at its start ==")  # fmt: skip
+    print(f"\n== A fresh process's imports per kind of message (after Flower's own), "
+          f"seconds, median of {reps} processes; a deployed site pays them once, at its "
+          "start ==")  # fmt: skip
     print(f"{'message':<22} {'seconds':>7}  heavy modules")
     for case in IMPORT_CASES:
         mods = ", ".join(loaded[case]) or "-"

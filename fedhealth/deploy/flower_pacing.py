@@ -159,17 +159,22 @@ def install(pacer: Pacer | None = None) -> PacedTime | None:
     if isinstance(loop.time, PacedTime):
         return loop.time
     paced = PacedTime(pacer or Pacer())
-    pull = loop._pull_and_store_message
+    loop._pull_and_store_message = marking_busy(loop._pull_and_store_message, paced.pacer)
+    loop.time = paced  # type: ignore[assignment]
+    return paced
+
+
+def marking_busy(pull: Callable[..., int | None], pacer: Pacer) -> Callable[..., int | None]:
+    """Wrap Flower's ``_pull_and_store_message`` (returns the run id of a received
+    message, or ``None``) so that every received message marks ``pacer`` busy."""
 
     def pull_and_store_message(*args: Any, **kwargs: Any) -> int | None:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
-            paced.pacer.busy()
+            pacer.busy()
         return run_id
 
-    loop._pull_and_store_message = pull_and_store_message  # type: ignore[assignment]
-    loop.time = paced  # type: ignore[assignment]
-    return paced
+    return pull_and_store_message
 
 
 def main() -> None:

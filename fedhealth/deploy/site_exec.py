@@ -150,8 +150,8 @@ def _runtime_client(address: str, interceptors: list[Any]) -> Any:
 def warm_up(profile: Path) -> list[str]:
     """Import, once, what this site's messages need, so that no message pays for it.
 
-    The ClientApp and the site runtime (torch, pandas), the readers of the site's
-    datasets, Opacus, the encrypted-reply code (TenSEAL), and one ``torch.optim`` step
+    The ClientApp, the site runtime (torch), pandas (the tables' reader), the readers of
+    the site's datasets, Opacus, the encrypted-reply code (TenSEAL), and one ``torch.optim`` step
     (whose first use imports ``torch._dynamo``).
 
     Parameters
@@ -167,7 +167,7 @@ def warm_up(profile: Path) -> list[str]:
     from fedhealth.catalogue import READERS
     from fedhealth.config.site import load_site
 
-    modules = ["fedhealth.site.client_app", "fedhealth.site.runtime"]
+    modules = ["fedhealth.site.client_app", "fedhealth.site.runtime", "pandas"]
     for source in load_site(profile).datasets.values():
         modules += [m for m in READERS.get(source.kind).imports if m not in modules]
     modules += ["opacus", "fedhealth.site.encrypted_reply"]
