@@ -251,6 +251,30 @@ def deployed_vs_simulated(rounds: int) -> None:
               f"{med(r['request to process'] for r in rows):.2f} s")  # fmt: skip
     print(f"whole command: deployed {deployed_total:.1f} s, simulation {sim_total:.1f} s "
           f"(simulation includes Ray start)")  # fmt: skip
+    ready = _app_process_starts(root / "site-ws")
+    if ready:
+        print(
+            "each deployed site's app process started once, before the run (its imports: "
+            f"torch, pandas, Opacus, TenSEAL): {', '.join(f'{s:.1f}' for s in ready)} s"
+        )
+    med_d = statistics.median(r["round"] for r in deployed)
+    med_s = statistics.median(r["round"] for r in simulated)
+    verdict = "met" if med_d <= med_s + 2 else "NOT met"
+    print(
+        f"target deployed round <= simulated round + 2 s: {med_d:.2f} <= {med_s:.2f} + 2 "
+        f"-> {verdict}"
+    )
+
+
+def _app_process_starts(site_ws: Path) -> list[float]:
+    """Seconds each site's app process took to start (``site-exec.log``'s ready line)."""
+    import re
+
+    out = []
+    for log in sorted(site_ws.glob("*/logs/site-exec.log")):
+        for m in re.finditer(r"ready in ([0-9.]+) s", log.read_text(errors="replace")):
+            out.append(float(m.group(1)))
+    return out
 
 
 SCALE_DRIVER = """
