@@ -186,7 +186,6 @@ def run_site(
             group.children.clear()
             node, executor = _start_pair(group, profile_path, profile, s)
             while not stop["flag"]:
-                group.note_helpers()
                 if node.proc.poll() is not None:
                     break
                 if executor.proc.poll() is not None:  # the app process died: it alone
