@@ -559,3 +559,17 @@ def test_site_app_process_imports_everything_its_messages_need_once(tmp_path: Pa
     assert res["modules"][:2] == ["fedhealth.site.client_app", "fedhealth.site.runtime"]
     assert "pydicom" in res["modules"]
     assert res["loaded"] == ["torch", "pandas", "opacus", "tenseal", "pydicom", "torch._dynamo"]
+
+
+def test_mlflow_server_caches_verified_credentials(tmp_path: Path, monkeypatch) -> None:
+    """Each MLflow request would otherwise pay a scrypt password check."""
+    from mlflow.server.auth.config import read_auth_config
+
+    from fedhealth.deploy.mlflow_auth import AUTH_CACHE_SECONDS, Credentials, server_env
+
+    env = server_env(tmp_path / "mlflow", Credentials.new("admin"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds == AUTH_CACHE_SECONDS > 0
+    assert config.authorization_function.endswith("authenticate_request_basic_auth")
