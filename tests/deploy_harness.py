@@ -224,7 +224,7 @@ class Deployment:
         if not self.tls:
             args.append("--insecure")
         self.spawn("coordinator", *args)
-        self.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=120)
+        self.wait_output("coordinator", "Ctrl-C stops the coordinator", timeout=300)
         from fedhealth.deploy.mlflow_auth import Credentials
 
         creds = Credentials.load(self.mlflow_admin).env()
@@ -234,14 +234,14 @@ class Deployment:
     def start_site(self, site: str) -> None:
         """``fedhealth site start`` for one site."""
         self.spawn(f"site-{site}", "site", "start", str(self.root / "sites" / f"{site}.toml"))
-        self.wait_output(f"site-{site}", "Ctrl-C stops the site", timeout=60)
+        self.wait_output(f"site-{site}", "Ctrl-C stops the site", timeout=180)
 
     def start_sites(self, sites: list[str]) -> None:
         """``fedhealth site start`` for several sites at once."""
         for site in sites:
             self.spawn(f"site-{site}", "site", "start", str(self.root / "sites" / f"{site}.toml"))
         for site in sites:
-            self.wait_output(f"site-{site}", "Ctrl-C stops the site", timeout=60)
+            self.wait_output(f"site-{site}", "Ctrl-C stops the site", timeout=180)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a spawned command and everything it started (a crash with SIGKILL)."""

@@ -310,9 +310,10 @@ print(json.dumps(loaded))
 
 
 def test_a_clientapp_process_imports_only_what_its_message_needs(tmp_path: Path) -> None:
-    """In a fresh process, as in a deployment: importing the ClientApp loads none of torch,
-    pandas, Opacus, TenSEAL or MLflow; a DP training message then loads torch, pandas and
-    Opacus, never TenSEAL (plaintext round), MLflow or torch._dynamo (fedhealth.site.optim).
+    """In a fresh process, as in a simulated site's worker: importing the ClientApp loads
+    none of torch, pandas, Opacus, TenSEAL or MLflow; a DP training message then loads
+    torch, pandas, Opacus and torch._dynamo (torch.optim's first step), never TenSEAL
+    (plaintext round) or MLflow.
     """
     import json
     import subprocess
@@ -339,43 +340,10 @@ def test_a_clientapp_process_imports_only_what_its_message_needs(tmp_path: Path)
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["import"] == []
-    assert loaded["train"] == ["torch", "pandas", "opacus"]
+    assert loaded["train"] == ["torch", "pandas", "opacus", "torch._dynamo"]
     entry = [r for r in read(audit_path(tmp_path / "workspace" / "h1")) if r["event"] == "sent"]
     t = entry[-1]["timing"]
     assert t["import_s"] > 0 and t["process_start_s"] > 0 and t["privacy_s"] > 0
-
-
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [
-        ("sgd", {"lr": 0.1}),
-        ("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
-        ("adam", {"lr": 0.01}),
-        ("adam", {"lr": 0.003, "weight_decay": 0.01}),
-    ],
-)
-def test_site_optimisers_update_exactly_like_torch_optim(name: str, kwargs: dict) -> None:
-    import torch
-    from torch import nn
-
-    from fedhealth.site.optim import SGD, Adam
-
-    ours_cls, torch_cls = {"sgd": (SGD, torch.optim.SGD), "adam": (Adam, torch.optim.Adam)}[name]
-
-    def train(make) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
-        opt = make(model.parameters(), **kwargs)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(20):
-            x, y = torch.randn(16, 7, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()]
-
-    for a, b in zip(train(ours_cls), train(torch_cls), strict=True):
-        assert torch.equal(a, b)
 
 
 def _fab(files: dict[str, bytes]) -> bytes:
@@ -463,3 +431,145 @@ def test_coordinator_start_names_the_secret_it_refuses(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "ca.key" in out and "never be on the coordinator's machine" in out, out
     assert not (tmp_path / "ws").exists()  # nothing was started
+
+
+def test_pacer_polls_fast_while_active_and_backs_off_when_idle() -> None:
+    from fedhealth.deploy.flower_pacing import Pacer
+
+    now = [1000.0]
+    pacer = Pacer(active=0.05, idle=1.0, window=60.0, clock=lambda: now[0])
+    assert [pacer.pause() for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]  # never busy
+    pacer.busy()
+    now[0] += 59.0
+    assert pacer.pause() == 0.05 and pacer.pause() == 0.05  # within the window: fast
+    now[0] += 2.0
+    assert [pacer.pause() for _ in range(3)] == [0.05, 0.1, 0.2]  # idle again: backs off
+    pacer.busy()
+    assert pacer.pause() == 0.05
+
+
+def test_flower_pacing_changes_only_the_supernodes_three_pauses(tmp_path: Path) -> None:
+    import inspect
+    import types
+
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supercore.version import package_version
+
+    from fedhealth.deploy.flower_pacing import (
+        REPLY_POLL,
+        PacedTime,
+        Pacer,
+        install,
+        marking_busy,
+        mismatch,
+    )
+
+    # Written against the installed Flower: its version and the exact pauses in its source.
+    assert mismatch(loop, package_version) == ""
+    assert "1.41.x" in mismatch(loop, "1.42.0")
+    # A Flower whose loop pauses differently is left alone.
+    edited = tmp_path / "start_client_internal.py"
+    edited.write_text(inspect.getsource(loop).replace("time.sleep(3)", "time.sleep(2)"))
+    changed = types.ModuleType("flwr.supernode.start_client_internal")
+    changed.__file__ = str(edited)
+    assert "time.sleep(3)" in mismatch(changed, package_version)
+
+    now = [0.0]
+    paced = PacedTime(Pacer(active=0.05, idle=1.0, clock=lambda: now[0]))
+    assert paced.paced(3) == 0.05 and paced.paced(3) == 0.1  # idle: the pacer's pause
+    assert paced.paced(0.5) == REPLY_POLL and paced.paced(7) == 7  # reply checks; others
+    assert paced.monotonic is loop.time.monotonic  # everything else is time's own
+
+    pulls = iter([None, 42])
+    pull = marking_busy(lambda: next(pulls), paced.pacer)
+    assert pull() is None and paced.paced(3) == 0.2  # nothing received: still backing off
+    assert pull() == 42 and paced.paced(3) == 0.05  # a message: fast again
+
+    original = (loop.time, loop._pull_and_store_message)
+    try:
+        installed = install()
+        assert isinstance(installed, PacedTime) and loop.time is installed
+        assert install() is installed  # once per process
+        assert loop._pull_and_store_message is not original[1]
+    finally:
+        loop.time, loop._pull_and_store_message = original
+
+
+def test_a_long_lived_app_process_counts_no_process_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from fedhealth.site.timing import HandlerTiming, serving\n"
+        "serving()\n"
+        "print(HandlerTiming().process_start, HandlerTiming().process_start)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0.0", "0.0"]
+
+
+def test_site_profile_is_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    import os
+
+    from flwr.app import Context, RecordDict
+
+    from fedhealth.site.client_app import site_profile
+
+    path = tmp_path / "site.toml"
+    base = '[site]\nname = "h1"\nworkspace = "ws"\n\n[datasets.t]\nkind = "tabular"\n'
+    base += 'path = "t.csv"\n'
+    path.write_text(base)
+    ctx = Context(run_id=1, node_id=1, node_config={"profile": str(path)}, state=RecordDict(),
+                  run_config={})  # fmt: skip
+    assert site_profile(ctx)[0].name == "h1"
+    assert site_profile(ctx)[0] is site_profile(ctx)[0]  # unchanged: read once
+    path.write_text(base + "\n[limits]\nmax_batch_size = 8\n")
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000))  # a later edit, same second
+    assert site_profile(ctx)[0].limits.max_batch_size == 8
+
+
+_WARM_UP = """
+import json, sys
+from pathlib import Path
+from fedhealth.deploy.site_exec import warm_up
+modules = warm_up(Path(sys.argv[1]))
+heavy = ["torch", "pandas", "opacus", "tenseal", "pydicom", "torch._dynamo", "mlflow"]
+print(json.dumps({"modules": modules, "loaded": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_site_app_process_imports_everything_its_messages_need_once(tmp_path: Path) -> None:
+    """The deployed site's app process imports, at its start, the site runtime, the
+    readers of its datasets, Opacus, TenSEAL and torch.optim's first step; never MLflow."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "site.toml").write_text(
+        '[site]\nname = "h1"\nworkspace = "ws"\n\n'
+        '[datasets.table]\nkind = "tabular"\npath = "t.csv"\n\n'
+        '[datasets.ct]\nkind = "dicom"\npath = "ct"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _WARM_UP, str(tmp_path / "site.toml")], capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["modules"][:2] == ["fedhealth.site.client_app", "fedhealth.site.runtime"]
+    assert "pydicom" in res["modules"]
+    assert res["loaded"] == ["torch", "pandas", "opacus", "tenseal", "pydicom", "torch._dynamo"]
+
+
+def test_mlflow_server_caches_verified_credentials(tmp_path: Path, monkeypatch) -> None:
+    """Each MLflow request would otherwise pay a scrypt password check."""
+    from mlflow.server.auth.config import read_auth_config
+
+    from fedhealth.deploy.mlflow_auth import AUTH_CACHE_SECONDS, Credentials, server_env
+
+    env = server_env(tmp_path / "mlflow", Credentials.new("admin"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds == AUTH_CACHE_SECONDS > 0
+    assert config.authorization_function.endswith("authenticate_request_basic_auth")

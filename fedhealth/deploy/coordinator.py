@@ -281,7 +281,7 @@ class Coordinator:
         return True
 
 
-def start_coordinator(s: CoordinatorSettings, timeout: float = 90.0) -> Coordinator:
+def start_coordinator(s: CoordinatorSettings, timeout: float = 180.0) -> Coordinator:
     """Start the MLflow server and the SuperLink, write the flwr connection, and register
     every provisioned site's SuperNode key. On any failure, stop what was started.
     """

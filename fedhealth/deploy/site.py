@@ -5,11 +5,13 @@ authentication key, and tells the ClientApp which site it serves with the node
 config ``profile="<absolute path of the site profile>"``. Its log goes to
 ``<site workspace>/logs/supernode.log``.
 
-The SuperNode runs with ``--isolation process``: it starts no app of its own. Beside it the
-site runs its own executor (:mod:`fedhealth.deploy.site_exec`, log
-``<site workspace>/logs/site-exec.log``), which runs every message through the installed
-fedhealth ClientApp and refuses (and audits) a run whose app bundle is anything else. The two
-share the SuperExec secret ``<site workspace>/superexec.secret``.
+The SuperNode runs with ``--isolation process``: it starts no app of its own. It is
+Flower's ``flower-supernode`` started as ``python -m fedhealth.deploy.flower_pacing`` (its
+polling paced to tens of milliseconds while a run is active). Beside it runs the site's own
+app process (:mod:`fedhealth.deploy.site_exec`, log ``<site workspace>/logs/site-exec.log``),
+started once: it runs every message of every run through the installed fedhealth ClientApp
+and refuses (and audits) a run whose app bundle is anything else. The two share the
+SuperExec secret ``<site workspace>/superexec.secret``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.config.site import SiteProfile
-from fedhealth.deploy.processes import Child, ProcessGroup, venv_bin
+from fedhealth.deploy.processes import Child, ProcessGroup
 from fedhealth.deploy.site_exec import ensure_secret
 from fedhealth.errors import ConfigError
 
@@ -62,7 +64,7 @@ def supernode_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[st
     """The ``flower-supernode`` command line for one site (``secret``: the SuperExec
     secret file it shares with the site's executor)."""
     argv = [
-        str(venv_bin() / "flower-supernode"),
+        sys.executable, "-m", "fedhealth.deploy.flower_pacing",  # flower-supernode, paced
         "--superlink", s.superlink,
         "--host", "127.0.0.1",
         "--port", str(s.port),
@@ -80,7 +82,7 @@ def supernode_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[st
 
 
 def executor_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[str]:
-    """The command line of the site's own app executor (:mod:`fedhealth.deploy.site_exec`)."""
+    """The command line of the site's own app process (:mod:`fedhealth.deploy.site_exec`)."""
     return [
         sys.executable, "-m", "fedhealth.deploy.site_exec",
         "--runtime-api-address", f"127.0.0.1:{s.port}",
@@ -106,7 +108,7 @@ def _start_pair(
     s: NodeSettings,
     env: dict[str, str] | None = None,
 ) -> tuple[Child, Child]:
-    """Start the SuperNode and the site's executor; returns both."""
+    """Start the SuperNode and the site's app process; returns both."""
     secret = ensure_secret(profile.workspace)
     node = group.start(
         f"SuperNode of {profile.name}",
@@ -115,7 +117,7 @@ def _start_pair(
         env,
     )
     executor = group.start(
-        f"app executor of {profile.name}",
+        f"app process of {profile.name}",
         executor_argv(profile_path, s, secret),
         executor_log_path(profile),
         env,
@@ -149,9 +151,14 @@ def run_site(
     say=print,
     retry_delay: float = 3.0,
 ) -> int:
-    """Run the site's SuperNode until SIGINT/SIGTERM, restarting it when the SuperLink
-    refuses to activate it (coordinator down, or this site's previous session not yet
-    expired after a crash: Flower keeps a node online for two 30 s heartbeats).
+    """Run the site's SuperNode and app process until SIGINT/SIGTERM.
+
+    The SuperNode is restarted (with a fresh app process) when the SuperLink refuses to
+    activate it (coordinator down, or this site's previous session not yet expired after a
+    crash: Flower keeps a node online for two 30 s heartbeats) or it exits. An app process
+    that dies is restarted alone: the SuperNode keeps its session, and answers the message
+    the dead process held with Flower's "ClientApp crashed" error once that task's
+    heartbeat lapses.
 
     Returns
     -------
@@ -166,27 +173,38 @@ def run_site(
     def handler(signum, frame) -> None:
         stop["flag"] = True
 
+    def pause() -> None:
+        deadline = time.time() + retry_delay
+        while not stop["flag"] and time.time() < deadline:
+            time.sleep(0.2)
+
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     group = ProcessGroup()
     try:
         while not stop["flag"]:
             group.stop()
             group.children.clear()
-            child, executor = _start_pair(group, profile_path, profile, s)
-            while not stop["flag"] and child.proc.poll() is None and executor.proc.poll() is None:
+            node, executor = _start_pair(group, profile_path, profile, s)
+            while not stop["flag"]:
+                if node.proc.poll() is not None:
+                    break
+                if executor.proc.poll() is not None:  # the app process died: it alone
+                    say(
+                        f"the {executor.name} exited (code {executor.proc.returncode}); "
+                        f"restarting it in {retry_delay:.0f} s - see {executor.log}"
+                    )
+                    pause()
+                    if not stop["flag"]:
+                        executor = group.restart(executor)
                 time.sleep(0.3)
             if stop["flag"]:
                 break
-            if child.proc.poll() is None:  # the executor died: restart both
-                child = executor
-            reason = "refused activation" if "activate" in child.tail(20) else "exited"
+            reason = "refused activation" if "activate" in node.tail(20) else "exited"
             say(
-                f"the {child.name} {reason} (code {child.proc.returncode}); restarting in "
-                f"{retry_delay:.0f} s - see {child.log}"
+                f"the {node.name} {reason} (code {node.proc.returncode}); restarting in "
+                f"{retry_delay:.0f} s - see {node.log}"
             )
-            deadline = time.time() + retry_delay
-            while not stop["flag"] and time.time() < deadline:
-                time.sleep(0.2)
+            pause()
         return 0
     finally:
         group.stop()

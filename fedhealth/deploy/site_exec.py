@@ -1,48 +1,60 @@
-"""The site's own app executor: the SuperNode runs no code the coordinator sends.
+"""The site's own app process: the SuperNode runs no code the coordinator sends.
 
 A run submitted to the SuperLink carries a Flower App Bundle (FAB); Flower's default
 SuperNode (``--isolation subprocess``) installs it and imports whatever ``clientapp`` its
 ``pyproject.toml`` names — code chosen by whoever submitted the run. The site instead starts
 its SuperNode with ``--isolation process`` (the SuperNode launches nothing) and runs this
-executor beside it:
+process beside it:
 
 ``python -m fedhealth.deploy.site_exec --runtime-api-address 127.0.0.1:PORT --profile P``
-    polls the SuperNode's local Runtime API for tasks (as Flower's SuperExec does) and starts
-    one task process per message:
+    starts once, imports what the site's messages need (torch, the readers of the site's
+    datasets, Opacus, TenSEAL; :func:`warm_up`), then serves every message of every run:
+    it takes each task from the SuperNode's local Runtime API (``AcquireTask``, as Flower's
+    SuperExec does), pulls the message, its run and its FAB, and checks the FAB with
+    :func:`check_fab`. A FAB that is fedhealth's own app bundle at the installed fedhealth
+    version runs the message through the *installed* ``fedhealth.site.client_app:app`` in
+    this process (the FAB is never unpacked, installed or put on ``sys.path``); anything
+    else is refused before any of its code could run: an error reply to the coordinator,
+    and a ``refused`` line with rule ``untrusted-app`` in the site's audit log
+    (:mod:`fedhealth.site.audit`). A message whose handler raises gets an error reply
+    naming only the exception's type (the traceback stays in the site's log) and the
+    process goes on with the next one. Its polls of the SuperNode are paced by a
+    :class:`~fedhealth.deploy.flower_pacing.Pacer` (tens of milliseconds while a run is
+    active).
 ``python -m fedhealth.deploy.site_exec task --token T ...``
-    pulls the message, its run and its FAB, and checks the FAB with :func:`check_fab`. A FAB
-    that is fedhealth's own app bundle at the installed fedhealth version runs the message
-    through the *installed* ``fedhealth.site.client_app:app`` (the FAB is never unpacked,
-    installed or put on ``sys.path``); anything else is refused before any of its code could
-    run: an error reply to the coordinator, and a ``refused`` line with rule
-    ``untrusted-app`` in the site's audit log (:mod:`fedhealth.site.audit`).
+    runs one task in a fresh process and exits (the same checks; for debugging a message
+    in isolation).
 
-Both talk only to the SuperNode on 127.0.0.1, authenticated with the site's SuperExec secret
-(``<workspace>/superexec.secret``, 0600) so that no other local account can take the site's
-tasks.
+It talks only to the SuperNode on 127.0.0.1, authenticated with the site's SuperExec
+secret (``<workspace>/superexec.secret``, 0600) so that no other local account can take
+the site's tasks. The process imports nothing but Flower, fedhealth and their libraries.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import os
-import subprocess
 import sys
 import time
 import tomllib
+import traceback
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedhealth import __version__
+from fedhealth.deploy.flower_pacing import Pacer
 
 CLIENT_APP = "fedhealth.site.client_app:app"
 APP_NAME = "fedhealth-app"
 ALLOWED_FAB_FILES = {"pyproject.toml", ".info/CONTENT"}  # a FAB of fedhealth holds no code
 SECRET_FILE = "superexec.secret"
 RULE = "untrusted-app"
+#: Seconds between polls of the SuperNode while a run is active (a local request).
+EXECUTOR_POLL = 0.02
 
 
 @dataclass
@@ -135,13 +147,56 @@ def _runtime_client(address: str, interceptors: list[Any]) -> Any:
     )
 
 
-def run_executor(address: str, profile: Path, secret: Path, poll: float = 1.0) -> None:
-    """Poll the SuperNode for tasks of every type and start one task process each."""
+def warm_up(profile: Path) -> list[str]:
+    """Import, once, what this site's messages need, so that no message pays for it.
+
+    The ClientApp, the site runtime (torch), pandas (the tables' reader), the readers of
+    the site's datasets, Opacus, the encrypted-reply code (TenSEAL), and one ``torch.optim`` step
+    (whose first use imports ``torch._dynamo``).
+
+    Parameters
+    ----------
+    profile : Path
+        The site profile (which readers its datasets need).
+
+    Returns
+    -------
+    list of str
+        The modules imported, in order.
+    """
+    from fedhealth.catalogue import READERS
+    from fedhealth.config.site import load_site
+
+    modules = ["fedhealth.site.client_app", "fedhealth.site.runtime", "pandas"]
+    for source in load_site(profile).datasets.values():
+        modules += [m for m in READERS.get(source.kind).imports if m not in modules]
+    modules += ["opacus", "fedhealth.site.encrypted_reply"]
+    for name in modules:
+        importlib.import_module(name)
+    import torch
+
+    model = torch.nn.Linear(1, 1)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimiser.zero_grad()
+    model(torch.zeros(1, 1)).sum().backward()
+    optimiser.step()
+    return modules
+
+
+def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None = None) -> None:
+    """Serve every task of every run in this process, one at a time, until stopped."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
+    from fedhealth.site.timing import serving
+
+    t0 = time.perf_counter()
+    modules = warm_up(profile)
+    serving()  # this process's start is not any message's
+    print(f"site app process {os.getpid()} ready in {time.perf_counter() - t0:.1f} s "
+          f"({', '.join(modules)}); serving every message", flush=True)  # fmt: skip
     master = load_superexec_auth_secret(str(secret))
     assert master is not None  # it returns None only when given no file
     auth = SuperExecAuthHttpInterceptor(
@@ -149,6 +204,7 @@ def run_executor(address: str, profile: Path, secret: Path, poll: float = 1.0) -
         protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
     )
     client = _runtime_client(address, [auth])
+    pacer = pacer or Pacer(active=EXECUTOR_POLL)
     # Every task type is taken, so that an agent app (or any other kind) is refused and
     # audited here instead of waiting unseen on the SuperNode.
     types = [t.value for t in TaskType]
@@ -156,15 +212,13 @@ def run_executor(address: str, profile: Path, secret: Path, poll: float = 1.0) -
         while True:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=types))
             if res.HasField("task") and res.token:
-                argv = [
-                    sys.executable, "-m", "fedhealth.deploy.site_exec", "task",
-                    "--runtime-api-address", address, "--token", res.token,
-                    "--profile", str(profile), "--task-type", res.task.type,
-                    "--parent-pid", str(os.getpid()),
-                ]  # fmt: skip
-                subprocess.Popen(argv)
+                pacer.busy()
+                try:
+                    run_task(address, res.token, profile, res.task.type)
+                except Exception:  # noqa: BLE001 - logged; the next message still runs
+                    traceback.print_exc()
             else:
-                time.sleep(poll)
+                time.sleep(pacer.pause())
     finally:
         client.close()
 
@@ -189,10 +243,14 @@ def _audit_refusal(profile: Path, run: Any, fab: Any, verdict: FabVerdict, msg: 
 def run_task(address: str, token: str, profile: Path, task_type: str) -> int:
     """Pull one message, check its run's FAB, run fedhealth's installed ClientApp or refuse.
 
+    A handler that raises is answered with an error reply naming the exception's type
+    only (its message could quote the site's data); the traceback goes to this process's
+    log.
+
     Returns
     -------
     int
-        The process exit code (0: handled, a refusal included).
+        The process exit code of a ``task`` process (0: handled, a refusal included).
     """
     from flwr.app import Message
     from flwr.app.error import Error
@@ -222,8 +280,14 @@ def run_task(address: str, token: str, profile: Path, task_type: str) -> int:
         else:
             from fedhealth.site.client_app import app  # the installed fedhealth, never the FAB
 
-            reply = app(message=message, context=context)
-            status, code = SubStatus.COMPLETED, 0
+            try:
+                reply = app(message=message, context=context)
+                status, code = SubStatus.COMPLETED, 0
+            except Exception as exc:  # noqa: BLE001 - answered and logged, never re-raised
+                traceback.print_exc()
+                details = f"the site's ClientApp raised {type(exc).__name__} (see the site's log)"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=details), reply_to=message)  # fmt: skip
         push_message(client, reply, context)
     finally:
         heartbeat.stop()

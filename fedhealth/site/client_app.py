@@ -10,11 +10,13 @@ refusal, a data problem or a malformed request (the field named) is answered wit
 reply carrying a :class:`~fedhealth.protocol.Refusal`: the coordinator reports it and
 carries on with the other sites; the site process never crashes on bad input.
 
-In a real deployment every message starts a new ClientApp process, so this module
-imports only Flower, the site profile and the audit log; each handler imports what its
-message needs, timed as its ``import`` phase in the audit log: torch and the dataset's
-reader for training, evaluation and statistics, Opacus only when the experiment uses DP,
-TenSEAL only for an encrypted round or a decryption query. The site never imports MLflow.
+This module imports only Flower, the site profile and the audit log; each handler imports
+what its message needs, timed as its ``import`` phase in the audit log: torch and the
+dataset's reader for training, evaluation and statistics, Opacus only when the experiment
+uses DP, TenSEAL only for an encrypted round or a decryption query. A deployed site's app
+process (``fedhealth.deploy.site_exec``) imports all of that once at its start and then
+serves every message, so there the phase is empty; a simulated site's worker imports on
+first use. The site never imports MLflow.
 """
 
 from __future__ import annotations
@@ -71,8 +73,19 @@ SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name  # set by the simulation engine
 
 
 @lru_cache(maxsize=64)
-def _profile(path: str) -> SiteProfile:
+def _load_profile(path: str, stamp: tuple[int, int]) -> SiteProfile:
     return load_site(Path(path))
+
+
+def _profile(path: str) -> SiteProfile:
+    """The site profile at ``path``, read again whenever the file changes (a deployed
+    site's app process serves every message: an operator's edit applies to the next one)."""
+    try:
+        st = Path(path).stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (0, 0)  # load_site names the missing file
+    return _load_profile(path, stamp)
 
 
 def site_profile(context: Context) -> tuple[SiteProfile, int]:

@@ -11,15 +11,14 @@ The fields (seconds, 4 decimals):
 ``process_start_s``
     From this process's creation (``/proc/self/stat``; elsewhere: when this module was
     first imported) to the handler's start, for the first handler a process runs; 0 for
-    later handlers of the same process (a simulated site's long-lived worker). In a real
-    deployment every message starts a ClientApp process, so this is Python's start, Flower's
-    own startup (connecting to the SuperNode, pulling the message, unpacking the app) and
-    importing ``fedhealth.site.client_app``.
+    later handlers of the same process (a simulated site's long-lived worker), and for
+    every handler of a process that declared itself ready with :func:`serving` (a deployed
+    site's app process, which starts and imports once, before any message comes).
 ``queued_s``
     From the coordinator creating the request (its ``created_at``, coordinator's clock) to
     the process's creation (or the handler's start for a reused process): the SuperLink,
-    the SuperNode's polling and its spawning the process. Across machines it also holds the
-    difference of their clocks.
+    the SuperNode's polling, the app process taking the task and pulling the message.
+    Across machines it also holds the difference of their clocks.
 ``import_s``
     Modules the handler imports for this message on first use (torch, the data readers,
     Opacus when DP is on, TenSEAL when the round is encrypted).
@@ -47,14 +46,21 @@ from pathlib import Path
 PHASES = ("import", "load", "privacy", "train", "evaluate", "encrypt", "decrypt", "serialise")
 
 _IMPORTED_AT = time.time()  # fallback for the process's creation time
-_process: dict[str, float] = {}  # "pid", "created", "handlers" of this process (not a fork's)
+_process: dict[str, float] = {}  # "pid", "created", "handlers", "serving" of this process
 
 
 def _this_process() -> dict[str, float]:
     if _process.get("pid") != os.getpid():  # first call, or a forked child
         _process.clear()
-        _process.update(pid=os.getpid(), created=_created_at(), handlers=0)
+        _process.update(pid=os.getpid(), created=_created_at(), handlers=0, serving=0)
     return _process
+
+
+def serving() -> None:
+    """Declare this process a long-lived app process that is ready to serve messages: its
+    start (and what it imported before this call) counts for no handler's
+    ``process_start_s``."""
+    _this_process()["serving"] = 1
 
 
 def _created_at() -> float:
@@ -91,7 +97,7 @@ class HandlerTiming:
         self._t0 = time.perf_counter()
         proc = _this_process()
         proc["handlers"] += 1
-        first = proc["handlers"] == 1
+        first = proc["handlers"] == 1 and not proc["serving"]
         self.process_start = max(self.started - proc["created"], 0.0) if first else 0.0
         came = self.started - self.process_start
         self.queued = came - request_created if request_created else None

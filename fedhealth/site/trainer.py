@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedhealth.errors import ConfigError
 from fedhealth.protocol import Metric, TrainingSection
-from fedhealth.site.optim import SGD, Adam
 
 
 class Wrapped(Protocol):
@@ -53,13 +52,12 @@ class TrainResult:
 def make_optimizer(model: nn.Module, spec: TrainingSection) -> torch.optim.Optimizer:
     """The local optimiser named by the experiment's ``[training]`` section.
 
-    :mod:`fedhealth.site.optim`'s SGD and Adam: the same updates as ``torch.optim``'s,
-    without the second ``torch.optim`` spends importing ``torch._dynamo`` in every process.
+    ``torch.optim.Adam`` or ``torch.optim.SGD`` (momentum, L2 weight decay).
     """
     lr, wd = spec.learning_rate, spec.weight_decay
     if spec.optimizer == "adam":
-        return Adam(model.parameters(), lr=lr, weight_decay=wd)
-    return SGD(model.parameters(), lr=lr, momentum=spec.momentum, weight_decay=wd)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
 def _batches(loader: DataLoader, spec: TrainingSection):

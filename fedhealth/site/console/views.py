@@ -154,7 +154,8 @@ def datasets(profile: SiteProfile) -> list[dict[str, object]]:
 def connection(profile: SiteProfile, profile_path: Path | None) -> dict[str, str]:
     """Whether this site's SuperNode runs on this machine.
 
-    ``fedhealth site start`` runs ``flower-supernode`` with ``--node-config
+    ``fedhealth site start`` runs Flower's SuperNode (``python -m
+    fedhealth.deploy.flower_pacing``; by hand, ``flower-supernode``) with ``--node-config
     profile="<this profile>"``: the processes are looked up by that argument in ``/proc``.
     Without ``/proc`` (not Linux) the state is ``unknown``.
     """
@@ -170,7 +171,10 @@ def connection(profile: SiteProfile, profile_path: Path | None) -> dict[str, str
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in argv and any(a.endswith(b"flower-supernode") for a in argv[:2]):
+        if marker in argv and any(
+            a.endswith(b"flower-supernode") or a == b"fedhealth.deploy.flower_pacing"
+            for a in argv[:3]
+        ):
             found.append(entry.name)
     # fedhealth.deploy.site.log_path (not imported: deploy imports the site package)
     log = profile.workspace / "logs" / "supernode.log"
