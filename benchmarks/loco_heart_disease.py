@@ -75,6 +75,9 @@ def write_fold(held_out: str, folder: Path, data: Path, rounds: int | None) -> t
     doc["experiment"]["sites"] = [str(sites / f"{c}.toml") for c in CENTRES if c != held_out]
     if rounds:
         doc["experiment"]["rounds"] = rounds
+    strategy = doc.get("strategy", {}).get("name", "")
+    if ".py:" in strategy and not Path(strategy).is_absolute():
+        doc["strategy"]["name"] = str(ROOT / strategy)  # a strategy file of the project
     doc.setdefault("tracking", {})["registered_model"] = name
     experiment = folder / "experiments" / f"{name}.toml"
     experiment.parent.mkdir()
