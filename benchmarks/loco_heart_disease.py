@@ -2,7 +2,7 @@
 
 For each of the four UCI centres in turn, the Heart-Disease experiment
 (``experiments/heart-disease.toml``: logistic regression, FLamby's preprocessing and split,
-FedAvg, 20 rounds) runs on Flower's simulation engine with the three other centres only;
+its strategy and rounds) runs on Flower's simulation engine with the three other centres only;
 its final model is registered in a real MLflow store (a temporary SQLite file), and the
 registered version is then validated at the held-out centre, which never trained it, by
 the evaluation-only study of ``fedhealth evaluate models:/NAME/VERSION --split all``
@@ -218,10 +218,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "loco-heart-disease.json").write_text(json.dumps(folds, indent=1, sort_keys=True))
     written = plots(folds, DOC_IMAGES if args.write_docs else out)
-    rounds = args.rounds or 20
+    reference = tomllib.loads((ROOT / "experiments" / "heart-disease.toml").read_text())
+    rounds = args.rounds or reference["experiment"]["rounds"]
+    strategy = reference.get("strategy", {}).get("name", "fedavg").rsplit(":", 1)[-1]
     print()
     print(
-        f"Leave-one-centre-out, Fed-Heart-Disease (FedAvg, {rounds} rounds, logistic "
+        f"Leave-one-centre-out, Fed-Heart-Disease ({strategy}, {rounds} rounds, logistic "
         "regression); the held-out centre validates on every record (--split all); "
         "95 % bootstrap intervals"
     )
