@@ -703,14 +703,13 @@ def test_a_site_without_keys_refuses_an_encrypted_round(world, stub_mlflow, tmp_
     try:
         from fedhealth.site import client_app as ca
 
-        ca._profile.cache_clear()
         fed = Federation(experiment(world), "unused")
         fed.train_round(LocalGrid(world), 1, initial(fed))
         assert [(r.site, r.rule) for r in fed.refusals] == [("gamma", "he-keys")]
         assert "no [keys] table" in fed.refusals[0].message
     finally:
         (world / "sites" / "gamma.toml").write_text(profile)
-        ca._profile.cache_clear()
+        ca._load_profile.cache_clear()
 
 
 def test_demo_consortium_is_created_once_and_never_rekeyed(tmp_path):
@@ -878,7 +877,6 @@ def test_a_site_requiring_he_trains_encrypted_rounds_and_refuses_plaintext(world
     path = world / "sites" / "gamma.toml"
     profile = path.read_text()
     path.write_text(profile.replace("[privacy]\n", "[privacy]\nrequire_he = true\n", 1))
-    ca._profile.cache_clear()
     try:
         fed = Federation(experiment(world, he=True), "unused")
         fed.train_round(LocalGrid(world), 1, initial(fed))
@@ -888,4 +886,4 @@ def test_a_site_requiring_he_trains_encrypted_rounds_and_refuses_plaintext(world
         assert [(r.site, r.rule) for r in plain.refusals] == [("gamma", "require_he")]
     finally:
         path.write_text(profile)
-        ca._profile.cache_clear()
+        ca._load_profile.cache_clear()
