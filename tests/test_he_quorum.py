@@ -611,14 +611,33 @@ def test_round_rerun_refused_after_a_decryption(keys, coord) -> None:
     _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")
 
 
-def test_round_rerun_under_cohort_binding_only_drops_sites(keys, coord) -> None:
-    """A re-announced cohort-bound round (after a drop-out) may only lose sites."""
+def test_round_rerun_under_cohort_binding_keeps_the_binding(keys, coord) -> None:
+    """A re-announced cohort-bound round may lose sites (a drop-out) and gain them (a resume
+    that brings a crashed site back), but not switch cohort binding off."""
     _contribute(keys, sites=["alpha", "beta"], cohort=["alpha", "beta"])
     with pytest.raises(CryptoError, match=r"rule he-rerun-cohort"):
-        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=SITES)
-    with pytest.raises(CryptoError, match=r"rule he-rerun-cohort"):
-        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")  # and keeps the binding
-    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["alpha", "beta"])
+        _contribute(keys, sites=["beta"], nonce="nonce-4-rerun")  # binding off
+    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun", cohort=["beta", "gamma"])
+    _contribute(keys, sites=["beta"], nonce="nonce-4-rerun2", cohort=["beta"])
+
+
+def test_resumed_round_with_a_returning_site_decrypts_only_the_new_sum(keys, coord) -> None:
+    """A crashed coordinator's round of two sites is re-run after a resume with the third site
+    back: the larger cohort contributes and decrypts; the lost two-site sum is undecryptable
+    at every site, and a site that decrypted the new sum refuses any further re-run."""
+    two = ["alpha", "beta"]
+    first = _contribute(keys, sites=two, cohort=two)
+    lost = _sum(coord, first).decryption_request()
+    rerun = _contribute(keys, nonce="nonce-4-rerun", cohort=SITES)
+    request = _sum(coord, rerun, nonce="nonce-4-rerun").decryption_request()
+    out = _decrypt(request, keys["alpha"], nonce="nonce-4-rerun")
+    expected = sum(COUNTS[s] * UPDATES[s] for s in SITES) / WS
+    np.testing.assert_allclose(out[:-1], expected, atol=1e-5)
+    for site in SITES:  # under its own nonce too: every site has moved on to the re-run's
+        with pytest.raises(CryptoError, match="did not contribute to that round under nonce"):
+            _decrypt(lost, keys[site])
+    with pytest.raises(CryptoError, match="already decrypted"):
+        _contribute(keys, sites=["alpha"], nonce="nonce-4-again", cohort=two)
 
 
 # ------------------------------------------------------------------ the sum's headroom

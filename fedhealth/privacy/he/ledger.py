@@ -87,9 +87,12 @@ class SiteLedger:
         bound to its *current* token, so the superseded ciphertexts can never be decrypted,
         and one decryption per round still holds. After a decryption, a re-run could pair
         two different sums of the same round (a differencing attack), so it is refused.
-        Under cohort binding a re-announced round may only drop sites (a drop-out, see
-        ``EncryptedAggregation.reannounce``): a site that decrypted the old sum refuses it, so
-        a re-run cohort holding such a site never completes.
+        Under cohort binding the re-announced cohort may differ from the first: fewer sites
+        after a drop-out (``EncryptedAggregation.reannounce``), more after a resume brings a
+        crashed site back. Either is safe for the same reason as above: no site decrypts an
+        aggregate bound to a superseded token, and a site that decrypted anything of the round
+        refuses the re-run, so no re-run cohort holding it completes. What a re-run may not
+        do is switch cohort binding on or off (rule ``he-rerun-cohort``).
 
         Across experiment ids (rule ``he-one-contribution-per-model``): once this site
         contributed to round ``round_`` of experiment ``experiment`` from the global model
@@ -123,14 +126,12 @@ class SiteLedger:
                 "attacks; the round cannot be re-run - start a new run"
             )
         old_cohort, new_cohort = json.loads(prev)[1], json.loads(token)[1]
-        if (old_cohort is None) != (new_cohort is None) or not set(new_cohort or ()) <= set(
-            old_cohort or ()
-        ):
-            added = sorted(set(new_cohort or ()) - set(old_cohort or ()))
+        if (old_cohort is None) != (new_cohort is None):
+            binding = "on" if new_cohort is not None else "off"
             raise HERuleError(
-                f"refusing to contribute again to {round_label(experiment_id, round_)} under "
-                f"the cohort {new_cohort} (first announced: {old_cohort}; added: {added}): a "
-                "round is only re-announced after a drop-out, with fewer sites",
+                f"refusing to contribute again to {round_label(experiment_id, round_)} with "
+                f"cohort binding {binding} (first announced: cohort {old_cohort}): a re-run "
+                "round keeps the binding it was first announced with",
                 rule="he-rerun-cohort",
             )
 
