@@ -887,3 +887,37 @@ def test_a_site_requiring_he_trains_encrypted_rounds_and_refuses_plaintext(world
     finally:
         path.write_text(profile)
         ca._load_profile.cache_clear()
+
+
+def test_a_round_the_site_would_not_seal_costs_it_no_epsilon(world, stub_mlflow):
+    """A second run of the same experiment from the same global model (a new experiment id)
+    is refused under the HE rule ``he-one-contribution-per-model``; the sites refuse before
+    training, so the DP ledger holds no charge for the refused round (a hostile coordinator
+    cannot drain a site's budget with rounds it will never seal)."""
+    from fedhealth.config.site import load_site
+    from fedhealth.privacy.dp.ledger import PrivacyLedger
+
+    dp_table = "[privacy.dp]\nenabled = true\nnoise_multiplier = 1.0\ndelta = 1e-3\n\n"
+    dp = {"[privacy.he]": dp_table + "[privacy.he]"}
+    name = f"drain-{uuid.uuid4().hex[:6]}"
+    first = Federation(experiment(world, he=True, edits=dp, name=name), "unused")
+    start = initial(first)
+    first.train_round(LocalGrid(world), 1, start)
+    assert first.refusals == []
+
+    def charges() -> dict[str, int]:
+        out = {}
+        for s in SITES:
+            with PrivacyLedger(load_site(world / "sites" / f"{s}.toml").ledger_path) as led:
+                out[s] = sum(1 for e in led.entries("breast-cancer") if e.experiment == name)
+        return out
+
+    before = charges()
+    assert all(n >= 1 for n in before.values()), before
+    second = Federation(experiment(world, he=True, edits=dp, name=name), "unused")
+    with pytest.raises(FederationError):
+        second.train_round(LocalGrid(world), 1, start)
+    assert {r.rule for r in second.refusals} == {"he-one-contribution-per-model"}, [
+        (r.site, r.rule, r.message) for r in second.refusals
+    ]
+    assert charges() == before

@@ -204,6 +204,18 @@ def train(msg: Message, context: Context, request: SiteRequest) -> Message:
         global_arrays = _arrays(msg)
         check_global_model(profile, global_arrays, request.round)  # before training or ε
         check_local_steps(profile, request.spec, runtime.data.n_train)
+        if request.he is not None:
+            from fedhealth.site.encrypted_reply import check_before_training
+
+            # A round this site would not seal must not cost it ε: refuse before training.
+            check_before_training(
+                request.he,
+                profile,
+                experiment=request.experiment,
+                round_=request.round,
+                global_arrays=global_arrays,
+                spec_digest=request.spec.digest(),
+            )
         arrays, metrics = runtime.train(global_arrays, idx)
         sealed = None
         if request.he is not None:

@@ -31,7 +31,7 @@ from fedhealth.errors import ConfigError, CryptoError
 from fedhealth.privacy.he.binding import model_hash
 from fedhealth.privacy.he.ceremony import SiteKeys, load_site_keys
 from fedhealth.privacy.he.ckks import flatten_state
-from fedhealth.privacy.he.contribute import make_contribution
+from fedhealth.privacy.he.contribute import check_contribution, make_contribution
 from fedhealth.privacy.he.decrypt import DEFAULT_MAX_WEIGHT_SHARE, verify_and_decrypt
 from fedhealth.privacy.he.ledger import SiteLedger
 from fedhealth.privacy.he.wire import (
@@ -207,6 +207,42 @@ def encrypt_update(
     with phase("serialise"):  # the audit log's timing; the rest of this call is "encrypt"
         record = contribution_record(chunks, contribution)
     return record, costs
+
+
+def check_before_training(
+    he: HERound,
+    profile: SiteProfile,
+    *,
+    experiment: str,
+    round_: int,
+    global_arrays: dict[str, np.ndarray],
+    spec_digest: str = "",
+) -> None:
+    """Refuse an encrypted round before training, where the refusal does not depend on the
+    trained update: the binding, the site's keys, the cohort and its HE ledger's rules (a
+    re-run after a decryption, one contribution per global model).
+
+    Called before the DP-SGD step charges the site's ledger, so a round the site would not
+    seal costs it no ε. Raises :class:`HERefusal` naming the rule, as :func:`encrypt_update`.
+    """
+    _check_round(profile, he, experiment, round_)
+    keys = site_keys(profile)
+    try:
+        check_contribution(
+            keys,
+            experiment_id=he.experiment_id,
+            round=he.round,
+            nonce=he.nonce,
+            weight_scale=he.weight_scale,
+            cohort=he.cohort,
+            spec_digest=spec_digest,
+            global_model=model_hash(global_arrays),
+            weight_key=he.weight_key,
+            min_sites=he.min_sites,
+            experiment=experiment,
+        )
+    except (ConfigError, CryptoError) as exc:
+        raise HERefusal(str(exc), rule=getattr(exc, "rule", "he-encrypt")) from None
 
 
 def seal_update(

@@ -19,7 +19,70 @@ from fedhealth.privacy.he.tags import TagSchedule
 if TYPE_CHECKING:
     from fedhealth.privacy.he.ceremony import SiteKeys
 
-__all__ = ["make_contribution"]
+__all__ = ["check_contribution", "make_contribution"]
+
+
+def check_contribution(
+    site_keys: SiteKeys,
+    *,
+    experiment_id: str,
+    round: int,
+    nonce: str,
+    weight_scale: float = 1000.0,
+    cohort: Sequence[str] | None = None,
+    spec_digest: str = "",
+    global_model: str = "",
+    weight_key: str = "",
+    min_sites: int = 2,
+    experiment: str | None = None,
+) -> tuple[str, tuple[str, ...] | None, str]:
+    """Check everything about a contribution that does not depend on the update itself.
+
+    A site calls this before it trains (and so before its ledger charges any ε): a round it
+    would refuse to contribute to after training costs it nothing. The parameters are those
+    of :func:`make_contribution`.
+
+    Returns
+    -------
+    (token, cohort, announcement)
+        The ledger token the contribution will be recorded under, the sorted cohort (or
+        ``None``) and the announcement digest it signs.
+
+    Raises
+    ------
+    ConfigError
+        A malformed binding, weight scale or cohort.
+    CryptoError
+        The site's HE ledger refuses the contribution (see
+        :meth:`~fedhealth.privacy.he.ledger.SiteLedger.check_contribution`).
+    """
+    site = site_keys.site
+    where = f"site {site!r}, {round_label(experiment_id, round)}"
+    check_round_ids(experiment_id, round, nonce)
+    if not weight_scale > 0:
+        raise ConfigError(f"{where}: weight_scale ({weight_scale}) must be > 0")
+    cohort_t: tuple[str, ...] | None = None
+    if cohort is not None:
+        cohort_t = tuple(sorted(cohort))
+        unknown = [s for s in cohort_t if s not in site_keys.registry.sites]
+        if len(set(cohort_t)) != len(cohort_t) or site not in cohort_t or unknown:
+            raise ConfigError(
+                f"{where}: cohort {list(cohort_t)} must list distinct consortium sites including "
+                f"this one (unknown: {unknown})"
+            )
+    shown = Announcement(
+        spec_digest=spec_digest,
+        model_hash=global_model,
+        weight_scale=float(weight_scale),
+        weight_key=weight_key,
+        min_sites=int(min_sites),
+        cohort=cohort_t,
+    ).digest()
+    token = json.dumps([nonce, cohort_t, shown])
+    site_keys.ledger.check_contribution(
+        experiment_id, round, token, experiment=experiment, global_model=global_model
+    )
+    return token, cohort_t, shown
 
 
 def make_contribution(
@@ -79,7 +142,6 @@ def make_contribution(
     site = site_keys.site
     params = site_keys.params
     where = f"site {site!r}, {round_label(experiment_id, round)}"
-    check_round_ids(experiment_id, round, nonce)
     vec = np.asarray(update, dtype=np.float64).ravel()
     if not np.all(np.isfinite(vec)):
         raise ConfigError(f"{where}: the update contains NaN/inf; fix training before encrypting")
@@ -87,27 +149,20 @@ def make_contribution(
         raise ConfigError(
             f"{where}: n_examples ({n_examples}) and weight_scale ({weight_scale}) must be > 0"
         )
-    cohort_t: tuple[str, ...] | None = None
-    if cohort is not None:
-        cohort_t = tuple(sorted(cohort))
-        unknown = [s for s in cohort_t if s not in site_keys.registry.sites]
-        if len(set(cohort_t)) != len(cohort_t) or site not in cohort_t or unknown:
-            raise ConfigError(
-                f"{where}: cohort {list(cohort_t)} must list distinct consortium sites including "
-                f"this one (unknown: {unknown})"
-            )
-    shown = Announcement(
-        spec_digest=spec_digest,
-        model_hash=global_model,
-        weight_scale=float(weight_scale),
-        weight_key=weight_key,
-        min_sites=int(min_sites),
-        cohort=cohort_t,
-    ).digest()
-    token = json.dumps([nonce, cohort_t, shown])
-    ledger = site_keys.ledger
     binding: dict[str, Any] = {"experiment": experiment, "global_model": global_model}
-    ledger.check_contribution(experiment_id, round, token, **binding)
+    token, cohort_t, shown = check_contribution(
+        site_keys,
+        experiment_id=experiment_id,
+        round=round,
+        nonce=nonce,
+        weight_scale=weight_scale,
+        cohort=cohort,
+        spec_digest=spec_digest,
+        weight_key=weight_key,
+        min_sites=min_sites,
+        **binding,
+    )
+    ledger = site_keys.ledger
 
     w = float(n_examples) / float(weight_scale)
     schedule = TagSchedule(site_keys.tag_key, experiment_id, round, nonce, params, shown)
