@@ -290,3 +290,16 @@ def test_results_go_to_mlflow_with_plots_and_per_site_epsilon(project, tmp_path)
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="result.json",
                                                      tracking_uri=uri))  # fmt: skip
     assert json.loads(local.read_text())["spec_hash"] == r["spec_hash"]
+
+
+def test_a_noisy_count_far_below_zero_keeps_its_estimate_inside_its_interval():
+    """Noise can push a pooled count of a near-empty cell far below 0: its estimate is 0 and
+    its interval must still hold it (a plot's error bar from it failed on a negative length
+    about one run in ten of `fedhealth analyze`)."""
+    from fedhealth.analytics.pooling import _counts
+
+    pooled = np.array([-80.0, -3.0, 0.0, 12.0, 500.0])
+    res = _counts(pooled, 10.0, None, np.random.default_rng(0), 10)
+    est, lo, hi = (np.asarray(res[k]) for k in ("estimate", "lower", "upper"))
+    assert np.all(lo <= est) and np.all(est <= hi), res
+    assert list(est) == [0.0, 0.0, 0.0, 12.0, 500.0] and res["raw"] == pooled.tolist()

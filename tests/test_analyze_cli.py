@@ -45,7 +45,12 @@ def analyze(project: Path, name: str, *extra: str) -> tuple[int, str, str]:
     result = runner.invoke(
         app, ["analyze", path, "--tracking-uri", uri, *extra], env={"COLUMNS": "200"}
     )
-    return result.exit_code, result.output, uri
+    output = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        output += "".join(traceback.format_exception(result.exception))  # what a test shows
+    return result.exit_code, output, uri
 
 
 def the_run(uri: str, analysis: str):

@@ -158,7 +158,8 @@ def _counts(pooled, std, labels, rng, draws) -> dict[str, Any]:
         "estimate": np.maximum(pooled, 0).tolist(),
         "raw": pooled.tolist(),
         "lower": np.maximum(pooled - half, 0).tolist(),
-        "upper": (pooled + half).tolist(),
+        # A noisy count far below 0 still gets an interval that holds its estimate (0).
+        "upper": np.maximum(pooled + half, 0).tolist(),
         "interval": "noise",
     }
 
