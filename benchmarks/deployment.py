@@ -313,9 +313,12 @@ def _scale_consortium(root: Path, n_sites: int, rounds: int) -> Path:
         csv.write_text("\n".join(lines) + "\n")
         prof = root / "sites" / f"site{i:03d}.toml"
         prof.parent.mkdir(parents=True, exist_ok=True)
+        # Each site its own workspace (ledger, pinned splits, audit log); public data, so
+        # exact metrics, and splits of 40 rows are allowed (the default minimum is 50).
         prof.write_text(
-            f'[site]\nname = "site{i:03d}"\nworkspace = "{root / "ws"}"\n\n'
-            f'[datasets.breast-cancer]\nkind = "tabular"\npath = "{csv}"\n'
+            f'[site]\nname = "site{i:03d}"\nworkspace = "{root / "ws" / f"site{i:03d}"}"\n\n'
+            f'[datasets.breast-cancer]\nkind = "tabular"\npath = "{csv}"\n\n'
+            '[privacy]\nrelease_metrics = "exact"\nmin_split_records = 5\n'
         )
         sites.append(f"site{i:03d}")
     exp = write_experiment(
