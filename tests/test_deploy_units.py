@@ -495,6 +495,39 @@ def test_flower_pacing_changes_only_the_supernodes_three_pauses(tmp_path: Path) 
         loop.time, loop._pull_and_store_message = original
 
 
+def test_object_pulls_retry_in_tens_of_milliseconds_on_the_checked_flower() -> None:
+    """An object pushed 100 ms after its message's header is pulled about 100 ms later,
+    not after Flower's 1 s first backoff; only the two backoff defaults change."""
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    from fedhealth.flower_object_pulls import FLOWER_DEFAULTS, pace_object_pulls
+
+    def pull_after(delay: float) -> float:
+        ready = time.monotonic() + delay
+
+        def pull(object_id: str) -> bytes:
+            if time.monotonic() < ready:
+                raise iu.ObjectUnavailableError(object_id)
+            return b"content"
+
+        t0 = time.monotonic()
+        assert iu.pull_objects(["a" * 64], pull) == {"a" * 64: b"content"}
+        return time.monotonic() - t0
+
+    saved = dict(iu.pull_objects.__kwdefaults__)
+    try:
+        assert {k: saved[k] for k in FLOWER_DEFAULTS} == FLOWER_DEFAULTS  # Flower's own
+        assert pull_after(0.1) >= 0.75  # Flower: the first retry after 1 s (±20 %)
+        assert pace_object_pulls() and pace_object_pulls()  # idempotent
+        changed = {k for k in saved if iu.pull_objects.__kwdefaults__[k] != saved[k]}
+        assert changed == set(FLOWER_DEFAULTS)
+        assert pull_after(0.1) < 0.4
+    finally:
+        iu.pull_objects.__kwdefaults__.update(saved)
+
+
 def test_a_long_lived_app_process_counts_no_process_start(tmp_path: Path) -> None:
     import subprocess
     import sys

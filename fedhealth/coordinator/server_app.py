@@ -80,6 +80,9 @@ def make_app(on_event: Observer | None = None, results: list | None = None) -> S
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedhealth.flower_object_pulls import pace_object_pulls
+
+        pace_object_pulls()  # replies' objects trail their headers by milliseconds
         if context.run_config.get("validate-model"):  # `fedhealth evaluate models:/NAME/V`
             summary = validate_model(grid, context)
         elif is_analysis(dict(context.run_config)):

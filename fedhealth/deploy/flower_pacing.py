@@ -179,7 +179,10 @@ def marking_busy(pull: Callable[..., int | None], pacer: Pacer) -> Callable[...,
 
 def main() -> None:
     """Run ``flower-supernode`` (arguments from ``sys.argv``) with the pacing installed."""
+    from fedhealth.flower_object_pulls import pace_object_pulls
+
     install()
+    pace_object_pulls()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

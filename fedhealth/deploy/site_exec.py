@@ -190,8 +190,10 @@ def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None 
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
+    from fedhealth.flower_object_pulls import pace_object_pulls
     from fedhealth.site.timing import serving
 
+    pace_object_pulls()  # the SuperNode hands over the message's objects at once
     t0 = time.perf_counter()
     modules = warm_up(profile)
     serving()  # this process's start is not any message's
