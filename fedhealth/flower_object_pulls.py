@@ -8,7 +8,8 @@ pushed yet is retried after ``PULL_INITIAL_BACKOFF`` = 1 s, doubling up to 10 s.
 round's objects arrive within milliseconds of their header, so nearly every exchange lost
 about a second there, in each direction.
 
-:func:`pace_object_pulls` sets those two keyword defaults of ``pull_objects`` to
+:func:`pace_object_pulls` sets those two keyword defaults of ``pull_objects`` (and of
+``pull_and_inflate_object_from_tree``, which passes its own to it) to
 :data:`INITIAL_BACKOFF` and :data:`BACKOFF_CAP` in the calling process. It is the only
 change, made only on the Flower release it was checked against (otherwise it warns and
 leaves Flower as it is); every other limit (tries per object, the overall deadline) stays
@@ -27,6 +28,9 @@ FLOWER_SERIES = "1.41."
 INITIAL_BACKOFF = 0.02
 #: Longest pause (s) between pulls of a missing object (Flower: 10 s).
 BACKOFF_CAP = 0.5
+#: The functions of ``flwr.supercore.inflatable.inflatable_utils`` that pull objects (the
+#: second pulls a message from a SuperNode into a site's app process).
+PULLING_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
 #: Flower's own defaults, checked before they are changed.
 FLOWER_DEFAULTS = {"initial_backoff": 1, "backoff_cap": 10}
 
@@ -43,16 +47,18 @@ def pace_object_pulls() -> bool:
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supercore.version import package_version
 
-    defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
+    functions = [getattr(inflatable_utils, name, None) for name in PULLING_FUNCTIONS]
+    kwdefaults = [getattr(f, "__kwdefaults__", None) or {} for f in functions]
     ours = {"initial_backoff": INITIAL_BACKOFF, "backoff_cap": BACKOFF_CAP}
-    if all(defaults.get(k) == v for k, v in ours.items()):
+    if all(d.get(k) == v for d in kwdefaults for k, v in ours.items()):
         return True
     if not package_version.startswith(FLOWER_SERIES):
         why = f"Flower {package_version} is installed; this was written for {FLOWER_SERIES}x"
-    elif any(defaults.get(k) != v for k, v in FLOWER_DEFAULTS.items()):
-        why = f"pull_objects' backoff defaults are {defaults}, not {FLOWER_DEFAULTS}"
+    elif any(d.get(k) != v for d in kwdefaults for k, v in FLOWER_DEFAULTS.items()):
+        why = f"the backoff defaults of {', '.join(PULLING_FUNCTIONS)} are not {FLOWER_DEFAULTS}"
     else:
-        defaults.update(ours)
+        for d in kwdefaults:
+            d.update(ours)
         return True
     warnings.warn(f"object pulls left as Flower's: {why}", stacklevel=2)
     return False

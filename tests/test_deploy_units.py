@@ -516,16 +516,20 @@ def test_object_pulls_retry_in_tens_of_milliseconds_on_the_checked_flower() -> N
         assert iu.pull_objects(["a" * 64], pull) == {"a" * 64: b"content"}
         return time.monotonic() - t0
 
-    saved = dict(iu.pull_objects.__kwdefaults__)
+    functions = (iu.pull_objects, iu.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]
     try:
-        assert {k: saved[k] for k in FLOWER_DEFAULTS} == FLOWER_DEFAULTS  # Flower's own
+        for before in saved:
+            assert {k: before[k] for k in FLOWER_DEFAULTS} == FLOWER_DEFAULTS  # Flower's own
         assert pull_after(0.1) >= 0.75  # Flower: the first retry after 1 s (±20 %)
         assert pace_object_pulls() and pace_object_pulls()  # idempotent
-        changed = {k for k in saved if iu.pull_objects.__kwdefaults__[k] != saved[k]}
-        assert changed == set(FLOWER_DEFAULTS)
+        for f, before in zip(functions, saved, strict=True):
+            changed = {k for k in before if f.__kwdefaults__[k] != before[k]}
+            assert changed == set(FLOWER_DEFAULTS)
         assert pull_after(0.1) < 0.4
     finally:
-        iu.pull_objects.__kwdefaults__.update(saved)
+        for f, before in zip(functions, saved, strict=True):
+            f.__kwdefaults__.update(before)
 
 
 def test_a_long_lived_app_process_counts_no_process_start(tmp_path: Path) -> None:

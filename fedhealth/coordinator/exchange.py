@@ -16,8 +16,9 @@ from flwr.serverapp import Grid
 
 #: First poll interval (s); it doubles while nothing arrives, up to :data:`MAX_POLL`.
 FIRST_POLL = 0.02
-#: Longest poll interval (s): the most an exchange can lose after its last reply.
-MAX_POLL = 0.5
+#: Longest poll interval (s): the most an exchange can lose after its last reply (a poll
+#: is one small request to the SuperLink; ten a second cost it little).
+MAX_POLL = 0.1
 
 
 def send_and_receive(
