@@ -516,16 +516,32 @@ def test_object_pulls_retry_in_tens_of_milliseconds_on_the_checked_flower() -> N
         assert iu.pull_objects(["a" * 64], pull) == {"a" * 64: b"content"}
         return time.monotonic() - t0
 
+    from flwr.supercore import constant
+
+    # Flower's own defaults (an in-process run earlier in this process may have paced them).
+    assert (constant.PULL_INITIAL_BACKOFF, constant.PULL_BACKOFF_CAP) == (1, 10)
     functions = (iu.pull_objects, iu.pull_and_inflate_object_from_tree)
     saved = [dict(f.__kwdefaults__) for f in functions]
     try:
-        for before in saved:
-            assert {k: before[k] for k in FLOWER_DEFAULTS} == FLOWER_DEFAULTS  # Flower's own
+        for f in functions:
+            f.__kwdefaults__.update(FLOWER_DEFAULTS)
         assert pull_after(0.1) >= 0.75  # Flower: the first retry after 1 s (±20 %)
+        import flwr.supercore.version as flwr_version
+
+        real = flwr_version.package_version
+        flwr_version.package_version = "1.42.0"  # another release: left as Flower's
+        try:
+            with pytest.warns(UserWarning, match="1.42.0"):
+                assert not pace_object_pulls()
+        finally:
+            flwr_version.package_version = real
+        assert iu.pull_objects.__kwdefaults__["initial_backoff"] == 1
         assert pace_object_pulls() and pace_object_pulls()  # idempotent
-        for f, before in zip(functions, saved, strict=True):
-            changed = {k for k in before if f.__kwdefaults__[k] != before[k]}
-            assert changed == set(FLOWER_DEFAULTS)
+        for f in functions:
+            assert {k: f.__kwdefaults__[k] for k in FLOWER_DEFAULTS} == {
+                "initial_backoff": 0.02,
+                "backoff_cap": 0.5,
+            }
         assert pull_after(0.1) < 0.4
     finally:
         for f, before in zip(functions, saved, strict=True):
