@@ -156,8 +156,7 @@ def write_artifacts(result: dict[str, Any], out_dir: Path) -> list[Path]:
             if res["kind"] == "histogram":
                 mid = (e[:-1] + e[1:]) / 2
                 lo, hi = np.asarray(res["lower"]), np.asarray(res["upper"])
-                yerr = np.maximum([counts - lo, hi - counts], 0)  # never a negative bar
-                ax.errorbar(mid, counts, yerr=yerr, fmt="none", c="k")
+                ax.errorbar(mid, counts, yerr=[counts - lo, hi - counts], fmt="none", c="k")
             else:
                 for p, q in zip(res["probs"], res["estimate"], strict=True):
                     ax.axvline(q, ls="--", c="C3")

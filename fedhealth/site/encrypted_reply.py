@@ -122,6 +122,24 @@ def _check_round(profile: SiteProfile, he: HERound, experiment: str, round_: int
         )
 
 
+def _announced(
+    he: HERound, experiment: str, global_arrays: dict[str, np.ndarray], spec_digest: str
+) -> dict[str, Any]:
+    """The keywords of ``check_contribution``/``make_contribution``: what the site was shown."""
+    return {
+        "experiment_id": he.experiment_id,
+        "round": he.round,
+        "nonce": he.nonce,
+        "weight_scale": he.weight_scale,
+        "cohort": he.cohort,
+        "spec_digest": spec_digest,
+        "global_model": model_hash(global_arrays),
+        "weight_key": he.weight_key,
+        "min_sites": he.min_sites,
+        "experiment": experiment,
+    }
+
+
 def encrypt_update(
     profile: SiteProfile,
     he: HERound,
@@ -187,16 +205,7 @@ def encrypt_update(
             new - old,
             float(weight),
             keys,
-            experiment_id=he.experiment_id,
-            round=he.round,
-            nonce=he.nonce,
-            weight_scale=he.weight_scale,
-            cohort=he.cohort,
-            spec_digest=spec_digest,
-            global_model=model_hash(global_arrays),
-            weight_key=he.weight_key,
-            min_sites=he.min_sites,
-            experiment=experiment,
+            **_announced(he, experiment, global_arrays, spec_digest),
         )
     except (ConfigError, CryptoError) as exc:
         raise HERefusal(str(exc), rule=getattr(exc, "rule", "he-encrypt")) from None
@@ -228,19 +237,7 @@ def check_before_training(
     _check_round(profile, he, experiment, round_)
     keys = site_keys(profile)
     try:
-        check_contribution(
-            keys,
-            experiment_id=he.experiment_id,
-            round=he.round,
-            nonce=he.nonce,
-            weight_scale=he.weight_scale,
-            cohort=he.cohort,
-            spec_digest=spec_digest,
-            global_model=model_hash(global_arrays),
-            weight_key=he.weight_key,
-            min_sites=he.min_sites,
-            experiment=experiment,
-        )
+        check_contribution(keys, **_announced(he, experiment, global_arrays, spec_digest))
     except (ConfigError, CryptoError) as exc:
         raise HERefusal(str(exc), rule=getattr(exc, "rule", "he-encrypt")) from None
 

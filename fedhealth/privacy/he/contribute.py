@@ -145,10 +145,8 @@ def make_contribution(
     vec = np.asarray(update, dtype=np.float64).ravel()
     if not np.all(np.isfinite(vec)):
         raise ConfigError(f"{where}: the update contains NaN/inf; fix training before encrypting")
-    if not (n_examples > 0 and weight_scale > 0):
-        raise ConfigError(
-            f"{where}: n_examples ({n_examples}) and weight_scale ({weight_scale}) must be > 0"
-        )
+    if not n_examples > 0:  # weight_scale is checked with the binding
+        raise ConfigError(f"{where}: n_examples ({n_examples}) must be > 0")
     binding: dict[str, Any] = {"experiment": experiment, "global_model": global_model}
     token, cohort_t, shown = check_contribution(
         site_keys,
