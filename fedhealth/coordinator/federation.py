@@ -474,6 +474,20 @@ class Federation:
 
     # -- the run ------------------------------------------------------------------------------
 
+    def published(self, round_: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The model evaluated after ``round_`` (and, after the last, registered).
+
+        The round's global model ``arrays`` (what the next round trains from), unless the
+        strategy publishes another: a strategy with a ``published_arrays(server_round,
+        arrays)`` method returns it there, e.g. the mean of the last rounds' global models
+        (``strategies/balanced_fedadam.py``, ``average_last``). Post-processing of
+        aggregates the coordinator holds: no site sees or charges anything more.
+        """
+        hook = getattr(self.strategy, "published_arrays", None)
+        if hook is None:
+            return arrays
+        return cast(ArrayRecord, hook(round_, arrays))
+
     def initial_model(self, run_id: str | None = None) -> torch.nn.Module:
         """The seeded initial global model.
 
@@ -526,7 +540,8 @@ class Federation:
                 self.registry_statistics(grid)
             if start.evaluate is not None and cfg.experiment.fraction_evaluate > 0:
                 # The crash came after aggregating this round, before its evaluation.
-                glob, per_site = self.evaluate_round(grid, start.evaluate, arrays)
+                published = self.published(start.evaluate, arrays)
+                glob, per_site = self.evaluate_round(grid, start.evaluate, published)
                 save_evaluation(self.recorder, start.evaluate, glob, per_site)
             for r in range(start.first, cfg.experiment.rounds + 1):
                 self._notify("round-started", r)
@@ -535,9 +550,9 @@ class Federation:
                 # Checkpoint before evaluating: under HE an aggregated round cannot be re-run.
                 save_round(self.recorder, r, arrays, self.state_dict(), glob, per_site)
                 if cfg.experiment.fraction_evaluate > 0:
-                    glob, per_site = self.evaluate_round(grid, r, arrays)
+                    glob, per_site = self.evaluate_round(grid, r, self.published(r, arrays))
                     save_evaluation(self.recorder, r, glob, per_site)
-            version = self.register(arrays, glob, per_site)
+            version = self.register(self.published(cfg.experiment.rounds, arrays), glob, per_site)
             report = self.report(run_id)
             status = "FINISHED"
         except FedHealthError as exc:
