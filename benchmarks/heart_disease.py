@@ -106,10 +106,19 @@ RECIPES: dict[str, Recipe] = {
     "fedadam-dp": Recipe(
         "FedAdam + DP-SGD, heart-disease-dp.toml, CKKS", 0.702, "heart-disease-dp.toml", he=True
     ),
-    # The DP recipe with every centre weighing the same and a larger server step (the
+    # The DP recipe's earlier server: fully adaptive Adam (tau = 1e-9), a sign-like step of
+    # eta in every weight, records weighting, eta = 0.02 (the reference until 2026-11-29).
+    "fedadam-dp-sign": Recipe(
+        "  same, earlier server: τ 1e-9, server lr 0.02",
+        None,
+        "heart-disease-dp.toml",
+        {"strategy": {"options": {"alpha": 1.0, "eta": 0.02}}},
+        he=True,
+    ),
+    # That earlier server with every centre weighing the same and a larger step (the
     # non-private recipe's weighting): the small centres' DP noise then dominates.
     "fedadam-dp-equal": Recipe(
-        "  same, centres weigh the same, server lr 0.05",
+        "  same, τ 1e-9, equal weights, server lr 0.05",
         None,
         "heart-disease-dp.toml",
         {"strategy": {"options": {"alpha": 0.0, "eta": 0.05}}},
