@@ -216,3 +216,36 @@ def test_default_policies_keep_statistics_and_say_what_the_run_releases(project)
     assert "refused (share_statistics)" not in out
     assert "charite, karolinska, st-olav do not share per-feature sums" in out
     assert "release loss and accuracy with Gaussian noise charged to their ledgers" in out
+
+
+def test_the_registered_model_is_the_strategys_published_one(project):
+    """BalancedFedAdam with ``average_last = 2``: the coordinator evaluates and registers the
+    mean of the last two rounds' global models (the round checkpoints keep each round's own
+    global model, which the next round trains from)."""
+    from fedhealth.coordinator.checkpoint import _unpack
+
+    exp = edit(
+        project / "experiments" / "quickstart.toml",
+        **{
+            "rounds = 5": "rounds = 3",
+            'name = "fedavg"': 'name = "strategies/balanced_fedadam.py:BalancedFedAdam"\n'
+            "options = { alpha = 1.0, eta = 0.05, average_last = 2 }",
+        },
+    )
+    out = " ".join(run_cli("run", str(exp)).split())
+    version = re.search(r"Registered model: quickstart-breast-cancer version (\d+)", out)
+    assert version, out
+    uri = f"sqlite:///{project / 'workspace' / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    mv = client.get_model_version("quickstart-breast-cancer", version.group(1))
+    rounds = []
+    for r in (2, 3):
+        path = client.download_artifacts(mv.run_id, f"checkpoints/round-{r:04d}.npz")
+        rounds.append(_unpack(Path(path).read_bytes()).arrays)
+    network = mlflow.pyfunc.load_model(f"models:/quickstart-breast-cancer/{mv.version}")
+    weights = network.unwrap_python_model().network[1].state_dict()
+    for name, value in weights.items():
+        expected = (rounds[0][name] + rounds[1][name]) / 2
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(value.numpy(), rounds[1][name])  # not the last round's model
