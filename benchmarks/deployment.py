@@ -47,7 +47,7 @@ training. A deployed site pays this once, when its app process starts (its log,
 ``site-exec.log``, says how long that took; Part 1 prints it); a simulated site's worker
 on its first message of each kind. Medians of ``--import-reps`` runs.
 
-Run: ``/work/venv/bin/python benchmarks/deployment.py [--rounds 3] [--sites 10 50 100]
+Run: ``.venv/bin/python benchmarks/deployment.py [--rounds 3] [--sites 10 50 100]
 [--skip-deploy] [--skip-imports] [--import-reps 5]``.
 """
 
