@@ -433,19 +433,20 @@ def test_coordinator_start_names_the_secret_it_refuses(tmp_path: Path) -> None:
     assert not (tmp_path / "ws").exists()  # nothing was started
 
 
-def test_pacer_polls_fast_while_active_and_backs_off_when_idle() -> None:
+def test_pacer_polls_fast_after_a_message_and_backs_off_when_idle() -> None:
     from fedhealth.deploy.flower_pacing import Pacer
 
     now = [1000.0]
-    pacer = Pacer(active=0.05, idle=1.0, window=60.0, clock=lambda: now[0])
+    pacer = Pacer(active=0.05, settled=0.2, idle=1.0, window=60.0, clock=lambda: now[0])
     assert [pacer.pause() for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]  # never busy
     pacer.busy()
+    assert [pacer.pause() for _ in range(4)] == [0.05, 0.1, 0.2, 0.2]  # active: <= settled
     now[0] += 59.0
-    assert pacer.pause() == 0.05 and pacer.pause() == 0.05  # within the window: fast
+    assert pacer.pause() == 0.2  # still within the window
     now[0] += 2.0
-    assert [pacer.pause() for _ in range(3)] == [0.05, 0.1, 0.2]  # idle again: backs off
+    assert [pacer.pause() for _ in range(4)] == [0.2, 0.4, 0.8, 1.0]  # idle: backs off
     pacer.busy()
-    assert pacer.pause() == 0.05
+    assert pacer.pause() == 0.05  # a message: fast again
 
 
 def test_flower_pacing_changes_only_the_supernodes_three_pauses(tmp_path: Path) -> None:
@@ -475,7 +476,7 @@ def test_flower_pacing_changes_only_the_supernodes_three_pauses(tmp_path: Path) 
     assert "time.sleep(3)" in mismatch(changed, package_version)
 
     now = [0.0]
-    paced = PacedTime(Pacer(active=0.05, idle=1.0, clock=lambda: now[0]))
+    paced = PacedTime(Pacer(active=0.05, settled=0.2, idle=1.0, clock=lambda: now[0]))
     assert paced.paced(3) == 0.05 and paced.paced(3) == 0.1  # idle: the pacer's pause
     assert paced.paced(0.5) == REPLY_POLL and paced.paced(7) == 7  # reply checks; others
     assert paced.monotonic is loop.time.monotonic  # everything else is time's own

@@ -53,8 +53,10 @@ APP_NAME = "fedhealth-app"
 ALLOWED_FAB_FILES = {"pyproject.toml", ".info/CONTENT"}  # a FAB of fedhealth holds no code
 SECRET_FILE = "superexec.secret"
 RULE = "untrusted-app"
-#: Seconds between polls of the SuperNode while a run is active (a local request).
+#: First pause (s) between polls of the SuperNode after a message (a local request).
 EXECUTOR_POLL = 0.02
+#: Longest pause (s) between those polls while a run is active.
+EXECUTOR_SETTLED_POLL = 0.05
 
 
 @dataclass
@@ -206,7 +208,7 @@ def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None 
         protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
     )
     client = _runtime_client(address, [auth])
-    pacer = pacer or Pacer(active=EXECUTOR_POLL)
+    pacer = pacer or Pacer(active=EXECUTOR_POLL, settled=EXECUTOR_SETTLED_POLL)
     # Every task type is taken, so that an agent app (or any other kind) is refused and
     # audited here instead of waiting unseen on the SuperNode.
     types = [t.value for t in TaskType]
