@@ -183,7 +183,8 @@ def test_site_crash_coordinator_crash_resume(deployment: Deployment) -> None:
     # re-runs round 2 under the same HE binding with a fresh nonce, with all three sites.
     dep.start_coordinator()
     dep.start_sites([victim])
-    res = dep.cli("run", str(exp), "--federation", "test", "--resume", run_id, timeout=480)  # a loaded machine: each deployed round takes seconds
+    # Generous: on a loaded 2-core machine each deployed round takes seconds.
+    res = dep.cli("run", str(exp), "--federation", "test", "--resume", run_id, timeout=480)
     assert res.returncode == 0, res.stdout + res.stderr
     assert ("sent", "train", 2) in _events(dep, victim)  # it rejoined
     ledger = _he_ledger(dep, witness)
