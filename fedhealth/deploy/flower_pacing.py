@@ -24,8 +24,8 @@ last, nothing else:
   :data:`IDLE_POLL`, so an idle site asks the SuperLink about once a second instead of
   every 3 s, and a busy one within tens of milliseconds of the next message when it comes
   soon. Every poll costs the SuperLink a request (TLS, node authentication, database
-  reads: about 15 ms of its CPU on a 2-core box), so three sites polling every 50 ms kept
-  it busy more than half the time and every request queued behind the polls;
+  reads: an estimated 10-15 ms of its CPU on a 2-core box), so three sites polling every
+  50 ms kept it busy more than half the time and every request queued behind the polls;
 * the reply checks pause :data:`REPLY_POLL` seconds (a lookup in the SuperNode's own
   memory).
 
