@@ -29,8 +29,10 @@ last, nothing else:
 * the reply checks pause :data:`REPLY_POLL` seconds (a lookup in the SuperNode's own
   memory).
 
-The site's own app process (:mod:`fedhealth.deploy.site_exec`) paces its polls of the
-SuperNode with the same :class:`Pacer`.
+Run with ``--fedhealth-wake PIPE`` (removed from the arguments before Flower sees them),
+the SuperNode also writes to the site's wake-up pipe (:mod:`fedhealth.deploy.wake`) each
+time it has stored a message, so that the site's own app process
+(:mod:`fedhealth.deploy.site_exec`) asks for it at once instead of polling.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from fedhealth.deploy.wake import notify
 
 #: The Flower release whose SuperNode source this module was checked against.
 FLOWER_SERIES = "1.41."
@@ -151,7 +156,7 @@ def mismatch(module: ModuleType, version: str) -> str:
     return ""
 
 
-def install(pacer: Pacer | None = None) -> PacedTime | None:
+def install(pacer: Pacer | None = None, wake: Path | None = None) -> PacedTime | None:
     """Pace this process's Flower SuperNode; returns the stand-in, or ``None`` (with a
     warning) when the installed Flower is not the one this was checked against.
 
@@ -160,6 +165,8 @@ def install(pacer: Pacer | None = None) -> PacedTime | None:
     pacer : Pacer, optional
         The idle-poll pacer (default: :data:`ACTIVE_POLL`, :data:`IDLE_POLL`,
         :data:`ACTIVE_WINDOW`).
+    wake : Path, optional
+        The site's wake-up pipe, written to after each stored message.
     """
     import flwr.supernode.start_client_internal as loop
     from flwr.supercore.version import package_version
@@ -171,29 +178,44 @@ def install(pacer: Pacer | None = None) -> PacedTime | None:
     if isinstance(loop.time, PacedTime):
         return loop.time
     paced = PacedTime(pacer or Pacer())
-    loop._pull_and_store_message = marking_busy(loop._pull_and_store_message, paced.pacer)
+    loop._pull_and_store_message = marking_busy(loop._pull_and_store_message, paced.pacer, wake)
     loop.time = paced  # type: ignore[assignment]
     return paced
 
 
-def marking_busy(pull: Callable[..., int | None], pacer: Pacer) -> Callable[..., int | None]:
+def marking_busy(
+    pull: Callable[..., int | None], pacer: Pacer, wake: Path | None = None
+) -> Callable[..., int | None]:
     """Wrap Flower's ``_pull_and_store_message`` (returns the run id of a received
-    message, or ``None``) so that every received message marks ``pacer`` busy."""
+    message, or ``None``) so that every received message marks ``pacer`` busy and, with
+    ``wake``, wakes the site's app process (:func:`fedhealth.deploy.wake.notify`)."""
 
     def pull_and_store_message(*args: Any, **kwargs: Any) -> int | None:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             pacer.busy()
+            notify(wake)
         return run_id
 
     return pull_and_store_message
+
+
+def split_wake_argument(argv: list[str]) -> tuple[list[str], Path | None]:
+    """``argv`` without ``--fedhealth-wake PIPE``, and that pipe (``None`` if absent)."""
+    if "--fedhealth-wake" not in argv:
+        return argv, None
+    i = argv.index("--fedhealth-wake")
+    if i + 1 >= len(argv):
+        raise SystemExit("--fedhealth-wake needs the path of the site's wake-up pipe")
+    return argv[:i] + argv[i + 2 :], Path(argv[i + 1])
 
 
 def main() -> None:
     """Run ``flower-supernode`` (arguments from ``sys.argv``) with the pacing installed."""
     from fedhealth.flower_object_pulls import pace_object_pulls
 
-    install()
+    sys.argv, wake = split_wake_argument(sys.argv)
+    install(wake=wake)
     pace_object_pulls()
     from flwr.supernode.cli import flower_supernode
 

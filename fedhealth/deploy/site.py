@@ -11,7 +11,9 @@ polling paced to tens of milliseconds while a run is active). Beside it runs the
 app process (:mod:`fedhealth.deploy.site_exec`, log ``<site workspace>/logs/site-exec.log``),
 started once: it runs every message of every run through the installed fedhealth ClientApp
 and refuses (and audits) a run whose app bundle is anything else. The two share the
-SuperExec secret ``<site workspace>/superexec.secret``.
+SuperExec secret ``<site workspace>/superexec.secret`` and the wake-up pipe
+``<site workspace>/app-wake.fifo`` (:mod:`fedhealth.deploy.wake`): the SuperNode writes to
+it when a message has arrived, so the app process need not poll.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from fedhealth.config.site import SiteProfile
 from fedhealth.deploy.processes import Child, ProcessGroup
 from fedhealth.deploy.site_exec import ensure_secret
+from fedhealth.deploy.wake import ensure_fifo, wake_path
 from fedhealth.errors import ConfigError
 
 
@@ -60,9 +63,12 @@ class NodeSettings:
                 )
 
 
-def supernode_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[str]:
+def supernode_argv(
+    profile_path: Path, s: NodeSettings, secret: Path, wake: Path | None = None
+) -> list[str]:
     """The ``flower-supernode`` command line for one site (``secret``: the SuperExec
-    secret file it shares with the site's executor)."""
+    secret file it shares with the site's executor; ``wake``: the pipe it wakes the
+    executor through)."""
     argv = [
         sys.executable, "-m", "fedhealth.deploy.flower_pacing",  # flower-supernode, paced
         "--superlink", s.superlink,
@@ -78,17 +84,24 @@ def supernode_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[st
         argv += ["--root-certificates", str(Path(s.root_certificate).resolve())]
     if s.auth_key is not None:
         argv += ["--auth-supernode-private-key", str(Path(s.auth_key).resolve())]
+    if wake is not None:
+        argv += ["--fedhealth-wake", str(Path(wake).resolve())]
     return argv
 
 
-def executor_argv(profile_path: Path, s: NodeSettings, secret: Path) -> list[str]:
+def executor_argv(
+    profile_path: Path, s: NodeSettings, secret: Path, wake: Path | None = None
+) -> list[str]:
     """The command line of the site's own app process (:mod:`fedhealth.deploy.site_exec`)."""
-    return [
+    argv = [
         sys.executable, "-m", "fedhealth.deploy.site_exec",
         "--runtime-api-address", f"127.0.0.1:{s.port}",
         "--profile", str(Path(profile_path).resolve()),
         "--secret-file", str(Path(secret).resolve()),
     ]  # fmt: skip
+    if wake is not None:
+        argv += ["--wake", str(Path(wake).resolve())]
+    return argv
 
 
 def log_path(profile: SiteProfile) -> Path:
@@ -110,15 +123,16 @@ def _start_pair(
 ) -> tuple[Child, Child]:
     """Start the SuperNode and the site's app process; returns both."""
     secret = ensure_secret(profile.workspace)
+    wake = ensure_fifo(wake_path(profile.workspace))
     node = group.start(
         f"SuperNode of {profile.name}",
-        supernode_argv(profile_path, s, secret),
+        supernode_argv(profile_path, s, secret, wake),
         log_path(profile),
         env,
     )
     executor = group.start(
         f"app process of {profile.name}",
-        executor_argv(profile_path, s, secret),
+        executor_argv(profile_path, s, secret, wake),
         executor_log_path(profile),
         env,
     )

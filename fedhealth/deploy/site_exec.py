@@ -18,7 +18,9 @@ process beside it:
     and a ``refused`` line with rule ``untrusted-app`` in the site's audit log
     (:mod:`fedhealth.site.audit`). A message whose handler raises gets an error reply
     naming only the exception's type (the traceback stays in the site's log) and the
-    process goes on with the next one. Its polls of the SuperNode are paced by a
+    process goes on with the next one. With ``--wake PIPE`` it asks the SuperNode for a
+    task when the SuperNode wakes it (:mod:`fedhealth.deploy.wake`) and otherwise once a
+    second; without, its polls are paced by a
     :class:`~fedhealth.deploy.flower_pacing.Pacer` (tens of milliseconds while a run is
     active).
 ``python -m fedhealth.deploy.site_exec task --token T ...``
@@ -47,6 +49,7 @@ from typing import Any
 
 from fedhealth import __version__
 from fedhealth.deploy.flower_pacing import Pacer
+from fedhealth.deploy.wake import FALLBACK_POLL, WakeReader
 
 CLIENT_APP = "fedhealth.site.client_app:app"
 APP_NAME = "fedhealth-app"
@@ -185,8 +188,27 @@ def warm_up(profile: Path) -> list[str]:
     return modules
 
 
-def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None = None) -> None:
-    """Serve every task of every run in this process, one at a time, until stopped."""
+def run_executor(
+    address: str,
+    profile: Path,
+    secret: Path,
+    pacer: Pacer | None = None,
+    wake: Path | None = None,
+) -> None:
+    """Serve every task of every run in this process, one at a time, until stopped.
+
+    Parameters
+    ----------
+    address : str
+        The SuperNode's Runtime API (``127.0.0.1:PORT``).
+    profile, secret : Path
+        The site profile and the SuperExec secret file.
+    pacer : Pacer, optional
+        Pauses between polls when there is no wake-up pipe.
+    wake : Path, optional
+        The site's wake-up pipe: poll when woken, else every
+        :data:`~fedhealth.deploy.wake.FALLBACK_POLL` seconds.
+    """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.constant import TaskType
@@ -196,6 +218,7 @@ def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None 
     from fedhealth.site.timing import serving
 
     pace_object_pulls()  # the SuperNode hands over the message's objects at once
+    reader = WakeReader(wake) if wake is not None else None  # wake-ups queue from now on
     t0 = time.perf_counter()
     modules = warm_up(profile)
     serving()  # this process's start is not any message's
@@ -221,10 +244,14 @@ def run_executor(address: str, profile: Path, secret: Path, pacer: Pacer | None 
                     run_task(address, res.token, profile, res.task.type)
                 except Exception:  # noqa: BLE001 - logged; the next message still runs
                     traceback.print_exc()
+            elif reader is not None:
+                reader.wait(FALLBACK_POLL)
             else:
                 time.sleep(pacer.pause())
     finally:
         client.close()
+        if reader is not None:
+            reader.close()
 
 
 def _audit_refusal(profile: Path, run: Any, fab: Any, verdict: FabVerdict, msg: Any) -> None:
@@ -310,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token")
     p.add_argument("--task-type", default="flwr-clientapp")
     p.add_argument("--parent-pid", type=int)
+    p.add_argument("--wake", type=Path, help="the site's wake-up pipe (fedhealth.deploy.wake)")
     a = p.parse_args(argv)
     if a.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
@@ -317,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(a.parent_pid)
     if a.mode == "task":
         return run_task(a.runtime_api_address, a.token, a.profile, a.task_type)
-    run_executor(a.runtime_api_address, a.profile, a.secret_file)
+    run_executor(a.runtime_api_address, a.profile, a.secret_file, wake=a.wake)
     return 0
 
 
