@@ -627,3 +627,17 @@ def test_mlflow_server_caches_verified_credentials(tmp_path: Path, monkeypatch) 
     config = read_auth_config()
     assert config.auth_cache_ttl_seconds == AUTH_CACHE_SECONDS > 0
     assert config.authorization_function.endswith("authenticate_request_basic_auth")
+
+
+def test_the_superlink_keeps_its_state_in_memory_unless_given_a_file(tmp_path: Path) -> None:
+    """Flower's in-memory state by default (the durable state is MLflow's and the consortium
+    directory's); ``--state-db`` gives Flower an SQLite file instead."""
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from fedhealth.deploy.coordinator import CoordinatorSettings, superlink_argv
+
+    argv = superlink_argv(CoordinatorSettings(workspace=tmp_path, consortium=None))
+    assert argv[argv.index("--database") + 1] == FLWR_IN_MEMORY_DB_NAME
+    db = tmp_path / "link" / "state.db"
+    argv = superlink_argv(CoordinatorSettings(workspace=tmp_path, consortium=None, state_db=db))
+    assert argv[argv.index("--database") + 1] == str(db.resolve())

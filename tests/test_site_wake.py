@@ -56,7 +56,7 @@ def test_a_full_pipe_drops_wake_ups_without_blocking(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_pipe_is_refused_by_name(tmp_path: Path) -> None:
     path = wake_path(tmp_path)
     path.write_text("not a pipe")
-    with pytest.raises(ConfigError, match="app-wake.fifo.*named pipe"):
+    with pytest.raises(ConfigError, match=r"app-wake\.fifo.*named pipe"):
         ensure_fifo(path)
     assert path.read_text() == "not a pipe"  # left as it was
 

@@ -46,8 +46,14 @@ def start(
         min=0,
         help="Restart the MLflow server if it exits, at most this often in 10 minutes.",
     ),
+    state_db: Path = typer.Option(
+        None,
+        "--state-db",
+        help="Keep the SuperLink's state (runs, sessions) in this SQLite file instead of in "
+        "memory, so `flwr ls` survives a restart; rounds take about twice as long.",
+    ),
 ) -> None:
-    """Start the SuperLink (TLS, SuperNode auth, persistent state) and the MLflow server.
+    """Start the SuperLink (TLS, SuperNode auth) and the MLflow server.
     The consortium directory must hold only the coordinator's files (`fedhealth consortium
     coordinator-dir`); the SuperLink's Control API (run, list, register) answers only this
     machine, and the MLflow server requires a user name and password. Both run until Ctrl-C
@@ -70,6 +76,7 @@ def start(
         artifact_root=artifact_root,
         federation=federation,
         mlflow_max_restarts=mlflow_max_restarts,
+        state_db=state_db,
     )
     s.extra_env[TRACKING_ENV] = s.tracking_uri
     coord = start_coordinator(s)
@@ -84,7 +91,8 @@ def start(
                       "fedhealth coordinator add-reader NAME)", highlight=False)  # fmt: skip
         for site, what in coord.registered.items():
             console.print(f"  SuperNode key of {site}: {what}")
-        console.print(f"  state database: {s.state_db.resolve()}", highlight=False)
+        where = s.state_db.resolve() if s.state_db else "in memory (models and checkpoints: MLflow)"
+        console.print(f"  SuperLink state: {where}", highlight=False)
         console.print(f"  MLflow store:   {s.backend()}  artifacts: {s.artifacts()}",
                       highlight=False)  # fmt: skip
         console.print(f"  logs:           {s.logs.resolve()}/{{superlink,mlflow}}.log",

@@ -2,12 +2,19 @@
 
 Everything lives in one workspace folder::
 
-    <workspace>/superlink/state.db        the SuperLink's persistent state (back it up)
     <workspace>/mlflow/mlflow.db          MLflow's backend store (SQLite default)
     <workspace>/mlflow/artifacts/         MLflow's artifact root (models, checkpoints)
     <workspace>/mlflow/auth.db            MLflow's user store (basic-auth app)
     <workspace>/logs/superlink.log        logs of each process
     <workspace>/logs/mlflow.log
+
+The SuperLink keeps its state (runs, messages, SuperNode sessions) in memory, Flower's
+default: what must outlive the coordinator is elsewhere. The SuperNode keys are registered
+again from the consortium directory at every start, and a run resumes from its MLflow
+checkpoints (``fedhealth run --resume``). ``state_db`` keeps that state in an SQLite file
+instead, for operators who want Flower's run list (``flwr ls``) to survive a restart; it
+makes every SuperLink request slower (SQLAlchemy, locking) and a deployed round about twice
+as long on a 2-core machine (docs/benchmarks.md).
 
 While it runs, :meth:`Coordinator.supervise` restarts the MLflow server if it exits (same
 port, same store), at most ``mlflow_max_restarts`` times in ten minutes with a growing
@@ -36,6 +43,8 @@ from fedhealth.deploy.provision import TLSLayout, foreign_secrets
 from fedhealth.errors import ConfigError
 
 DEFAULT_FEDERATION = "fedhealth"
+#: Flower's name for its in-memory SuperLink state (``flwr.supercore.constant``).
+IN_MEMORY_STATE = ":flwr-in-memory:"
 
 
 @dataclass
@@ -66,6 +75,8 @@ class CoordinatorSettings:
     mlflow_max_restarts : int
         How often the MLflow server is restarted within ten minutes before the coordinator
         gives up and stops.
+    state_db : Path or None
+        SQLite file for the SuperLink's state; ``None`` (default) keeps it in memory.
     """
 
     workspace: Path
@@ -80,6 +91,7 @@ class CoordinatorSettings:
     connect_host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
     mlflow_max_restarts: int = 5
+    state_db: Path | None = None
 
     @property
     def mlflow_admin(self) -> Path:
@@ -88,10 +100,9 @@ class CoordinatorSettings:
             return admin_path(self.consortium)
         return self.workspace / "mlflow" / "admin.json"
 
-    @property
-    def state_db(self) -> Path:
-        """The SuperLink's state database."""
-        return self.workspace / "superlink" / "state.db"
+    def superlink_database(self) -> str:
+        """The SuperLink's ``--database``: the state file, or Flower's in-memory state."""
+        return str(Path(self.state_db).resolve()) if self.state_db else IN_MEMORY_STATE
 
     @property
     def logs(self) -> Path:
@@ -127,7 +138,7 @@ def superlink_argv(s: CoordinatorSettings) -> list[str]:
     """The ``flower-superlink`` command line."""
     argv = [
         sys.executable, "-m", "fedhealth.deploy.superlink_gate",
-        "--database", str(s.state_db.resolve()),
+        "--database", s.superlink_database(),
         "--disable-runtime-dependency-installation",
         "--host", s.host,
         "--port", str(s.port),
@@ -289,7 +300,8 @@ def start_coordinator(s: CoordinatorSettings, timeout: float = 180.0) -> Coordin
     if s.consortium is not None:
         check_coordinator_dir(s.consortium)
     s.workspace.mkdir(parents=True, exist_ok=True)
-    s.state_db.parent.mkdir(parents=True, exist_ok=True)
+    if s.state_db is not None:
+        Path(s.state_db).parent.mkdir(parents=True, exist_ok=True)
     (s.workspace / "mlflow").mkdir(parents=True, exist_ok=True)
     if s.artifact_root is None:
         Path(s.artifacts()).mkdir(parents=True, exist_ok=True)
