@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from mlflow.entities import Param
 
 from fedhealth.config.experiment import ExperimentConfig
-from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, send_and_receive
+from fedhealth.coordinator.exchange import FIRST_POLL, MAX_POLL, pull, push, send_and_receive
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.answers import answers_agree, split_aggregate
 from fedhealth.privacy.he.binding import Announcement, model_hash
@@ -347,13 +347,13 @@ class EncryptedAggregation:
         msgs = list(msgs)
         if self.he.bind_cohort and msgs:
             self._bind_cohort(grid, round_, msgs)
-        pending = list(grid.push_messages(msgs))
+        pending = push(grid, msgs)
         end = time.time() + timeout
         pause = FIRST_POLL
         while pending and time.time() < end:
             arrived = False
             for mid in list(pending):
-                for reply in grid.pull_messages([mid]):
+                for reply in pull(grid, [mid]):
                     pending.remove(mid)
                     arrived = True
                     yield self._take(round_, reply)

@@ -27,7 +27,15 @@ from fedhealth.site import timing as handler_timing
 
 AUDIT_FILE = "audit.log"
 
-__all__ = ["AUDIT_FILE", "append", "audit_path", "audited", "content_digest", "read"]
+__all__ = [
+    "AUDIT_FILE",
+    "append",
+    "audit_path",
+    "audited",
+    "content_digest",
+    "read",
+    "record_refusal",
+]
 
 
 def audit_path(workspace: Path) -> Path:
@@ -89,6 +97,15 @@ def _request_info(msg: Any) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         pass
     return {k: v for k, v in info.items() if v is not None}
+
+
+def record_refusal(workspace: Path, site: str, msg: Any, refusal: Refusal) -> None:
+    """Audit a request refused before any handler saw it (e.g. a sealed content that does
+    not open, :mod:`fedhealth.envelope`): a ``received`` and a ``refused`` line."""
+    base = {"site": site, "handler": "-", **_request_info(msg)}
+    append(audit_path(workspace), {"ts": time.time(), "event": "received", **base})
+    append(audit_path(workspace), {"ts": time.time(), "event": "refused", **base,
+                                   "rule": refusal.rule, "message": refusal.message})  # fmt: skip
 
 
 def _created_at(msg: Any) -> float | None:

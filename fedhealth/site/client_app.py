@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 from fedhealth import settings
 from fedhealth.catalogue import READERS
 from fedhealth.config.site import SiteProfile, load_site
+from fedhealth.envelope import envelope_mod
 from fedhealth.errors import ConfigError, DataError, FedHealthError, PolicyError
 from fedhealth.protocol import (
     REFUSAL_CODE,
@@ -59,7 +60,7 @@ from fedhealth.protocol import (
     ValidationKey,
 )
 from fedhealth.site.approvals import admit_analysis, admit_study, check_round
-from fedhealth.site.audit import audited
+from fedhealth.site.audit import audited, record_refusal
 from fedhealth.site.refusals import DATA_RULE, public_message
 from fedhealth.site.request import AnalysisRequest, SiteRequest
 from fedhealth.site.timing import phase
@@ -67,7 +68,26 @@ from fedhealth.site.timing import phase
 if TYPE_CHECKING:
     from fedhealth.site.runtime import SiteRuntime
 
-app = ClientApp()
+
+def _refuse_unopened(msg: Message, context: Context, exc: ProtocolError) -> Message:
+    """The refusal of a request whose sealed content does not open, audited."""
+    try:
+        site, workspace = _audit_site(context)
+    except Exception:  # noqa: BLE001 - a bad profile: refuse unaudited, as the handlers do
+        site, workspace = "?", None
+    reply = _refuse(msg, site, exc)
+    if workspace is not None:
+        record_refusal(workspace, site, msg, Refusal.decode(reply.error.reason, node=site))
+    return reply
+
+
+def _envelope(msg: Message, context: Context, call_next: Any) -> Message:
+    return envelope_mod(msg, context, call_next, refuse=_refuse_unopened)
+
+
+# Every request's sealed content is opened before its handler runs, and every reply's
+# content sealed after (fedhealth.envelope): fewer objects for Flower to move.
+app = ClientApp(mods=[_envelope])
 
 SIM_ROSTER_ENV = settings.SIM_SITE_PROFILES.name  # set by the simulation engine
 
