@@ -18,6 +18,7 @@ from dp_consortium import LocalGrid, write_experiment, write_site
 
 from fedhealth.config.experiment import load_experiment
 from fedhealth.coordinator.federation import Federation
+from fedhealth.envelope import open_envelope
 
 
 def _run(root: Path, policies: dict[str, dict], rounds: int = 2):
@@ -56,6 +57,7 @@ class _TamperingGrid(LocalGrid):
         for reply in replies:
             train = reply.metadata.message_type == "train" and not reply.has_error()
             if train and reply.metadata.src_node_id == 2:
+                reply.content = open_envelope(reply.content)  # a site tampers before sealing
                 self.tamper(reply.content)
         return replies
 

@@ -24,6 +24,7 @@ from fedhealth.coordinator import federation as federation_mod
 from fedhealth.coordinator.federation import Federation
 from fedhealth.coordinator.strategies import build_strategy
 from fedhealth.data.demo import breast_cancer_feature_names, write_breast_cancer_sites
+from fedhealth.envelope import open_envelope
 from fedhealth.errors import ConfigError, CryptoError, FederationError
 from fedhealth.privacy.he.ceremony import init_consortium, load_coordinator_keys, load_site_keys
 from fedhealth.privacy.he.contribute import make_contribution
@@ -165,6 +166,15 @@ class StubRecorder:
 Hook = Callable[[str, Message], Message | None]
 
 
+def _site_reply(msg: Message, context: Context) -> Message:
+    """The site's ClientApp's reply, its records opened (they are sealed on the wire) so
+    that tests and hooks read them."""
+    reply = client_app(msg, context)
+    if reply.has_content():
+        reply.content = open_envelope(reply.content)
+    return reply
+
+
 class LocalGrid:
     """An in-process Flower Grid: each message goes straight to the site's ClientApp.
 
@@ -206,8 +216,9 @@ class LocalGrid:
             node = msg.metadata.dst_node_id
             site = self.nodes[node][0]
             if self.on_request is not None:
+                msg.content = open_envelope(msg.content)  # the hooks attack the records
                 msg = self.on_request(site, msg) or msg
-            reply = client_app(msg, self.context(node))
+            reply = _site_reply(msg, self.context(node))
             self.log.append((site, reply))
             if self.on_reply is not None:
                 reply = self.on_reply(site, reply)
@@ -547,7 +558,7 @@ def _ask(grid: LocalGrid, site: str, request: DecryptionRequest) -> Message:
         message_type=DECRYPT_MESSAGE_TYPE,
     )
     msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    return client_app(msg, grid.context(grid.node(site)))
+    return _site_reply(msg, grid.context(grid.node(site)))
 
 
 def _summed(fed: Federation, raw, sites) -> list[bytes]:
