@@ -21,6 +21,7 @@ one by one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Final
 
@@ -137,10 +138,16 @@ def open_envelope(content: RecordDict) -> RecordDict:
 
 
 def sealed(message: Message) -> Message:
-    """``message`` with its content sealed (:func:`seal`); an error message as it is."""
-    if message.has_content():
-        message.content = seal(message.content)
-    return message
+    """A copy of ``message`` with its content sealed (:func:`seal`), or ``message`` itself
+    when there is nothing to seal (an error, a one-record content). The caller's message
+    keeps its records: the coordinator reads what it sent (to announce a round again)."""
+    if not message.has_content():
+        return message
+    content = seal(message.content)
+    if content is message.content:
+        return message
+    # Flower's typed overloads omit its (supported) metadata-and-content constructor.
+    return Message(metadata=copy.copy(message.metadata), content=content)  # type: ignore[call-overload]
 
 
 def envelope_mod(

@@ -191,8 +191,11 @@ def test_the_coordinator_seals_requests_and_opens_replies() -> None:
     from fedhealth.coordinator.exchange import send_and_receive
 
     grid = _Grid(lambda: seal(_content()))
-    replies = send_and_receive(grid, [_request(_content())], timeout=5)
+    request = _request(_content())
+    replies = send_and_receive(grid, [request], timeout=5)
     assert [list(m.content) for m in grid.pushed] == [[ENVELOPE]]  # sealed on the way out
+    _same(request.content, _content())  # the coordinator's own message keeps its records
+    assert grid.pushed[0].metadata.dst_node_id == request.metadata.dst_node_id
     assert len(replies) == 1 and not replies[0].has_error()
     _same(replies[0].content, _content())
 
