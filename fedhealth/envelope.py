@@ -25,7 +25,7 @@ import copy
 from collections.abc import Callable
 from typing import Final
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 from fedhealth.protocol import ProtocolError
@@ -90,11 +90,6 @@ def seal(content: RecordDict, limit: int = MAX_SEALED_BYTES) -> RecordDict:
     return RecordDict({ENVELOPE: ConfigRecord({VERSION: FORMAT, PAYLOAD: payload})})
 
 
-def is_sealed(content: RecordDict) -> bool:
-    """Whether ``content`` carries an envelope (well formed or not)."""
-    return ENVELOPE in content
-
-
 def open_envelope(content: RecordDict) -> RecordDict:
     """The records sealed in ``content``; ``content`` itself if it is not sealed.
 
@@ -131,9 +126,6 @@ def open_envelope(content: RecordDict) -> RecordDict:
         ) from None
     if ENVELOPE in inner:
         raise ProtocolError(f"{where} holds another envelope", ENVELOPE)
-    for name, rec in inner.items():
-        if not isinstance(rec, ArrayRecord | ConfigRecord | MetricRecord):
-            raise ProtocolError(f"{where}: record `{name}` is of no known kind", ENVELOPE)
     return inner
 
 
@@ -161,7 +153,7 @@ def envelope_mod(
     A request whose envelope does not open is answered by ``refuse(message, context, error)``
     (the site's refusal reply); without ``refuse`` the error propagates.
     """
-    if message.has_content() and is_sealed(message.content):
+    if message.has_content():
         try:
             message.content = open_envelope(message.content)
         except ProtocolError as exc:

@@ -43,8 +43,6 @@ from fedhealth.deploy.provision import TLSLayout, foreign_secrets
 from fedhealth.errors import ConfigError
 
 DEFAULT_FEDERATION = "fedhealth"
-#: Flower's name for its in-memory SuperLink state (``flwr.supercore.constant``).
-IN_MEMORY_STATE = ":flwr-in-memory:"
 
 
 @dataclass
@@ -102,7 +100,9 @@ class CoordinatorSettings:
 
     def superlink_database(self) -> str:
         """The SuperLink's ``--database``: the state file, or Flower's in-memory state."""
-        return str(Path(self.state_db).resolve()) if self.state_db else IN_MEMORY_STATE
+        from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+        return str(self.state_db.resolve()) if self.state_db else FLWR_IN_MEMORY_DB_NAME
 
     @property
     def logs(self) -> Path:
@@ -301,7 +301,7 @@ def start_coordinator(s: CoordinatorSettings, timeout: float = 180.0) -> Coordin
         check_coordinator_dir(s.consortium)
     s.workspace.mkdir(parents=True, exist_ok=True)
     if s.state_db is not None:
-        Path(s.state_db).parent.mkdir(parents=True, exist_ok=True)
+        s.state_db.parent.mkdir(parents=True, exist_ok=True)
     (s.workspace / "mlflow").mkdir(parents=True, exist_ok=True)
     if s.artifact_root is None:
         Path(s.artifacts()).mkdir(parents=True, exist_ok=True)
