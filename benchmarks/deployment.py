@@ -50,7 +50,7 @@ training. A deployed site pays this once, when its app process starts (its log,
 on its first message of each kind. Medians of ``--import-reps`` runs.
 
 Run: ``.venv/bin/python benchmarks/deployment.py [--rounds 3] [--sites 10 50 100]
-[--skip-deploy] [--skip-imports] [--import-reps 5]``.
+[--skip-deploy] [--skip-imports] [--import-reps 5] [--keep]``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,16 +194,49 @@ def _breakdown(calls: list[SiteCall], clock: CoordinatorClock) -> list[dict[str,
     return rows
 
 
+def _exchange_lines(calls: list[SiteCall], clock: CoordinatorClock) -> list[str]:
+    """Per round, each exchange's timeline (s): request created -> slowest site's process,
+    that site's handler, its end -> the next exchange's request (or the round's end)."""
+    lines = []
+    for rnd in sorted(clock.round_end):
+        by_handler: dict[str, list[SiteCall]] = {}
+        for c in calls:
+            if c.round == rnd:
+                by_handler.setdefault(c.handler, []).append(c)
+        exchanges = sorted(by_handler.values(), key=lambda cs: min(c.created for c in cs))
+        parts = []
+        for i, ex in enumerate(exchanges):
+            slow = max(ex, key=lambda c: c.end)
+            created = min(c.created for c in ex)
+            after = (min(c.created for c in exchanges[i + 1]) if i + 1 < len(exchanges)
+                     else clock.round_end[rnd])  # fmt: skip
+            parts.append(f"{slow.handler} {slow.process - created:.2f} + "
+                         f"{slow.end - slow.process:.2f} ({slow.site}) + "
+                         f"{after - slow.end:.2f}")  # fmt: skip
+        lines.append(f"  round {rnd}: " + "; ".join(parts))
+    return lines
+
+
 def _table_line(label: str, rows: list[dict[str, float]]) -> str:
     med = {k: statistics.median(r[k] for r in rows) for k in ("round", *COLUMNS)}
     cells = [f"{med['round']:>6.2f}"] + [f"{med[c]:>{max(len(c), 6)}.3f}" for c in COLUMNS]
     return f"{label:<11} " + " ".join(cells)
 
 
-def deployed_vs_simulated(rounds: int) -> None:
-    """Part 1: per-round wall time and where it went, deployed and simulated."""
-
+def deployed_vs_simulated(rounds: int, keep: bool = False) -> None:
+    """Part 1: per-round wall time and where it went, deployed and simulated; the working
+    directory (workspaces, audit and SuperNode logs) is removed unless ``keep``."""
     root = Path(tempfile.mkdtemp(prefix="fh-bench-deploy-"))
+    try:
+        _deployed_vs_simulated(rounds, root)
+    finally:
+        if keep:
+            print(f"kept the consortium's files in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _deployed_vs_simulated(rounds: int, root: Path) -> None:
     dep = provisioned_consortium(root, SITES)  # with the HE key ceremony
     exp = write_experiment(root, "bench-deploy", SITES, rounds=rounds, round_timeout=120,
                            extra=privacy_sections(root))  # fmt: skip
@@ -254,6 +288,9 @@ def deployed_vs_simulated(rounds: int) -> None:
               f"polling/transport {med(r['polling/transport'] for r in rows):.2f} s, of which "
               f"request created -> slowest site's process "
               f"{med(r['request to process'] for r in rows):.2f} s")  # fmt: skip
+    print("exchanges, deployed (request created -> slowest site's process + its handler "
+          "(site) + its reply -> the next request or the round's end), s:")  # fmt: skip
+    print("\n".join(_exchange_lines(_site_calls(root / "site-ws", "bench-deploy"), d_clock)))
     print(f"whole command: deployed {deployed_total:.1f} s (the sites' app processes ready "
           f"before it), simulation {sim_total:.1f} s (includes Ray start)")  # fmt: skip
     ready = _app_process_starts(root / "site-ws")
@@ -451,11 +488,16 @@ def main() -> None:
     ap.add_argument("--skip-deploy", action="store_true")
     ap.add_argument("--skip-imports", action="store_true")
     ap.add_argument("--import-reps", type=int, default=5)
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the deployed consortium's files (audit logs, site logs)",
+    )
     args = ap.parse_args()
     if not args.skip_imports:
         clientapp_imports(args.import_reps)
     if not args.skip_deploy:
-        deployed_vs_simulated(args.rounds)
+        deployed_vs_simulated(args.rounds, args.keep)
     if args.sites:
         coordinator_scale(args.sites, args.scale_rounds)
 

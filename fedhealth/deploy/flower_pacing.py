@@ -219,6 +219,9 @@ def main() -> None:
     pace_object_pulls()
     from flwr.supernode.cli import flower_supernode
 
+    from fedhealth.deploy.heap import settle
+
+    settle()  # Flower's imports are done; the SuperNode serves from here on
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

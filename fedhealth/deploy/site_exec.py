@@ -214,6 +214,7 @@ def run_executor(
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
+    from fedhealth.deploy.heap import settle
     from fedhealth.flower_object_pulls import pace_object_pulls
     from fedhealth.site.timing import serving
 
@@ -222,6 +223,7 @@ def run_executor(
     t0 = time.perf_counter()
     modules = warm_up(profile)
     serving()  # this process's start is not any message's
+    settle()  # the imports are done: later collections skip their objects
     print(f"site app process {os.getpid()} ready in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(modules)}); serving every message", flush=True)  # fmt: skip
     master = load_superexec_auth_secret(str(secret))

@@ -105,7 +105,11 @@ def main() -> None:
     create_app = superlink_main.create_app
 
     def gated_app(*args: Any, **kwargs: Any) -> Any:
-        return OperatorGate(create_app(*args, **kwargs))
+        from fedhealth.deploy.heap import settle
+
+        app = OperatorGate(create_app(*args, **kwargs))
+        settle()  # started: later collections skip what Flower's start-up left
+        return app
 
     # flower_superlink() imports create_app from this module when it starts serving.
     superlink_main.create_app = gated_app
