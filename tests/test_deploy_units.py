@@ -629,6 +629,18 @@ def test_mlflow_server_caches_verified_credentials(tmp_path: Path, monkeypatch) 
     assert config.authorization_function.endswith("authenticate_request_basic_auth")
 
 
+def test_mlflow_server_starts_no_job_runner(tmp_path: Path, monkeypatch) -> None:
+    """MLflow 3's job runner and queue consumers (eight processes, ~1.9 GB) stay off."""
+    from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+
+    from fedhealth.deploy.mlflow_auth import Credentials, server_env
+
+    assert MLFLOW_SERVER_ENABLE_JOB_EXECUTION.get()  # MLflow's default: on
+    for key, value in server_env(tmp_path / "mlflow", Credentials.new("admin")).items():
+        monkeypatch.setenv(key, value)
+    assert not MLFLOW_SERVER_ENABLE_JOB_EXECUTION.get()
+
+
 def test_the_superlink_keeps_its_state_in_memory_unless_given_a_file(tmp_path: Path) -> None:
     """Flower's in-memory state by default (the durable state is MLflow's and the consortium
     directory's); ``--state-db`` gives Flower an SQLite file instead."""

@@ -52,7 +52,11 @@ def server(tmp_path_factory):
     log = root / "mlflow.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env()
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),  # as the coordinator
         )
     uri = f"http://127.0.0.1:{port}"
     try:

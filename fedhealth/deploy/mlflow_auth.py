@@ -100,7 +100,13 @@ AUTH_CACHE_SECONDS = 60
 def server_env(mlflow_dir: Path, admin: Credentials) -> dict[str, str]:
     """Environment of ``mlflow server --app-name basic-auth``: its config file (user store in
     ``mlflow_dir``, verified credentials cached :data:`AUTH_CACHE_SECONDS`), the admin it
-    creates on first start, and its CSRF key."""
+    creates on first start, its CSRF key, and MLflow's job execution off.
+
+    MLflow 3 starts a job runner and seven job-queue consumers with its server (for GenAI
+    evaluation jobs and trace roll-ups, which fedhealth does not use): eight more processes
+    holding about 1.9 GB between them on the coordinator's machine, and a gateway token
+    shared with job subprocesses. fedhealth's registry needs none of them.
+    """
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     ini = mlflow_dir / "basic_auth.ini"
     ini.write_text(
@@ -116,6 +122,7 @@ def server_env(mlflow_dir: Path, admin: Credentials) -> dict[str, str]:
         "MLFLOW_AUTH_ADMIN_USERNAME": admin.username,
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin.password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(mlflow_dir / "flask-secret"),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
 
 
