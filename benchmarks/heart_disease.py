@@ -72,6 +72,7 @@ class Recipe:
     edits: dict[str, dict[str, Any]] = field(default_factory=dict)
     he: bool = False
     pooled_norm: str = ""  # pooled training: "flamby" or "consortium"
+    site_privacy: dict[str, Any] = field(default_factory=dict)  # every centre's [privacy] edits
 
 
 RECIPES: dict[str, Recipe] = {
@@ -115,6 +116,25 @@ RECIPES: dict[str, Recipe] = {
         {"strategy": {"options": {"alpha": 1.0, "eta": 0.02}}},
         he=True,
     ),
+    # The reference with 6 rounds instead of 10: fewer DP-SGD steps, so less noise per step
+    # at the same ε, and less time for the late drift (2026-11-29 exploration).
+    "fedadam-dp-6": Recipe(
+        "  same, 6 rounds",
+        None,
+        "heart-disease-dp.toml",
+        {"experiment": {"rounds": 6}},
+        he=True,
+    ),
+    # The reference with a cheaper statistics release (σ 10 instead of 5 at every centre),
+    # leaving DP-SGD a larger share of the same total ε ≤ 1 (2026-11-29 exploration).
+    "fedadam-dp-stats10": Recipe(
+        "  same, statistics σ 10, DP-SGD target ε 0.93",
+        None,
+        "heart-disease-dp.toml",
+        {"privacy": {"dp": {"target_epsilon": 0.93}}},
+        he=True,
+        site_privacy={"statistics_noise_multiplier": 10.0},
+    ),
     # That earlier server with every centre weighing the same and a larger step (the
     # non-private recipe's weighting): the small centres' DP noise then dominates.
     "fedadam-dp-equal": Recipe(
@@ -142,9 +162,10 @@ def _deep_update(doc: dict[str, Any], edits: dict[str, Any]) -> None:
             doc[key] = value
 
 
-def write_world(out: Path, he: bool) -> dict[str, Path]:
+def write_world(out: Path, he: bool, privacy: dict[str, Any] | None = None) -> dict[str, Path]:
     """The four centres' profiles in ``out``: absolute data paths, workspaces under ``out``,
-    and (``he``) CKKS keys from a key ceremony in ``out/consortium``."""
+    (``he``) CKKS keys from a key ceremony in ``out/consortium``, and ``privacy`` merged into
+    every centre's ``[privacy]`` policy."""
     data = shared_data() / "uci-heart-disease"
     if he and not (out / "consortium").is_dir():
         from fedhealth.privacy.he.ceremony import init_consortium
@@ -157,6 +178,7 @@ def write_world(out: Path, he: bool) -> dict[str, Path]:
         doc["site"]["workspace"] = str(out / "workspace" / "sites")
         for ds in doc["datasets"].values():
             ds["path"] = str(data / Path(ds["path"]).name)
+        doc.setdefault("privacy", {}).update(privacy or {})
         if he:
             keys = out / "consortium"
             doc["keys"] = {
@@ -201,7 +223,7 @@ def federated(recipe: Recipe, seed: int, keys_root: Path) -> tuple[float, float]
         out = Path(tmp)
         if recipe.he:  # one ceremony for the whole benchmark; fresh ledgers every run
             (out / "consortium").symlink_to(keys_root / "consortium")
-        write_world(out, recipe.he)
+        write_world(out, recipe.he, recipe.site_privacy)
         path = experiment_file(recipe, out, seed, out / "consortium" if recipe.he else None)
         summary = run_simulation(path, load_experiment(path), f"sqlite:///{out / 'mlflow.db'}")
     eps = [float(s.get("epsilon", 0.0)) for s in summary.privacy.get("sites", {}).values()]
