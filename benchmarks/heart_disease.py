@@ -135,6 +135,16 @@ RECIPES: dict[str, Recipe] = {
         he=True,
         site_privacy={"statistics_noise_multiplier": 10.0},
     ),
+    # Diagnostic, not private at ε ≤ 1: the reference with almost exact statistics (σ 0.01,
+    # so the statistics release alone costs a large ε) — how much the DP-SGD recipe could
+    # gain from better statistics at most (2026-11-29 exploration).
+    "fedadam-dp-exact-stats": Recipe(
+        "  same, near-exact statistics (σ 0.01; diagnostic, ε > 1)",
+        None,
+        "heart-disease-dp.toml",
+        he=True,
+        site_privacy={"statistics_noise_multiplier": 0.01},
+    ),
     # That earlier server with every centre weighing the same and a larger step (the
     # non-private recipe's weighting): the small centres' DP noise then dominates.
     "fedadam-dp-equal": Recipe(

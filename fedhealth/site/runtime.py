@@ -245,13 +245,13 @@ class SiteRuntime:
         guard = self.guard
         guard.check_statistics()
         guard.check_split_size("training", self.data.n_train)
-        low, high = self._bounds()
+        low, high, binary = self._bounds()
         sigma = guard.policy.statistics_noise_multiplier
         rng = guard.noise_rng(
             "statistics-noise",
             {"study": guard.study, **self._release_context({})},
         )
-        out = release_moments(self.data.x_train, low, high, sigma, rng)
+        out = release_moments(self.data.x_train, low, high, sigma, rng, binary)
         charged = guard.charge_release(sigma, "consortium statistics")
         out["dp"] = {
             "epsilon": charged[Metric.EPSILON],
@@ -262,14 +262,17 @@ class SiteRuntime:
         guard.record_statistics({"epsilon": charged[Metric.EPSILON_ROUND]})
         return out
 
-    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature clamping bounds of a statistics release."""
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-feature clamping bounds of a statistics release, and which features are
+        one-hot columns (0 or 1)."""
         if self.task.kind == "image":
-            return np.zeros(1), np.ones(1)  # readers scale every image into [0, 1]
+            # readers scale every image into [0, 1]
+            return np.zeros(1), np.ones(1), np.zeros(1, dtype=bool)
         schema = self.task.schema_
         assert schema is not None
-        low, high, missing = [], [], []
+        low, high, missing, binary = [], [], [], []
         for name in schema.feature_names():
+            binary.append(name not in schema.numeric)
             if name in schema.numeric:
                 lo, hi = schema.bounds.get(name, (None, None))
                 if lo is None:
@@ -289,4 +292,8 @@ class SiteRuntime:
                 ),
                 "statistics-bounds",
             )
-        return np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        return (
+            np.asarray(low, dtype=np.float64),
+            np.asarray(high, dtype=np.float64),
+            np.asarray(binary, dtype=bool),
+        )

@@ -142,14 +142,26 @@ def release_moments(
     high: np.ndarray,
     noise_multiplier: float,
     rng: np.random.Generator,
+    binary: np.ndarray | None = None,
 ) -> dict[str, object]:
     """Noisy per-feature sums and sums of squares of a split, in the features' own units.
 
-    Each feature is clamped to ``[low, high]`` and scaled to ``u = (x - low) / (high - low)``;
-    the released vector is ``(Σu, Σu²)`` over the features (2·d coordinates, each moved by at
-    most 1 by one record), noised, then mapped back: ``Σx = n·low + r·Σu`` and
-    ``Σx² = n·low² + 2·low·r·Σu + r²·Σu²`` with ``r = high - low``. For images (N, C, H, W)
-    the features are the channels and one record holds H·W values per channel.
+    Each feature is clamped to ``[low, high]`` and scaled to ``u = (x - low) / (high - low)``
+    in [0, 1]. Released, noised: ``Σu`` for every feature and ``Σq`` with
+    ``q = 4·(u - 1/2)²`` (also in [0, 1]) for every feature not declared ``binary``; one
+    record moves each coordinate by at most 1. Then mapped back:
+    ``Σu² = Σq/4 + Σu - n/4`` (a binary feature's ``u² = u``, so ``Σu² = Σu``, and it needs
+    no second coordinate), ``Σx = n·low + r·Σu`` and
+    ``Σx² = n·low² + 2·low·r·Σu + r²·Σu²`` with ``r = high - low``.
+
+    Why centred squares: the variance the coordinator derives, ``E[u²] - E[u]²``, equals
+    ``E[q]/4 - (E[u] - 1/2)²``, so the noise on ``Σq`` reaches it divided by 4, while the
+    noise on plain ``Σu²`` reached it whole. Together with the fewer coordinates (a one-hot
+    column's square is its value), the same σ gives variances about 4× less noisy on a table
+    like Fed-Heart-Disease's (13 features, 8 numeric), whose continuous features' variances
+    (0.010-0.021 in range units) the plain release buried in noise of about 0.10.
+    For images (N, C, H, W) the features are the channels and one record holds H·W values
+    per channel (its per-channel means of ``u`` and ``q`` are its contributions).
 
     Parameters
     ----------
@@ -161,6 +173,9 @@ def release_moments(
         σ of the release.
     rng : numpy.random.Generator
         The site's secret noise generator.
+    binary : numpy.ndarray of bool, optional
+        Shape (d,): features whose values are 0 or 1 (one-hot columns); their sums of
+        squares are their sums. Default: none.
 
     Returns
     -------
@@ -171,34 +186,46 @@ def release_moments(
     x = np.asarray(x, dtype=np.float64)
     low = np.asarray(low, dtype=np.float64)
     high = np.asarray(high, dtype=np.float64)
+    d = low.size
+    binary = np.zeros(d, dtype=bool) if binary is None else np.asarray(binary, dtype=bool)
+    if binary.shape != (d,):
+        raise FedHealthError(f"binary must mark each of the {d} features, got {binary.shape}")
     rng_ = high - low
-    if x.ndim == 4:  # images: per-record, per-channel sums over the H x W pixels
+    if x.ndim == 4:  # images: per-record, per-channel means over the H x W pixels
         per = x.shape[2] * x.shape[3]
         u = (np.clip(x, low[None, :, None, None], high[None, :, None, None])
              - low[None, :, None, None]) / rng_[None, :, None, None]  # fmt: skip
-        s_u = u.sum(axis=(2, 3)) / per
-        ss_u = np.square(u).sum(axis=(2, 3)) / per
+        s_u = u.mean(axis=(2, 3))
+        q = (4.0 * np.square(u - 0.5)).mean(axis=(2, 3))
         count = x.shape[0] * per
     else:
         per = 1
         u = (np.clip(x, low, high) - low) / rng_
-        s_u, ss_u = u, np.square(u)
+        s_u, q = u, 4.0 * np.square(u - 0.5)
         count = x.shape[0]
-    d = low.size
-    out = noisy_scaled_sums(np.concatenate([s_u, ss_u], axis=1), noise_multiplier, rng)
+    squared = ~binary
+    out = noisy_scaled_sums(np.concatenate([s_u, q[:, squared]], axis=1), noise_multiplier, rng)
+    std = float(out.noise_std[0]) * per  # the same on every coordinate
+    n_records = s_u.shape[0]
     sum_u = out.values[:d] * per
-    sumsq_u = out.values[d:] * per
-    std_u = out.noise_std[:d] * per
+    sum_q = np.zeros(d)
+    sum_q[squared] = out.values[d:] * per
+    sumsq_u = np.where(squared, sum_q / 4.0 + sum_u - n_records * per / 4.0, sum_u)
     total = float(count)
     s = total * low + rng_ * sum_u
     ss = total * low**2 + 2 * low * rng_ * sum_u + rng_**2 * sumsq_u
+    # Σx² = (2·low·r + r²)·Σu + (r²/4)·Σq + constants: its noise mixes both coordinates.
+    ss_std = np.where(
+        squared,
+        np.sqrt((2 * low * rng_ + rng_**2) ** 2 + (rng_**2 / 4.0) ** 2) * std,
+        np.abs(2 * low * rng_ + rng_**2) * std,
+    )
     return {
         "count": int(count),
         "sum": s.tolist(),
         "sumsq": ss.tolist(),
-        "sum_noise_std": (rng_ * std_u).tolist(),
-        # the std of Σx² mixes both noises: var = (2·low·r)²·std² + r⁴·std²
-        "sumsq_noise_std": np.sqrt((2 * low * rng_ * std_u) ** 2 + (rng_**2 * std_u) ** 2).tolist(),
+        "sum_noise_std": (rng_ * std).tolist(),
+        "sumsq_noise_std": ss_std.tolist(),
     }
 
 
