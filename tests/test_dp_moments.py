@@ -47,7 +47,7 @@ def test_without_noise_the_sums_are_those_of_the_clamped_values() -> None:
                                atol=1e-9)  # fmt: skip
     # One coordinate per feature and one per non-binary feature, each moved by at most 1 by
     # one record: the noise std is σ·sqrt(#coordinates).
-    (scale, size), = noise.calls
+    ((scale, size),) = noise.calls
     assert size == 6 + 3 and scale == pytest.approx(5.0 * math.sqrt(9))
 
 
