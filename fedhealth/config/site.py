@@ -135,7 +135,7 @@ class PrivacyPolicySection(_Strict):
         5.0,
         gt=0,
         description="σ of the consortium statistics release (noise std / L2 sensitivity of "
-        "the clamped, range-scaled sums and sums of squares).",
+        "the clamped, range-scaled sums and centred squares; docs/privacy.md).",
     )
     min_cell_count: int = Field(
         5,
