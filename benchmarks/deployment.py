@@ -156,6 +156,15 @@ def _site_calls(site_ws: Path, experiment: str) -> list[SiteCall]:
     return calls
 
 
+def _round_exchanges(calls: list[SiteCall], rnd: int) -> list[list[SiteCall]]:
+    """Round ``rnd``'s calls grouped by handler (one exchange each), in the order sent."""
+    by_handler: dict[str, list[SiteCall]] = {}
+    for c in calls:
+        if c.round == rnd:
+            by_handler.setdefault(c.handler, []).append(c)
+    return sorted(by_handler.values(), key=lambda cs: min(c.created for c in cs))
+
+
 def _breakdown(calls: list[SiteCall], clock: CoordinatorClock) -> list[dict[str, float]]:
     """Per round: wall time and the columns (see the module docstring)."""
     rows = []
@@ -164,12 +173,9 @@ def _breakdown(calls: list[SiteCall], clock: CoordinatorClock) -> list[dict[str,
         row = dict.fromkeys(COLUMNS, 0.0)
         row["round"] = clock.round_end[rnd] - begin
         row["request to process"] = row["imports"] = 0.0
-        exchanges: dict[str, list[SiteCall]] = {}
-        for c in calls:
-            if c.round == rnd:
-                exchanges.setdefault(c.handler, []).append(c)
+        exchanges = _round_exchanges(calls, rnd)
         prev_end, on_sites = begin, 0.0
-        for ex in sorted(exchanges.values(), key=lambda cs: min(c.created for c in cs)):
+        for ex in exchanges:
             slow = max(ex, key=lambda c: c.end - c.process)
             t = slow.timing
             on_sites += slow.end - slow.process
@@ -199,11 +205,7 @@ def _exchange_lines(calls: list[SiteCall], clock: CoordinatorClock) -> list[str]
     that site's handler, its end -> the next exchange's request (or the round's end)."""
     lines = []
     for rnd in sorted(clock.round_end):
-        by_handler: dict[str, list[SiteCall]] = {}
-        for c in calls:
-            if c.round == rnd:
-                by_handler.setdefault(c.handler, []).append(c)
-        exchanges = sorted(by_handler.values(), key=lambda cs: min(c.created for c in cs))
+        exchanges = _round_exchanges(calls, rnd)
         parts = []
         for i, ex in enumerate(exchanges):
             slow = max(ex, key=lambda c: c.end)

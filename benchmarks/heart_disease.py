@@ -76,6 +76,12 @@ class Recipe:
     by_default: bool = True  # in the table without --recipes (exploration rows are not)
 
 
+def _dp_variant(label: str, edits: dict[str, Any] | None = None, **kw: Any) -> Recipe:
+    """A variant of the DP-SGD reference (``heart-disease-dp.toml`` with CKKS), indented
+    under it in the table."""
+    return Recipe(f"  same, {label}", None, "heart-disease-dp.toml", edits or {}, he=True, **kw)
+
+
 RECIPES: dict[str, Recipe] = {
     "pooled-flamby": Recipe("pooled, FLamby protocol", 0.735, pooled_norm="flamby"),
     "pooled": Recipe("pooled, consortium statistics", None, pooled_norm="consortium"),
@@ -110,53 +116,34 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The DP recipe's earlier server: fully adaptive Adam (tau = 1e-9), a sign-like step of
     # eta in every weight, records weighting, eta = 0.02 (the reference until 2026-11-29).
-    "fedadam-dp-sign": Recipe(
-        "  same, earlier server: τ 1e-9, server lr 0.02",
-        None,
-        "heart-disease-dp.toml",
+    "fedadam-dp-sign": _dp_variant(
+        "earlier server: τ 1e-9, server lr 0.02",
         {"strategy": {"options": {"alpha": 1.0, "eta": 0.02}}},
-        he=True,
     ),
     # The reference with 6 rounds instead of 10: fewer DP-SGD steps, so less noise per step
     # at the same ε, and less time for the late drift (2026-11-29 exploration).
-    "fedadam-dp-6": Recipe(
-        "  same, 6 rounds",
-        None,
-        "heart-disease-dp.toml",
-        {"experiment": {"rounds": 6}},
-        he=True,
-        by_default=False,
-    ),
+    "fedadam-dp-6": _dp_variant("6 rounds", {"experiment": {"rounds": 6}}, by_default=False),
     # The reference with a cheaper statistics release (σ 10 instead of 5 at every centre),
     # leaving DP-SGD a larger share of the same total ε ≤ 1 (2026-11-29 exploration).
-    "fedadam-dp-stats10": Recipe(
-        "  same, statistics σ 10, DP-SGD target ε 0.93",
-        None,
-        "heart-disease-dp.toml",
+    "fedadam-dp-stats10": _dp_variant(
+        "statistics σ 10, DP-SGD target ε 0.93",
         {"privacy": {"dp": {"target_epsilon": 0.93}}},
-        he=True,
         site_privacy={"statistics_noise_multiplier": 10.0},
         by_default=False,
     ),
     # Diagnostic, not private at ε ≤ 1: the reference with almost exact statistics (σ 0.01,
     # so the statistics release alone costs a large ε) — how much the DP-SGD recipe could
     # gain from better statistics at most (2026-11-29 exploration).
-    "fedadam-dp-exact-stats": Recipe(
-        "  same, near-exact statistics (σ 0.01; diagnostic, ε > 1)",
-        None,
-        "heart-disease-dp.toml",
-        he=True,
+    "fedadam-dp-exact-stats": _dp_variant(
+        "near-exact statistics (σ 0.01; diagnostic, ε > 1)",
         site_privacy={"statistics_noise_multiplier": 0.01},
         by_default=False,
     ),
     # That earlier server with every centre weighing the same and a larger step (the
     # non-private recipe's weighting): the small centres' DP noise then dominates.
-    "fedadam-dp-equal": Recipe(
-        "  same, τ 1e-9, equal weights, server lr 0.05",
-        None,
-        "heart-disease-dp.toml",
+    "fedadam-dp-equal": _dp_variant(
+        "τ 1e-9, equal weights, server lr 0.05",
         {"strategy": {"options": {"alpha": 0.0, "eta": 0.05}}},
-        he=True,
     ),
 }
 

@@ -157,9 +157,8 @@ def release_moments(
     Why centred squares: the variance the coordinator derives, ``E[u²] - E[u]²``, equals
     ``E[q]/4 - (E[u] - 1/2)²``, so the noise on ``Σq`` reaches it divided by 4, while the
     noise on plain ``Σu²`` reached it whole. Together with the fewer coordinates (a one-hot
-    column's square is its value), the same σ gives variances about 4× less noisy on a table
-    like Fed-Heart-Disease's (13 features, 8 numeric), whose continuous features' variances
-    (0.010-0.021 in range units) the plain release buried in noise of about 0.10.
+    column's square is its value), the same σ gives the variances of Fed-Heart-Disease's
+    continuous features 2.9-6.3 times less noise (``benchmarks/statistics_release.py``).
     For images (N, C, H, W) the features are the channels and one record holds H·W values
     per channel (its per-channel means of ``u`` and ``q`` are its contributions).
 
@@ -206,12 +205,11 @@ def release_moments(
     squared = ~binary
     out = noisy_scaled_sums(np.concatenate([s_u, q[:, squared]], axis=1), noise_multiplier, rng)
     std = float(out.noise_std[0]) * per  # the same on every coordinate
-    n_records = s_u.shape[0]
+    total = float(count)
     sum_u = out.values[:d] * per
     sum_q = np.zeros(d)
     sum_q[squared] = out.values[d:] * per
-    sumsq_u = np.where(squared, sum_q / 4.0 + sum_u - n_records * per / 4.0, sum_u)
-    total = float(count)
+    sumsq_u = np.where(squared, sum_q / 4.0 + sum_u - total / 4.0, sum_u)
     s = total * low + rng_ * sum_u
     ss = total * low**2 + 2 * low * rng_ * sum_u + rng_**2 * sumsq_u
     # Σx² = (2·low·r + r²)·Σu + (r²/4)·Σq + constants: its noise mixes both coordinates.
